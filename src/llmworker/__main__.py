@@ -1,0 +1,3 @@
+from llmworker.cli import main
+
+raise SystemExit(main())

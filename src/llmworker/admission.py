@@ -1,0 +1,100 @@
+"""Admission: a submission becomes a queued task, or a clear refusal.
+
+Checks, in order: the body's shape (task.py), the kind, the tier, the model (named, or
+the kind's route for the tier, or the default), the kind's input; then one script
+admits it, idempotently (by id, then by idempotency key) and under the tier's cap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from llmworker.errors import InvalidField, QueueFull
+from llmworker.handlers import Registry
+from llmworker.queue import Queue
+from llmworker.settings import Settings, env_token
+from llmworker.task import TaskSpec, invalid_field, new_task_id
+
+
+class Admitter:
+    def __init__(self, settings: Settings, queue: Queue, registry: Registry) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.registry = registry
+        self._available = set(settings.available_models)
+
+    def resolve(self, spec: TaskSpec) -> tuple[str, str, Any]:
+        """The task's tier, model and validated input; :class:`InvalidField` if any is wrong."""
+        handler = self.registry.get(spec.kind)
+        if handler is None:
+            kinds = ", ".join(self.registry.names)
+            raise InvalidField("kind", f"Unknown kind {spec.kind!r}; this worker runs: {kinds}.")
+        tier = spec.tier or self.settings.default_tier
+        if tier not in self.settings.tier_names:
+            tiers = ", ".join(self.settings.tier_names)
+            raise InvalidField("tier", f"Unknown tier {tier!r}; the tiers are: {tiers}.")
+        model = spec.model or handler.model_for(tier) or self.settings.fallback_model
+        if model not in self.settings.models:
+            models = ", ".join(sorted(self._available))
+            raise InvalidField("model", f"Unknown model {model!r}; available models: {models}.")
+        if model not in self._available:
+            provider = self.settings.models[model].provider
+            raise InvalidField(
+                "model",
+                f"Model {model!r} needs {env_token(provider)}_API_KEY, which this worker does not have.",
+            )
+        if self.settings.model_limit(model, tier) <= 0:
+            raise InvalidField(
+                "model",
+                f"Model {model!r} takes no {tier} tasks: "
+                f"MAX_{env_token(model)}_{env_token(tier)} is 0.",
+            )
+        value = spec.input
+        if handler.input_model is not None:
+            try:
+                value = handler.input_model.model_validate(value).model_dump(exclude_none=True)
+            except ValidationError as exc:
+                raise invalid_field(exc, "input.") from None
+        return tier, model, value
+
+    async def submit(self, spec: TaskSpec) -> tuple[str, bool]:
+        """Queue a task; returns its id and whether it is new (False: an existing task with
+        the same id or idempotency key). Raises :class:`QueueFull` at the tier's cap."""
+        tier, model, value = self.resolve(spec)
+        task_id = spec.id or new_task_id()
+        fields = {
+            "kind": spec.kind,
+            "input": orjson.dumps(value).decode(),
+        }
+        if spec.callback_url:
+            fields["callback_url"] = spec.callback_url
+        if spec.timeout_s is not None:
+            fields["timeout_s"] = repr(spec.timeout_s)
+        if spec.metadata:
+            fields["metadata"] = orjson.dumps(spec.metadata).decode()
+        cap = self.settings.queue_caps[tier]
+        admission = await self.queue.admit(
+            task_id=task_id,
+            idempotency_key=spec.idempotency_key,
+            tier=tier,
+            model=model,
+            user=spec.user,
+            cap=cap,
+            lane_limit=self.settings.model_limit(model, tier),
+            fields=fields,
+        )
+        if admission.outcome == "full":
+            raise QueueFull(tier, cap, self.settings.queue_full_retry_after_s)
+        return admission.task_id, admission.outcome == "created"
+
+    async def submit_json(self, body: dict[str, Any]) -> str:
+        """Queue a task from a dict (follow-up tasks from handlers)."""
+        try:
+            spec = TaskSpec.model_validate(body)
+        except ValidationError as exc:
+            raise invalid_field(exc) from None
+        task_id, _ = await self.submit(spec)
+        return task_id

@@ -1,0 +1,237 @@
+"""The HTTP edge: routes, authentication, and the one place errors become answers."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import structlog
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from llmworker.errors import BodyTooLarge, NotFound, RequestError, Unauthorized
+from llmworker.settings import Settings, load_settings
+from llmworker.task import FINAL_STATES, TaskSpec, record_view
+from llmworker.worker import Worker
+
+log = structlog.get_logger("llmworker.api")
+
+SSE_PING_S = 15.0
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_answer(exc: RequestError) -> JSON:
+    headers = {}
+    if exc.status == 429:
+        headers["Retry-After"] = str(exc.extra().get("retry_after", 1))
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    body = {"error": exc.code, "message": exc.message, **exc.extra()}
+    return JSON(body, status_code=exc.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"The body is {declared} bytes; the limit is {limit} (MAX_BODY_BYTES).")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"The body is over the limit of {limit} bytes (MAX_BODY_BYTES).")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Api:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.settings = worker.settings
+        self._keys = [k.encode() for k in self.settings.api_key_list]
+
+    def authorize(self, request: Request) -> None:
+        if not self._keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        # Compare with every key in constant time, so timing reveals nothing.
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(given, key)
+        if scheme.lower() != "bearer" or not ok:
+            raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'.")
+
+    async def submit(self, request: Request) -> Response:
+        self.authorize(request)
+        body = await read_body(request, self.settings.max_body_bytes)
+        spec = TaskSpec.parse(body)
+        task_id, created = await self.worker.admitter.submit(spec)
+        fields = await self.worker.queue.get(task_id)
+        if fields is None:  # finished and expired between the two calls
+            raise NotFound(f"Task {task_id!r} finished and its record expired.")
+        headers = {"Location": f"/v1/tasks/{task_id}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return JSON(record_view(fields), status_code=202 if created else 200, headers=headers)
+
+    async def _record(self, task_id: str) -> dict[str, str]:
+        fields = await self.worker.queue.get(task_id)
+        if fields is None:
+            raise NotFound(
+                f"No task {task_id!r}: it never existed or its record expired (RESULT_TTL_S)."
+            )
+        return fields
+
+    async def get(self, request: Request) -> Response:
+        self.authorize(request)
+        return JSON(record_view(await self._record(request.path_params["id"])))
+
+    async def cancel(self, request: Request) -> Response:
+        self.authorize(request)
+        task_id = request.path_params["id"]
+        before = await self.worker.queue.cancel(task_id, self.settings.result_ttl_s)
+        if before is None:
+            raise NotFound(f"No task {task_id!r}: it never existed or its record expired.")
+        return JSON(record_view(await self._record(task_id)))
+
+    async def events(self, request: Request) -> Response:
+        self.authorize(request)
+        task_id = request.path_params["id"]
+        await self._record(task_id)
+        last_id = request.headers.get("last-event-id") or request.query_params.get("after") or "0-0"
+        return StreamingResponse(
+            self._stream(task_id, last_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _stream(self, task_id: str, last_id: str) -> AsyncIterator[bytes]:
+        redis = self.worker.redis
+        key = self.worker.keys.events(task_id)
+        block_ms = int(SSE_PING_S * 1000)
+        while True:
+            reply = await redis.xread({key: last_id}, count=100, block=block_ms)
+            if not reply:
+                yield b": ping\n\n"
+                continue
+            for entry_id, entry in reply[0][1]:
+                last_id = entry_id
+                etype, data = entry.get("type", "message"), entry.get("data", "{}")
+                yield f"id: {entry_id}\nevent: {etype}\ndata: {data}\n\n".encode()
+                if etype == "status" and orjson.loads(data).get("status") in FINAL_STATES:
+                    fields = await self.worker.queue.get(task_id)
+                    if fields is not None:
+                        record = orjson.dumps(record_view(fields)).decode()
+                        yield f"event: record\ndata: {record}\n\n".encode()
+                    return
+
+    async def health(self, request: Request) -> Response:
+        return JSON({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        if await self.worker.ready():
+            return JSON({"status": "ready", "replica": self.worker.replica_id})
+        reason = "draining" if self.worker.dispatcher.draining else "redis_unavailable"
+        return JSON({"status": "not_ready", "reason": reason}, status_code=503)
+
+    async def stats(self, request: Request) -> Response:
+        self.authorize(request)
+        return JSON(await self.worker.stats())
+
+
+async def _request_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestError)
+    return error_answer(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSON(
+        {"error": code, "message": f"{request.method} {request.url.path}: {exc.detail}."},
+        exc.status_code,
+    )
+
+
+async def _redis_error(request: Request, exc: Exception) -> Response:
+    log.error("redis_unavailable", error=str(exc), path=request.url.path)
+    return JSON(
+        {"error": "unavailable", "message": "The queue's Redis is unreachable; retry shortly."},
+        status_code=503,
+        headers={"Retry-After": "2"},
+    )
+
+
+def create_app(settings: Settings | None = None, worker: Worker | None = None) -> Starlette:
+    """The ASGI app; it starts and stops its :class:`Worker` with its lifespan."""
+    settings = settings or (worker.settings if worker else load_settings())
+    worker = worker or Worker(settings)
+    api = Api(worker)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.shield(worker.stop())
+
+    routes = [
+        Route("/v1/tasks", api.submit, methods=["POST"]),
+        Route("/v1/tasks/{id}", api.get, methods=["GET"]),
+        Route("/v1/tasks/{id}", api.cancel, methods=["DELETE"]),
+        Route("/v1/tasks/{id}/events", api.events, methods=["GET"]),
+        Route("/v1/stats", api.stats, methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/ready", api.ready, methods=["GET"]),
+    ]
+    middleware = []
+    if settings.cors_origin:
+        origins = [o.strip() for o in settings.cors_origin.split(",") if o.strip()]
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={
+            RequestError: _request_error,
+            HTTPException: _http_error,
+            RedisError: _redis_error,
+        },
+    )
+    app.state.worker = worker
+    return app
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``uvicorn --factory`` and for ``serve --workers N`` child processes."""
+    from llmworker.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings)
+    return create_app(settings)

@@ -1,0 +1,259 @@
+"""The ``llmworker`` command: serve, submit, status, stats, check, fake-llm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from llmworker import __version__
+from llmworker.errors import ConfigError, EmbeddedRedisError
+from llmworker.task import FINAL_STATES
+
+EXIT_CONFIG = 2
+
+
+def _client_defaults() -> tuple[str, str | None]:
+    """Where the client commands find the worker: LLMWORKER_URL, else this machine's PORT."""
+    url = os.environ.get("LLMWORKER_URL") or f"http://127.0.0.1:{os.environ.get('PORT', '8080')}"
+    key = os.environ.get("LLMWORKER_API_KEY")
+    if key is None and os.environ.get("API_KEYS"):
+        key = os.environ["API_KEYS"].split(",")[0].strip()
+    return url.rstrip("/"), key
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _answer(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": "http", "message": response.text}
+    if response.status_code >= 400:
+        message = body.get("message", response.text) if isinstance(body, dict) else response.text
+        raise SystemExit(f"error {response.status_code}: {message}")
+    return body
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmworker.server import serve
+
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    return serve(workers=args.workers, reload=args.reload, **overrides)
+
+
+def _read_input(raw: str) -> Any:
+    text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--input is not valid JSON: {exc}") from None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"kind": args.kind, "input": _read_input(args.input)}
+    for field in ("user", "tier", "model", "id", "idempotency_key", "callback_url", "timeout_s"):
+        value = getattr(args, field)
+        if value is not None:
+            body[field] = value
+    with httpx.Client(base_url=args.url, headers=_headers(args), timeout=30) as client:
+        record = _answer(client.post("/v1/tasks", json=body))
+        if not args.wait:
+            _print_json(record)
+            return 0
+        print(f"task {record['id']}: {record['status']}", file=sys.stderr)
+        final = _follow(client, record["id"])
+    _print_json(final)
+    return 0 if final.get("status") == "succeeded" else 1
+
+
+def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    """Show a task's events as they come (tokens to stdout, the rest to stderr) until it
+    ends; reconnects with Last-Event-ID if the stream drops."""
+    last_id = "0-0"
+    streamed = False
+    while True:
+        try:
+            headers = {"Last-Event-ID": last_id}
+            with client.stream(
+                "GET", f"/v1/tasks/{task_id}/events", headers=headers, timeout=None
+            ) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _answer(r)
+                event = "message"
+                for line in r.iter_lines():
+                    if line.startswith("id: "):
+                        last_id = line[4:]
+                    elif line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        if event == "tokens":
+                            sys.stdout.write(data.get("text", ""))
+                            sys.stdout.flush()
+                            streamed = True
+                        elif event == "record":
+                            if streamed:
+                                sys.stdout.write("\n")
+                            return dict(data)
+                        elif event == "status":
+                            status = data.get("status")
+                            print(f"[{status}] attempt {data.get('attempts')}", file=sys.stderr)
+                        elif event == "progress":
+                            print(f"[progress] {json.dumps(data)}", file=sys.stderr)
+        except httpx.TransportError as exc:
+            print(f"(events stream dropped: {exc}; resuming)", file=sys.stderr)
+        record = _answer(client.get(f"/v1/tasks/{task_id}"))
+        if record.get("status") in FINAL_STATES:
+            return dict(record)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with httpx.Client(base_url=args.url, headers=_headers(args), timeout=30) as client:
+        _print_json(_answer(client.get(f"/v1/tasks/{args.id}")))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with httpx.Client(base_url=args.url, headers=_headers(args), timeout=30) as client:
+        stats = _answer(client.get("/v1/stats"))
+    if args.json:
+        _print_json(stats)
+        return 0
+    print(f"replicas alive: {stats['replicas_alive']}   running: {stats['running']}")
+    for tier, q in stats["queues"].items():
+        per_model = ", ".join(f"{m}={n}" for m, n in q["models"].items()) or "-"
+        print(
+            f"queue {tier:<8} waiting {q['waiting']:>6} / cap {q['cap']:<6} by model: {per_model}"
+        )
+    for model, g in stats["guards"].items():
+        tiers = "  ".join(f"{t} {u['in_use']}/{u['limit']}" for t, u in g["tiers"].items())
+        total = f"  total {g['total']['in_use']}/{g['total']['limit']}" if "total" in g else ""
+        print(f"model {model:<14} {tiers}{total}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        response = httpx.get(f"{args.url}/ready", timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"not ready: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code == 200:
+        return 0
+    print(f"not ready: {response.status_code} {response.text}", file=sys.stderr)
+    return 1
+
+
+def cmd_fake_llm(args: argparse.Namespace) -> int:
+    from llmworker.fakellm import FakeConfig, run_fake_llm
+
+    config = FakeConfig(
+        latency_ms=args.latency_ms,
+        jitter_ms=args.jitter_ms,
+        tokens=args.tokens,
+        rate_429=args.rate_429,
+        rate_500=args.rate_500,
+        rate_timeout=args.rate_timeout,
+        retry_after_s=args.retry_after_s,
+        seed=args.seed,
+    )
+    run_fake_llm(config, host=args.host, port=args.port)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    url, key = _client_defaults()
+    p = argparse.ArgumentParser(
+        prog="llmworker", description="A self-hosted worker for slow LLM jobs."
+    )
+    p.add_argument("--version", action="version", version=f"llmworker {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the HTTP API and the dispatcher")
+    s.add_argument("--host", help="address to listen on (HOST, default 0.0.0.0)")
+    s.add_argument("--port", type=int, help="port to listen on (PORT, default 8080)")
+    s.add_argument("--workers", type=int, default=1, help="processes sharing the port (default 1)")
+    s.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    s.set_defaults(fn=cmd_serve)
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--url", default=url, help=f"the worker's URL (LLMWORKER_URL; now {url})")
+        c.add_argument("--api-key", default=key, help="API key (LLMWORKER_API_KEY, else API_KEYS)")
+        return c
+
+    c = client("submit", "submit a task")
+    c.add_argument("kind", help="the task kind, e.g. chat")
+    c.add_argument("--input", required=True, help="the input as JSON, or @file")
+    c.add_argument("--user")
+    c.add_argument("--tier")
+    c.add_argument("--model")
+    c.add_argument("--id")
+    c.add_argument("--idempotency-key")
+    c.add_argument("--callback-url")
+    c.add_argument("--timeout-s", type=float)
+    c.add_argument("--wait", action="store_true", help="follow progress and print the result")
+    c.set_defaults(fn=cmd_submit)
+
+    c = client("status", "show a task's record")
+    c.add_argument("id")
+    c.set_defaults(fn=cmd_status)
+
+    c = client("stats", "queue depths, guard slots, replicas")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_stats)
+
+    c = client("check", "exit 0 if the worker is ready, else 1 (for health checks)")
+    c.add_argument("--timeout", type=float, default=3.0)
+    c.set_defaults(fn=cmd_check)
+
+    f = sub.add_parser(
+        "fake-llm", help="an OpenAI-compatible fake provider for development and tests"
+    )
+    f.add_argument("--host", default="127.0.0.1")
+    f.add_argument("--port", type=int, default=9000)
+    f.add_argument("--latency-ms", type=float, default=500.0, help="time to the last token")
+    f.add_argument("--jitter-ms", type=float, default=0.0, help="uniform extra latency, 0..this")
+    f.add_argument("--tokens", type=int, default=20, help="tokens per completion")
+    f.add_argument("--rate-429", type=float, default=0.0, help="share of calls answered 429")
+    f.add_argument("--rate-500", type=float, default=0.0, help="share of calls answered 500")
+    f.add_argument("--rate-timeout", type=float, default=0.0, help="share of calls that hang")
+    f.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After sent with 429")
+    f.add_argument("--seed", type=int, default=None, help="seed for the error draws")
+    f.set_defaults(fn=cmd_fake_llm)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print("llmworker: invalid configuration:", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  - {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except EmbeddedRedisError as exc:
+        print(f"llmworker: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except httpx.ConnectError as exc:
+        print(f"llmworker: cannot reach the worker at {args.url}: {exc}", file=sys.stderr)
+        return 1

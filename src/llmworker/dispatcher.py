@@ -1,0 +1,199 @@
+"""The dispatcher: in every replica, claims runnable tasks the moment they can run.
+
+It never sleep-polls. A submission into a lane with a free slot, a freed slot, a reaped
+task and a cancellation arrive as Redis Pub/Sub messages and wake it at once; a run that
+ends in this process wakes it directly. When a claim finds nothing, it waits for the
+next wake (or, as a safety net for leases that lapsed unseen, a third of the lease TTL).
+
+Beside the claim loop run three more loops: the listener (Pub/Sub), the renewer (extends
+the leases of this replica's runs every third of ``LEASE_TTL_S`` in one script call) and
+the reaper (requeues the tasks of dead replicas when their leases lapse). Each loop logs
+its errors and carries on until the dispatcher stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from llmworker.executor import Executor, Run, StopReason
+from llmworker.guards import GuardPlan
+from llmworker.keys import Keys
+from llmworker.queue import Claimed, Queue
+from llmworker.settings import Settings
+
+log = structlog.get_logger("llmworker.dispatcher")
+
+RETRY_AFTER_REDIS_ERROR_S = 0.5
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        keys: Keys,
+        queue: Queue,
+        executor: Executor,
+        replica_id: str,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = keys
+        self.queue = queue
+        self.executor = executor
+        self.replica_id = replica_id
+        self.plan = GuardPlan.from_settings(settings)
+        self.lease_ms = int(settings.lease_ttl_s * 1000)
+        self.runs: dict[str, Run] = {}
+        self.claimed_total = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._claim_loop: asyncio.Task[None] | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self._stopping.is_set()
+
+    def start(self) -> None:
+        self._claim_loop = self._spawn("claim", self._claim_forever)
+        self._loops = [
+            self._spawn("listen", self._listen),
+            self._spawn("renew", self._renew_forever),
+            self._spawn("reap", self._reap_forever),
+        ]
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; let runs finish within ``grace_s``; hand the rest back."""
+        self._stopping.set()
+        self._wake.set()
+        self._room.set()
+        if self._claim_loop is not None:
+            await asyncio.gather(self._claim_loop, return_exceptions=True)
+        jobs = [run.job for run in self.runs.values() if run.job is not None]
+        if jobs:
+            log.info("draining", running=len(jobs), grace_s=grace_s)
+            await asyncio.wait(jobs, timeout=grace_s if grace_s > 0 else None)
+        leftover = list(self.runs.values())
+        for run in leftover:
+            run.stop_reason = "shutdown"
+            if run.job is not None:
+                run.job.cancel()
+        if leftover:
+            await asyncio.gather(*(r.job for r in leftover if r.job), return_exceptions=True)
+            log.info("handed_back", tasks=len(leftover))
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+
+    # -- loops ---------------------------------------------------------------------
+
+    def _spawn(self, name: str, body: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        async def forever() -> None:
+            while not self._stopping.is_set():
+                try:
+                    await body()
+                except asyncio.CancelledError:
+                    raise
+                except RedisError as exc:
+                    log.warning("loop_redis_error", loop=name, error=str(exc))
+                    await self._sleep(RETRY_AFTER_REDIS_ERROR_S)
+                except Exception:
+                    log.exception("loop_error", loop=name)
+                    await self._sleep(RETRY_AFTER_REDIS_ERROR_S)
+
+        return asyncio.create_task(forever(), name=f"llmworker-{name}")
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _claim_forever(self) -> None:
+        idle_wait_s = self.settings.lease_ttl_s / 3
+        while not self._stopping.is_set():
+            free = self.settings.worker_concurrency - len(self.runs)
+            if free <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            want = min(free, self.settings.claim_batch)
+            # Clear before claiming: a wake that arrives during the claim is kept.
+            self._wake.clear()
+            claimed = await self.queue.claim(self.replica_id, want, self.lease_ms, self.plan)
+            for task in claimed:
+                self._start(task)
+            if len(claimed) == want:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), idle_wait_s)
+
+    def _start(self, claimed: Claimed) -> None:
+        self.claimed_total += 1
+        run = Run(claimed.id, claimed.token)
+        self.runs[claimed.id] = run
+        run.job = asyncio.create_task(self.executor.run(claimed, run), name=f"task-{claimed.id}")
+        run.job.add_done_callback(lambda _job: self._ended(run))
+
+    def _ended(self, run: Run) -> None:
+        if self.runs.get(run.task_id) is run:
+            del self.runs[run.task_id]
+        # The slot this run held is free: try the next task now, not after a round trip.
+        self._room.set()
+        self._wake.set()
+
+    def _stop_run(self, task_id: str, reason: StopReason) -> None:
+        run = self.runs.get(task_id)
+        if run is not None and run.job is not None and not run.job.done():
+            run.stop_reason = reason
+            run.job.cancel()
+            log.info("run_stopped", task_id=task_id, reason=reason)
+
+    async def _listen(self) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.wake_channel, self.keys.cancel_channel)
+            # Anything published while we were not subscribed is unknown: look again.
+            self._wake.set()
+            cancel_channel = self.keys.cancel_channel
+            while not self._stopping.is_set():
+                message = await pubsub.get_message(timeout=None)
+                if message is None:
+                    continue
+                if message["channel"] == cancel_channel:
+                    self._stop_run(message["data"], "cancelled")
+                else:
+                    self._wake.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _renew_forever(self) -> None:
+        every_s = self.settings.lease_ttl_s / 3
+        while not self._stopping.is_set():
+            runs = {r.task_id: r.token for r in self.runs.values() if r.stop_reason is None}
+            lost = await self.queue.renew(self.replica_id, self.lease_ms, runs)
+            for task_id in lost:
+                self._stop_run(task_id, "lease_lost")
+            await self._sleep(every_s)
+
+    async def _reap_forever(self) -> None:
+        every_s = self.settings.lease_ttl_s / 3
+        while not self._stopping.is_set():
+            result = await self.queue.reap(self.settings.max_attempts, self.settings.result_ttl_s)
+            if result.requeued or result.failed:
+                log.warning("reaped", requeued=result.requeued, failed=result.failed)
+            wait_s = every_s
+            if result.next_lapse_ms is not None:
+                # Wake just after the earliest lease lapses, if that comes sooner.
+                wait_s = min(every_s, result.next_lapse_ms / 1000 + 0.005)
+            await self._sleep(wait_s)

@@ -1,0 +1,153 @@
+"""Every error llmworker raises on purpose, in one place.
+
+    LLMWorkerError
+    ├── ConfigError            invalid settings; carries one line per problem
+    ├── RequestError           a client's request cannot be accepted (mapped to HTTP in api.py)
+    │   ├── BadRequest         400: not JSON, not an object
+    │   ├── InvalidField       422: a field is missing or wrong; names the field
+    │   ├── Unauthorized       401: no or wrong API key
+    │   ├── BodyTooLarge       413: body past MAX_BODY_BYTES
+    │   ├── NotFound           404: unknown or expired task
+    │   └── QueueFull          429: the tier's queue is at its cap; carries retry_after_s
+    ├── TaskError              a run ended badly; becomes the task record's ``error``
+    │   ├── ProviderError      the LLM provider failed (translated once, in llm.py)
+    │   ├── TaskTimeout        the task's deadline passed
+    │   ├── LeaseLost          the run kept no lease (its replica stalled or died too often)
+    │   └── HandlerError       the user's handler raised
+    └── EmbeddedRedisError     the embedded Redis could not start
+
+Each carries a short machine-readable ``code`` and a message a person can act on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LLMWorkerError(Exception):
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.code}: {self.message}>"
+
+
+class ConfigError(LLMWorkerError):
+    """Invalid configuration: ``problems`` holds one line per problem."""
+
+    code = "config"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class RequestError(LLMWorkerError):
+    status = 400
+    code = "bad_request"
+
+    def extra(self) -> dict[str, Any]:
+        """Fields added to the JSON error answer beside ``error`` and ``message``."""
+        return {}
+
+
+class BadRequest(RequestError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidField(RequestError):
+    status = 422
+    code = "invalid_field"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def extra(self) -> dict[str, Any]:
+        return {"field": self.field}
+
+
+class Unauthorized(RequestError):
+    status = 401
+    code = "unauthorized"
+
+
+class BodyTooLarge(RequestError):
+    status = 413
+    code = "body_too_large"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class QueueFull(RequestError):
+    status = 429
+    code = "queue_full"
+
+    def __init__(self, tier: str, cap: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"The {tier!r} queue holds its maximum of {cap} waiting tasks; "
+            f"retry after {retry_after_s} s or raise QUEUE_MAX_{tier.upper()}."
+        )
+        self.tier = tier
+        self.cap = cap
+        self.retry_after_s = retry_after_s
+
+    def extra(self) -> dict[str, Any]:
+        return {"retry_after": self.retry_after_s, "tier": self.tier}
+
+
+class TaskError(LLMWorkerError):
+    code = "task_failed"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+class ProviderError(TaskError):
+    """A provider call failed. ``retryable`` errors are retried within the task's deadline."""
+
+    code = "provider_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "provider_error",
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+    def to_record(self) -> dict[str, Any]:
+        record = super().to_record()
+        if self.status is not None:
+            record["status"] = self.status
+        return record
+
+
+class TaskTimeout(TaskError):
+    code = "timeout"
+
+
+class LeaseLost(TaskError):
+    code = "lease_expired"
+
+
+class HandlerError(TaskError):
+    code = "handler_error"
+
+
+class EmbeddedRedisError(LLMWorkerError):
+    code = "embedded_redis"

@@ -1,0 +1,202 @@
+"""Runs one claimed task: its handler, its context, and the outcome it records.
+
+A run ends in exactly one of these ways:
+
+- the handler returns: ``succeeded`` with its result;
+- it raises, or its deadline passes: ``failed`` with an error a person can act on;
+- it is cancelled (``DELETE``): the record already says ``cancelled``; the run only
+  frees its slots;
+- its lease was lost (its process stalled past ``LEASE_TTL_S``): it frees its slots and
+  the reaper requeues the task;
+- the replica stops: the task goes back to the queue (:meth:`Queue.handback`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+import structlog
+from pydantic import ValidationError
+
+from llmworker.errors import HandlerError, TaskError, TaskTimeout
+from llmworker.events import EventWriter
+from llmworker.handlers import Registry
+from llmworker.llm import LLMClient, Providers
+from llmworker.queue import Claimed, Queue
+from llmworker.settings import Settings
+from llmworker.task import invalid_field
+
+log = structlog.get_logger("llmworker.executor")
+
+StopReason = Literal["cancelled", "lease_lost", "shutdown"]
+
+
+class TaskContext:
+    """What a handler gets besides its input."""
+
+    def __init__(
+        self,
+        claimed: Claimed,
+        llm: LLMClient,
+        events: EventWriter,
+        submit: Any,
+    ) -> None:
+        f = claimed.fields
+        self.id = f["id"]
+        self.kind = f.get("kind", "")
+        self.user = f.get("user", "")
+        self.tier = f.get("tier", "")
+        self.model = f.get("model", "")
+        self.attempt = int(f.get("attempts", 1))
+        self.metadata: dict[str, Any] = orjson.loads(f["metadata"]) if f.get("metadata") else {}
+        self.llm = llm
+        self.events = events
+        self._submit = submit
+        self.usage: dict[str, int] = {}
+
+    async def progress(
+        self, fraction: float | None = None, message: str | None = None, **data: Any
+    ) -> None:
+        """Report progress (0..1 and/or a message) to the task's event stream."""
+        body: dict[str, Any] = dict(data)
+        if fraction is not None:
+            body["progress"] = max(0.0, min(1.0, fraction))
+        if message is not None:
+            body["message"] = message
+        await self.events.emit("progress", body)
+
+    async def submit(self, kind: str, input: Any, **fields: Any) -> str:
+        """Queue a follow-up task for the same user and tier; returns its id."""
+        body = {"kind": kind, "input": input, "user": self.user, "tier": self.tier, **fields}
+        return str(await self._submit(body))
+
+    def add_usage(self, usage: dict[str, int]) -> None:
+        for key, value in usage.items():
+            self.usage[key] = self.usage.get(key, 0) + value
+
+
+@dataclass
+class Run:
+    """A run in this process; ``stop_reason`` is set before its job is cancelled."""
+
+    task_id: str
+    token: str
+    job: asyncio.Task[None] | None = None
+    stop_reason: StopReason | None = None
+
+
+class Executor:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: Queue,
+        registry: Registry,
+        providers: Providers,
+        submit: Any,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.registry = registry
+        self.providers = providers
+        self.submit = submit
+
+    async def run(self, claimed: Claimed, run: Run) -> None:
+        structlog.contextvars.bind_contextvars(task_id=claimed.id, kind=claimed.fields.get("kind"))
+        started = time.monotonic()
+        events = EventWriter(self.queue.redis, self.queue.keys, claimed.id)
+        timeout_s = float(claimed.fields.get("timeout_s") or self.settings.task_timeout_s)
+        deadline = started + timeout_s
+        status, result, error = "failed", "", ""
+        ctx: TaskContext | None = None
+        try:
+            try:
+                ctx = self._context(claimed, events, deadline)
+                async with asyncio.timeout(timeout_s):
+                    value = await self._call(ctx, claimed)
+                status, result = "succeeded", orjson.dumps(value).decode()
+            except TimeoutError as exc:
+                error = _err(
+                    TaskTimeout(f"The task ran past its timeout of {timeout_s:g} s (timeout_s).")
+                    if time.monotonic() >= deadline
+                    else HandlerError(f"The handler timed out: {exc}")
+                )
+            except TaskError as exc:
+                error = _err(exc)
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                error = _err(HandlerError(f"The handler's result is not JSON-serialisable: {exc}."))
+            finally:
+                await _quietly(events.flush())
+        except asyncio.CancelledError:
+            await asyncio.shield(self._stopped(claimed, run))
+            if run.stop_reason is None:
+                raise
+            return
+        except Exception as exc:
+            log.exception("handler_raised")
+            error = _err(HandlerError(f"The handler raised {type(exc).__name__}: {exc}"))
+        usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
+        recorded = await asyncio.shield(
+            self.queue.finish(
+                claimed.id,
+                claimed.token,
+                status,
+                result=result,
+                error=error,
+                usage=usage,
+                ttl_s=self.settings.result_ttl_s,
+            )
+        )
+        log.info(
+            "task_finished",
+            status=status if recorded else "stale",
+            run_s=round(time.monotonic() - started, 3),
+        )
+
+    def _context(self, claimed: Claimed, events: EventWriter, deadline: float) -> TaskContext:
+        model = claimed.fields.get("model", "")
+        llm = self.providers.client(model)
+        ctx = TaskContext(claimed, llm, events, self.submit)
+        llm.on_usage = ctx.add_usage
+        llm.deadline = deadline
+        llm.on_token = events.token
+        return ctx
+
+    async def _call(self, ctx: TaskContext, claimed: Claimed) -> Any:
+        handler = self.registry.get(ctx.kind)
+        if handler is None:
+            raise HandlerError(
+                f"No handler for kind {ctx.kind!r} in this replica; check TASK_MODULES."
+            )
+        value = claimed.input
+        if handler.input_model is not None:
+            try:
+                value = handler.input_model.model_validate(value).model_dump(exclude_none=True)
+            except ValidationError as exc:
+                raise HandlerError(invalid_field(exc, "input.").message) from None
+        return await handler.fn(ctx, value)
+
+    async def _stopped(self, claimed: Claimed, run: Run) -> None:
+        """After a cancelled run: free its slots, or hand the task back on shutdown."""
+        try:
+            if run.stop_reason == "cancelled" or run.stop_reason == "lease_lost":
+                await self.queue.release(claimed.id, claimed.token)
+            else:
+                await self.queue.handback(claimed.id, claimed.token)
+            log.info("task_stopped", reason=run.stop_reason or "shutdown")
+        except Exception as exc:  # the leases lapse on their own; say so
+            log.warning("stop_cleanup_failed", error=str(exc))
+
+
+def _err(exc: TaskError) -> str:
+    return orjson.dumps(exc.to_record()).decode()
+
+
+async def _quietly(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception as exc:
+        log.warning("events_flush_failed", error=str(exc))

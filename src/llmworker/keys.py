@@ -1,0 +1,100 @@
+"""Every Redis key and channel llmworker uses, and how long each lives.
+
+All keys of a deployment start with ``{<REDIS_PREFIX>}:``. The braces make the prefix a
+hash tag, so every key lands in one Cluster slot and the Lua scripts, which touch many
+keys, also run on a Redis Cluster or a managed Redis. Two deployments sharing a Redis
+use two prefixes.
+
+The Lua scripts (``lua/*.lua``) build the same names from the same prefix; the table
+below is the reference for both sides:
+
+=====================================  =======  ==========================================
+key                                    type     lifetime
+=====================================  =======  ==========================================
+``task:<id>``                          hash     none while queued or running (durable);
+                                                ``RESULT_TTL_S`` after a final state
+``idem:<key>``                         string   as its task
+``ev:<id>``                            stream   as its task; capped at ~EVENTS_MAXLEN entries
+``seq``                                string   forever: the admission order counter
+``wrr``                                string   forever: the weighted tier schedule position
+``lanes:<tier>``                       set      models of the tier with waiting tasks
+``lane:<tier>:<model>``                zset     users with waiting tasks, scored by the
+                                                sequence number of their oldest one
+``uq:<tier>:<model>:<user>``           list     one user's waiting tasks, oldest first
+``depth``                              hash     waiting tasks per ``<tier>`` and ``<tier>|<model>``
+``running``                            zset     running task ids scored by lease expiry (ms)
+``g:m:<tier>:<model>``                 zset     guardModel: run tokens scored by lease expiry
+``g:t:<model>``                        zset     the model's cap over all tiers (if set)
+``g:u:<user>``                         zset     guardUser
+``replicas``                           zset     replica ids scored by heartbeat expiry (ms)
+=====================================  =======  ==========================================
+
+Channels: ``wake`` (a task was queued or a slot freed: idle dispatchers try a claim) and
+``cancel`` (a task id whose run must stop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# A stream per task holds its status, progress and token events; past this many entries
+# the oldest are trimmed (approximately, which is cheap) so a long stream stays bounded.
+EVENTS_MAXLEN = 2000
+
+# How long a finished task's record, its idempotency key and its events stay readable
+# is RESULT_TTL_S (settings). Queued and running tasks never expire: nothing is lost.
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names for one deployment prefix."""
+
+    prefix: str
+
+    @property
+    def base(self) -> str:
+        """What every key starts with; passed to the Lua scripts as KEYS[1]."""
+        return "{" + self.prefix + "}:"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.base}task:{task_id}"
+
+    def idem(self, key: str) -> str:
+        return f"{self.base}idem:{key}"
+
+    def events(self, task_id: str) -> str:
+        return f"{self.base}ev:{task_id}"
+
+    @property
+    def depth(self) -> str:
+        return f"{self.base}depth"
+
+    @property
+    def running(self) -> str:
+        return f"{self.base}running"
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.base}replicas"
+
+    def guard_model(self, model: str, tier: str) -> str:
+        return f"{self.base}g:m:{tier}:{model}"
+
+    def guard_model_total(self, model: str) -> str:
+        return f"{self.base}g:t:{model}"
+
+    def guard_user(self, user: str) -> str:
+        return f"{self.base}g:u:{user}"
+
+    @property
+    def wake_channel(self) -> str:
+        return f"{self.base}wake"
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.base}cancel"
+
+    @property
+    def pattern(self) -> str:
+        """Matches every key of the deployment (for tests and ``SCAN`` clean-ups)."""
+        return self.base.replace("{", "\\{").replace("}", "\\}") + "*"

@@ -1,0 +1,330 @@
+"""The LLM client a handler calls: OpenAI-compatible providers, and the in-process fake.
+
+Provider errors are translated here, once, into :class:`~llmworker.errors.ProviderError`
+with a message a person can act on. Retryable ones (429, 5xx, timeouts, refused
+connections) are retried with exponential backoff and full jitter; a provider's
+``Retry-After`` wins over the backoff; no attempt starts after the task's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import openai
+import structlog
+
+from llmworker.errors import ProviderError
+from llmworker.settings import FAKE_PROVIDER, ModelAlias, Provider, Settings, env_token
+
+log = structlog.get_logger("llmworker.llm")
+
+TokenSink = Callable[[str], None]
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+MAX_TRIES = 8  # per call, even when the deadline is far
+
+
+@dataclass
+class ChatResult:
+    content: str
+    model: str
+    usage: dict[str, int] = field(default_factory=dict)
+    finish_reason: str | None = None
+    reasoning: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"content": self.content, "model": self.model, "usage": self.usage}
+        if self.finish_reason:
+            out["finish_reason"] = self.finish_reason
+        if self.reasoning:
+            out["reasoning"] = self.reasoning
+        return out
+
+
+def _retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+    if headers is None:
+        return None
+    if ms := headers.get("retry-after-ms"):
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def translate(exc: Exception, alias: ModelAlias, provider: Provider) -> ProviderError:
+    """One table from the SDK's errors to ours."""
+    where = f"{provider.name} ({alias.alias} -> {alias.model})"
+    key_env = f"{env_token(provider.name)}_API_KEY"
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError(
+            f"{where} did not answer in time.", code="provider_timeout", retryable=True
+        )
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderError(
+            f"Could not reach {where} at {provider.base_url}: {exc.__cause__ or exc}.",
+            code="provider_unreachable",
+            retryable=True,
+        )
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        detail = _provider_message(exc)
+        retry_after = _retry_after_s(exc.response.headers)
+        if status == 401:
+            return ProviderError(
+                f"{where} rejected the API key (401): check {key_env}.",
+                code="provider_auth",
+                status=status,
+            )
+        if status == 402:
+            return ProviderError(
+                f"{where} refused for billing (402): {detail}",
+                code="provider_billing",
+                status=status,
+            )
+        if status == 403:
+            return ProviderError(
+                f"{where} denied access (403): {detail}", code="provider_forbidden", status=status
+            )
+        if status == 404:
+            return ProviderError(
+                f"{where} does not know the model {alias.model!r} (404): check the alias's model name.",
+                code="provider_model_not_found",
+                status=status,
+            )
+        if status == 429:
+            return ProviderError(
+                f"{where} is rate limiting (429): {detail}",
+                code="provider_rate_limited",
+                status=status,
+                retryable=True,
+                retry_after_s=retry_after,
+            )
+        if status >= 500 or status in (408, 409, 425):
+            return ProviderError(
+                f"{where} failed ({status}): {detail}",
+                code="provider_unavailable",
+                status=status,
+                retryable=True,
+                retry_after_s=retry_after,
+            )
+        return ProviderError(
+            f"{where} refused the request ({status}): {detail}",
+            code="provider_rejected",
+            status=status,
+        )
+    return ProviderError(f"{where} failed: {type(exc).__name__}: {exc}", code="provider_error")
+
+
+def _provider_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(exc.message)
+
+
+class ChatBackend:
+    """One attempt at a chat completion, streamed."""
+
+    async def complete(self, request: dict[str, Any], on_token: TokenSink | None) -> ChatResult:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+
+class OpenAIBackend(ChatBackend):
+    def __init__(self, alias: ModelAlias, provider: Provider, client: openai.AsyncOpenAI) -> None:
+        self.alias = alias
+        self.provider = provider
+        self.client = client
+
+    async def complete(self, request: dict[str, Any], on_token: TokenSink | None) -> ChatResult:
+        stream = await self.client.chat.completions.create(
+            model=self.alias.model,
+            stream=True,
+            stream_options={"include_usage": True},
+            **request,
+        )
+        parts: list[str] = []
+        reasoning: list[str] = []
+        usage: dict[str, int] = {}
+        finish_reason = None
+        model = self.alias.model
+        async with stream:
+            async for chunk in stream:
+                model = chunk.model or model
+                if chunk.usage is not None:
+                    usage = {
+                        k: v for k, v in chunk.usage.model_dump().items() if isinstance(v, int)
+                    }
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    if delta.content:
+                        parts.append(delta.content)
+                        if on_token:
+                            on_token(delta.content)
+                    # DeepSeek's reasoner streams its chain of thought beside the answer.
+                    extra = getattr(delta, "reasoning_content", None)
+                    if isinstance(extra, str) and extra:
+                        reasoning.append(extra)
+                    finish_reason = choice.finish_reason or finish_reason
+        return ChatResult("".join(parts), model, usage, finish_reason, "".join(reasoning) or None)
+
+
+class FakeBackend(ChatBackend):
+    """The in-process ``fake`` model: simulated latency and streaming, no network, so the
+    worker serves chat tasks out of the box."""
+
+    def __init__(self, latency_ms: float, tokens: int) -> None:
+        self.latency_s = latency_ms / 1000
+        self.tokens = tokens
+
+    async def complete(self, request: dict[str, Any], on_token: TokenSink | None) -> ChatResult:
+        messages = request.get("messages") or []
+        last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+        prompt = last if isinstance(last, str) else str(last)
+        words = ["This", "is", "a", "simulated", "reply", "from", "the", "fake", "model", "to:"]
+        words += prompt.split()[:200]
+        limit = request.get("max_tokens") or self.tokens
+        while len(words) < self.tokens:
+            words.append("lorem")
+        words = words[: max(1, min(limit, self.tokens))] if self.tokens else []
+        step = self.latency_s / max(1, len(words))
+        if not words:
+            await asyncio.sleep(self.latency_s)
+        for i, word in enumerate(words):
+            await asyncio.sleep(step)
+            if on_token:
+                on_token(word if i == 0 else " " + word)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words),
+        }
+        return ChatResult(" ".join(words), "fake", usage, "stop")
+
+
+class Providers:
+    """One HTTP connection pool per provider, shared by every task of the process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self._fake = FakeBackend(settings.fake_latency_ms, settings.fake_tokens)
+
+    def backend(self, alias_name: str) -> ChatBackend:
+        alias = self.settings.models[alias_name]
+        provider = self.settings.providers[alias.provider]
+        if provider.name == FAKE_PROVIDER:
+            return self._fake
+        client = self._clients.get(provider.name)
+        if client is None:
+            client = openai.AsyncOpenAI(
+                api_key=provider.api_key or "none",
+                base_url=provider.base_url,
+                max_retries=0,  # retried here, within the task's deadline
+                timeout=openai.Timeout(self.settings.provider_timeout_s, connect=10.0),
+            )
+            self._clients[provider.name] = client
+        return OpenAIBackend(alias, provider, client)
+
+    def client(
+        self, alias_name: str, on_usage: Callable[[dict[str, int]], None] | None = None
+    ) -> LLMClient:
+        alias = self.settings.models[alias_name]
+        return LLMClient(
+            alias, self.settings.providers[alias.provider], self.backend(alias_name), on_usage
+        )
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+
+class LLMClient:
+    """What ``ctx.llm`` is: chat completions on the task's model, with retries."""
+
+    def __init__(
+        self,
+        alias: ModelAlias,
+        provider: Provider,
+        backend: ChatBackend,
+        on_usage: Callable[[dict[str, int]], None] | None = None,
+        deadline: float | None = None,
+        on_token: TokenSink | None = None,
+    ) -> None:
+        self.alias = alias
+        self.provider = provider
+        self.backend = backend
+        self.on_usage = on_usage
+        self.deadline = deadline
+        self.on_token = on_token
+        self.attempts = 0
+
+    async def chat(
+        self, messages: list[dict[str, Any]], *, stream_tokens: bool = True, **params: Any
+    ) -> ChatResult:
+        """A chat completion. Tokens stream to the task's events unless ``stream_tokens``
+        is False; ``params`` are OpenAI's (temperature, max_tokens, response_format ...)."""
+        request = {"messages": messages, **{k: v for k, v in params.items() if v is not None}}
+        sink = self.on_token if stream_tokens else None
+        tries = 0
+        while True:
+            tries += 1
+            self.attempts += 1
+            try:
+                result = await self.backend.complete(request, sink)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                err = translate(exc, self.alias, self.provider)
+                delay = self._delay(err, tries)
+                if delay is None:
+                    if err.retryable and tries > 1:
+                        err.message = f"{err.message} (gave up after {tries} tries)"
+                    raise err from exc
+                log.warning(
+                    "provider_retry",
+                    model=self.alias.alias,
+                    code=err.code,
+                    tries=tries,
+                    delay_s=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+                continue
+            if self.on_usage and result.usage:
+                self.on_usage(result.usage)
+            return result
+
+    def _delay(self, err: ProviderError, tries: int) -> float | None:
+        """Seconds to wait before the next try, or None to give up."""
+        if not err.retryable or tries >= MAX_TRIES:
+            return None
+        backoff = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (tries - 1)))
+        delay = err.retry_after_s if err.retry_after_s is not None else backoff
+        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+            return None
+        return delay

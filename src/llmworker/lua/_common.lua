@@ -1,0 +1,69 @@
+-- Prepended to every script. KEYS[1] is the deployment's key prefix "{prefix}:"; every
+-- key below is built from it, so all of them share one hash tag (see keys.py).
+local P = KEYS[1]
+local EVENTS_MAXLEN = 2000
+
+-- Redis server time, so that every replica's leases use one clock.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function task_key(id) return P .. 'task:' .. id end
+local function user_queue(tier, model, user) return P .. 'uq:' .. tier .. ':' .. model .. ':' .. user end
+local function lane_key(tier, model) return P .. 'lane:' .. tier .. ':' .. model end
+
+local function emit(id, etype, data)
+  redis.call('XADD', P .. 'ev:' .. id, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', etype, 'data', data)
+end
+
+local function status_event(id, status, attempts, err)
+  local body = {status = status, attempts = tonumber(attempts) or 0}
+  if err then body.error = cjson.decode(err) end
+  emit(id, 'status', cjson.encode(body))
+end
+
+-- A lane (tier, model) lists each user with waiting tasks once, scored by the sequence
+-- number of that user's oldest waiting task: the lowest score whose user has room is the
+-- oldest task that can run, found without walking past other tasks of blocked users.
+local function fix_head(tier, model, user)
+  local lane = lane_key(tier, model)
+  local head = redis.call('LINDEX', user_queue(tier, model, user), 0)
+  if head then
+    redis.call('ZADD', lane, redis.call('HGET', task_key(head), 'seq'), user)
+    redis.call('SADD', P .. 'lanes:' .. tier, model)
+  else
+    redis.call('ZREM', lane, user)
+    if redis.call('ZCARD', lane) == 0 then redis.call('SREM', P .. 'lanes:' .. tier, model) end
+  end
+end
+
+local function count_waiting(tier, model, delta)
+  redis.call('HINCRBY', P .. 'depth', tier, delta)
+  redis.call('HINCRBY', P .. 'depth', tier .. '|' .. model, delta)
+end
+
+-- front: a task handed back or requeued goes before the user's newer tasks.
+local function enqueue(id, tier, model, user, front)
+  local uq = user_queue(tier, model, user)
+  local len
+  if front then len = redis.call('LPUSH', uq, id) else len = redis.call('RPUSH', uq, id) end
+  if front or len == 1 then fix_head(tier, model, user) end
+  count_waiting(tier, model, 1)
+end
+
+local function release(guards, token)
+  if not guards or guards == '' then return end
+  for g in string.gmatch(guards, '[^\n]+') do redis.call('ZREM', g, token) end
+end
+
+-- A final state: the record, its events and its idempotency key expire together.
+local function finalize(id, status, ttl_s, now)
+  local tk = task_key(id)
+  redis.call('HSET', tk, 'status', status, 'finished_at', now)
+  redis.call('ZREM', P .. 'running', id)
+  redis.call('EXPIRE', tk, ttl_s)
+  redis.call('EXPIRE', P .. 'ev:' .. id, ttl_s)
+  local idem = redis.call('HGET', tk, 'idem')
+  if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl_s) end
+end

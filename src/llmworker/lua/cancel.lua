@@ -1,0 +1,18 @@
+-- Cancel a task. A queued one leaves its queue and never runs; a running one is marked
+-- cancelled and its holder told to stop (it frees the slots; if the holder is dead, the
+-- leases lapse). ARGV: id, ttl s. Returns the status before, or false if unknown.
+local id, ttl_s = ARGV[1], tonumber(ARGV[2])
+local tk = task_key(id)
+local t = redis.call('HMGET', tk, 'status', 'tier', 'model', 'user', 'attempts')
+if not t[1] then return false end
+if t[1] == 'queued' then
+  redis.call('LREM', user_queue(t[2], t[3], t[4]), 1, id)
+  fix_head(t[2], t[3], t[4])
+  count_waiting(t[2], t[3], -1)
+elseif t[1] ~= 'running' then
+  return t[1]
+end
+finalize(id, 'cancelled', ttl_s, now_ms())
+status_event(id, 'cancelled', t[5])
+if t[1] == 'running' then redis.call('PUBLISH', P .. 'cancel', id) end
+return t[1]

@@ -1,0 +1,35 @@
+-- Requeue running tasks whose lease lapsed (their replica died or stalled), or fail
+-- them once they have used MAX_ATTEMPTS.
+-- ARGV: max attempts, ttl s, how many at most.
+-- Returns {requeued, failed, ms until the next lease lapses (-1: none)}.
+local max_attempts, ttl_s, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
+local requeued, failed = 0, 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)) do
+  local tk = task_key(id)
+  local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'attempts')
+  redis.call('ZREM', P .. 'running', id)
+  if t[2] == 'running' then
+    release(t[3], t[1])
+    if tonumber(t[7]) >= max_attempts then
+      local err = cjson.encode({code = 'lease_expired', message =
+        'The task was started ' .. t[7] .. ' times and each run stopped renewing its lease ' ..
+        '(its worker died or stalled); raise MAX_ATTEMPTS or LEASE_TTL_S if runs block the event loop.'})
+      redis.call('HSET', tk, 'error', err)
+      finalize(id, 'failed', ttl_s, now)
+      status_event(id, 'failed', t[7], err)
+      failed = failed + 1
+    else
+      redis.call('HSET', tk, 'status', 'queued')
+      redis.call('HDEL', tk, 'holder')
+      enqueue(id, t[4], t[5], t[6], true)
+      status_event(id, 'queued', t[7])
+      requeued = requeued + 1
+    end
+  end
+end
+if requeued + failed > 0 then redis.call('PUBLISH', P .. 'wake', 'reap') end
+local nxt = redis.call('ZRANGE', P .. 'running', 0, 0, 'WITHSCORES')
+local wait = -1
+if #nxt > 0 then wait = math.max(0, tonumber(nxt[2]) - now) end
+return {requeued, failed, wait}

@@ -1,0 +1,28 @@
+-- Extend the leases of a replica's running tasks and its own heartbeat.
+-- ARGV: replica id, lease ms, then id, token pairs.
+-- Returns the ids whose run no longer holds its lease: the holder must stop them, since
+-- their slots may already serve another run.
+local replica, lease_ms = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+local expires = now + lease_ms
+redis.call('ZADD', P .. 'replicas', expires, replica)
+redis.call('ZREMRANGEBYSCORE', P .. 'replicas', '-inf', now)
+local lost = {}
+for i = 3, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  local tk = task_key(id)
+  local t = redis.call('HMGET', tk, 'token', 'status', 'guards')
+  local held = t[1] == token and t[2] == 'running'
+  if held then
+    for g in string.gmatch(t[3], '[^\n]+') do
+      if not redis.call('ZSCORE', g, token) then held = false end
+    end
+  end
+  if held then
+    redis.call('ZADD', P .. 'running', 'XX', expires, id)
+    for g in string.gmatch(t[3], '[^\n]+') do redis.call('ZADD', g, 'XX', expires, token) end
+  elseif t[2] ~= 'cancelled' then
+    lost[#lost + 1] = id
+  end
+end
+return lost

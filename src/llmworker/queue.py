@@ -1,0 +1,155 @@
+"""The durable queue: admission, claims, outcomes and requeues, each one Lua script.
+
+Every change that touches more than one key runs as one script (``lua/``), so replicas
+sharing a Redis never see half a change and never both take the last slot. This class
+only marshals arguments; the semantics live in the scripts' headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+import orjson
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from llmworker.guards import GuardPlan
+from llmworker.keys import Keys
+
+SCRIPTS = ("admit", "claim", "finish", "handback", "reap", "cancel", "renew")
+
+
+def _load_script(name: str) -> str:
+    lua = resources.files("llmworker") / "lua"
+    return (lua / "_common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True)
+class Admission:
+    outcome: Literal["created", "exists", "full"]
+    task_id: str
+    waiting: int = 0
+
+
+@dataclass(frozen=True)
+class ReapResult:
+    requeued: int
+    failed: int
+    next_lapse_ms: int | None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A task as claimed: its record fields, and the run token that holds its slots."""
+
+    fields: dict[str, str]
+
+    @property
+    def id(self) -> str:
+        return self.fields["id"]
+
+    @property
+    def token(self) -> str:
+        return self.fields["token"]
+
+    @property
+    def input(self) -> Any:
+        return orjson.loads(self.fields.get("input") or "null")
+
+
+class Queue:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(_load_script(name)) for name in SCRIPTS
+        }
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        return await self._scripts[name](keys=[self.keys.base], args=list(args))
+
+    async def admit(
+        self,
+        *,
+        task_id: str,
+        idempotency_key: str | None,
+        tier: str,
+        model: str,
+        user: str,
+        cap: int,
+        lane_limit: int,
+        fields: dict[str, str],
+    ) -> Admission:
+        flat: list[str] = []
+        for name, value in fields.items():
+            flat += [name, value]
+        reply = await self._run(
+            "admit", task_id, idempotency_key or "", tier, model, user, cap, lane_limit, *flat
+        )
+        outcome = reply[0]
+        if outcome == "created":
+            return Admission("created", task_id)
+        if outcome == "exists":
+            return Admission("exists", reply[1])
+        return Admission("full", task_id, waiting=int(reply[1]))
+
+    async def claim(self, replica: str, n: int, lease_ms: int, plan: GuardPlan) -> list[Claimed]:
+        reply = await self._run(
+            "claim", replica, n, lease_ms, plan.schedule, plan.ranked, *plan.limit_args
+        )
+        return [Claimed(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in reply]
+
+    async def finish(
+        self,
+        task_id: str,
+        token: str,
+        status: str,
+        *,
+        result: str = "",
+        error: str = "",
+        usage: str = "",
+        ttl_s: int,
+    ) -> bool:
+        """Record a run's outcome; False when the run was stale (only its slots were freed).
+        ``status=""`` only frees the slots."""
+        return bool(await self._run("finish", task_id, token, status, result, error, usage, ttl_s))
+
+    async def release(self, task_id: str, token: str) -> None:
+        await self._run("finish", task_id, token, "", "", "", "", 1)
+
+    async def handback(self, task_id: str, token: str) -> bool:
+        return bool(await self._run("handback", task_id, token))
+
+    async def reap(self, max_attempts: int, ttl_s: int, limit: int = 100) -> ReapResult:
+        requeued, failed, wait = await self._run("reap", max_attempts, ttl_s, limit)
+        return ReapResult(int(requeued), int(failed), None if int(wait) < 0 else int(wait))
+
+    async def cancel(self, task_id: str, ttl_s: int) -> str | None:
+        """Cancel a task; the status it had, or None if unknown."""
+        reply = await self._run("cancel", task_id, ttl_s)
+        return reply if reply else None
+
+    async def renew(self, replica: str, lease_ms: int, runs: dict[str, str]) -> list[str]:
+        """Renew the leases of ``runs`` (task id -> run token); the ids whose lease was lost."""
+        flat: list[str] = []
+        for task_id, token in runs.items():
+            flat += [task_id, token]
+        return list(await self._run("renew", replica, lease_ms, *flat))
+
+    async def get(self, task_id: str) -> dict[str, str] | None:
+        fields: dict[str, str] = await self.redis.hgetall(self.keys.task(task_id))  # type: ignore[misc]
+        return fields if fields and "id" in fields else None
+
+    async def depths(self) -> dict[str, int]:
+        raw: dict[str, str] = await self.redis.hgetall(self.keys.depth)  # type: ignore[misc]
+        return {k: int(v) for k, v in raw.items()}
+
+    async def replicas_alive(self) -> int:
+        now_s, now_us = await self.redis.time()
+        now_ms = now_s * 1000 + now_us // 1000
+        return int(await self.redis.zcount(self.keys.replicas, f"({now_ms}", "+inf"))
+
+    async def running_count(self) -> int:
+        return int(await self.redis.zcard(self.keys.running))

@@ -1,0 +1,71 @@
+"""``llmworker serve``: settings, the embedded Redis when needed, and uvicorn."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import structlog
+import uvicorn
+
+from llmworker.api import create_app
+from llmworker.embedded import EmbeddedRedis
+from llmworker.logs import configure_logging
+from llmworker.settings import load_settings
+
+log = structlog.get_logger("llmworker.server")
+
+# Open connections (event streams) get this long to close after SIGTERM before the
+# lifespan shutdown starts draining the running tasks (SHUTDOWN_GRACE_S).
+HTTP_GRACE_S = 5
+
+
+def serve(*, workers: int = 1, reload: bool = False, **overrides: Any) -> int:
+    settings = load_settings(**overrides)
+    configure_logging(settings)
+    embedded = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.embedded_redis_dir)
+        url = embedded.start()
+        settings = settings.model_copy(update={"redis_url": url})
+        # Worker processes (--workers, --reload) read their settings from the environment.
+        os.environ["REDIS_URL"] = url
+    log.info(
+        "serving",
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        redis=_where(settings.redis_url),
+    )
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": HTTP_GRACE_S,
+        "proxy_headers": True,
+        "forwarded_allow_ips": "*",
+    }
+    try:
+        if workers > 1 or reload:
+            os.environ["PORT"] = str(settings.port)
+            uvicorn.run(
+                "llmworker.api:app_from_env", factory=True, workers=workers, reload=reload, **common
+            )
+        else:
+            config = uvicorn.Config(create_app(settings), **common)
+            uvicorn.Server(config).run()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _where(url: str | None) -> str:
+    """A Redis URL without its password, for the log."""
+    if not url:
+        return "-"
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"

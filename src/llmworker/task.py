@@ -1,0 +1,137 @@
+"""What a task is: the submission a client sends, and the record everyone reads back."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmworker.errors import BadRequest, InvalidField
+
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_task_id() -> str:
+    """A ULID: 48 bits of milliseconds then 80 random bits, so ids sort by creation."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+class TaskSpec(BaseModel):
+    """A submission (``POST /v1/tasks`` body). Checked here for shape; the kind, model and
+    tier are checked against the configuration by admission."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | None = Field(None, pattern=ID_RE.pattern)
+    kind: str = Field(min_length=1, max_length=64)
+    input: Any = Field(default_factory=dict)
+    user: str = Field("anonymous", min_length=1, max_length=200)
+    tier: str | None = Field(None, min_length=1, max_length=64)
+    model: str | None = Field(None, min_length=1, max_length=64)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    callback_url: str | None = Field(None, max_length=2048)
+    timeout_s: float | None = Field(None, gt=0, le=86400)
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("user", "idempotency_key", "kind", "tier", "model")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        # These end up inside Redis key names and log lines.
+        if value is not None and _CONTROL_RE.search(value):
+            raise ValueError("must not contain control characters")
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @classmethod
+    def parse(cls, body: bytes) -> TaskSpec:
+        """Parse a raw JSON body; raise :class:`BadRequest` or :class:`InvalidField`."""
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"The body is not valid JSON: {exc}.") from None
+        if not isinstance(data, dict):
+            raise BadRequest("The body must be a JSON object with at least a 'kind' field.")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise invalid_field(exc) from None
+
+
+def invalid_field(exc: ValidationError, prefix: str = "") -> InvalidField:
+    """The first problem of a pydantic error, as an :class:`InvalidField` naming its field."""
+    err = exc.errors()[0]
+    field = prefix + ".".join(str(p) for p in err["loc"])
+    if err["type"] == "missing":
+        message = f"The field {field!r} is required."
+    elif err["type"] == "extra_forbidden":
+        message = f"The field {field!r} is not a task field."
+    else:
+        message = f"The field {field!r} is invalid: {err['msg']}."
+    return InvalidField(field, message)
+
+
+def iso_ms(ms: str | int | None) -> str | None:
+    if ms is None or ms == "":
+        return None
+    dt = datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json(raw: str | None) -> Any:
+    # Stored JSON goes out as is: orjson embeds a Fragment without parsing it again.
+    return orjson.Fragment(raw) if raw else None
+
+
+def record_view(h: dict[str, str]) -> dict[str, Any]:
+    """The public task record (DESIGN.md "Shapes") from its Redis hash."""
+    created, started, finished = h.get("created_at"), h.get("started_at"), h.get("finished_at")
+    queue_s = run_s = None
+    if created and started:
+        queue_s = round((int(started) - int(created)) / 1000, 3)
+    if started and finished:
+        run_s = round((int(finished) - int(started)) / 1000, 3)
+    return {
+        "id": h["id"],
+        "kind": h.get("kind"),
+        "status": h.get("status"),
+        "user": h.get("user"),
+        "tier": h.get("tier"),
+        "model": h.get("model"),
+        "attempts": int(h.get("attempts", 0)),
+        "result": _json(h.get("result")),
+        "error": _json(h.get("error")),
+        "usage": _json(h.get("usage")),
+        "created_at": iso_ms(created),
+        "started_at": iso_ms(started),
+        "finished_at": iso_ms(finished),
+        "queue_s": queue_s,
+        "run_s": run_s,
+        "idempotency_key": h.get("idem") or None,
+        "callback_url": h.get("callback_url") or None,
+        "metadata": _json(h.get("metadata")),
+    }
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)

@@ -1,0 +1,145 @@
+"""One replica: the Redis connection and every part of the pipeline, started and
+stopped together. The HTTP app (api.py) holds one; tests build one directly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from llmworker import __version__
+from llmworker.admission import Admitter
+from llmworker.dispatcher import Dispatcher
+from llmworker.executor import Executor
+from llmworker.guards import guard_usage
+from llmworker.handlers import Registry, import_task_modules, registry
+from llmworker.keys import Keys
+from llmworker.llm import Providers
+from llmworker.queue import Queue
+from llmworker.settings import Settings
+
+log = structlog.get_logger("llmworker.worker")
+
+
+def connect(url: str) -> Redis:
+    options: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
+    if not url.startswith("unix://"):
+        # Notice a Redis that vanished behind a NAT or load balancer.
+        options["socket_keepalive"] = True
+    return Redis.from_url(url, **options)
+
+
+async def wait_for_redis(redis: Redis, timeout_s: float) -> None:
+    """A bounded wait for Redis at start-up (it may still be booting beside us)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while True:
+        try:
+            await redis.ping()  # type: ignore[misc]
+            return
+        except (RedisError, OSError) as exc:
+            if time.monotonic() >= deadline:
+                raise RedisError(f"Redis did not answer within {timeout_s:g} s: {exc}") from exc
+            log.warning("redis_waiting", error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tasks: Registry | None = None,
+        dispatch: bool = True,
+    ) -> None:
+        if settings.redis_url is None:
+            raise ValueError("Worker needs settings.redis_url (serve starts the embedded Redis)")
+        self.settings = settings
+        self.registry = tasks or registry
+        self.dispatch = dispatch
+        self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.keys = Keys(settings.redis_prefix)
+        self.redis = connect(settings.redis_url)
+        self.queue = Queue(self.redis, self.keys)
+        self.admitter = Admitter(settings, self.queue, self.registry)
+        self.providers = Providers(settings)
+        self.executor = Executor(
+            settings, self.queue, self.registry, self.providers, self.admitter.submit_json
+        )
+        self.dispatcher = Dispatcher(
+            settings, self.redis, self.keys, self.queue, self.executor, self.replica_id
+        )
+        self.started = False
+
+    async def start(self) -> None:
+        import_task_modules(self.settings.task_modules)
+        await wait_for_redis(self.redis, self.settings.redis_connect_timeout_s)
+        if self.dispatch:
+            self.dispatcher.start()
+        self.started = True
+        log.info(
+            "worker_started",
+            version=__version__,
+            replica=self.replica_id,
+            models=self.settings.available_models,
+            kinds=self.registry.names,
+        )
+        if not self.settings.real_models_available:
+            log.warning(
+                "only_fake_model",
+                hint="no provider key is set (DEEPSEEK_API_KEY, GEMINI_API_KEY, ZHIPUAI_API_KEY, "
+                "OPENAI_API_KEY): only the simulated 'fake' model runs",
+            )
+
+    async def stop(self) -> None:
+        if self.started and self.dispatch:
+            await self.dispatcher.stop(self.settings.shutdown_grace_s)
+        self.started = False
+        await self.providers.aclose()
+        await self.redis.aclose()
+        log.info("worker_stopped", replica=self.replica_id)
+
+    async def ready(self) -> bool:
+        if not self.started or self.dispatcher.draining:
+            return False
+        try:
+            return bool(await self.redis.ping())  # type: ignore[misc]
+        except (RedisError, OSError):
+            return False
+
+    async def stats(self) -> dict[str, Any]:
+        depths = await self.queue.depths()
+        queues: dict[str, Any] = {}
+        for tier in self.settings.tier_names:
+            models = {
+                key.split("|", 1)[1]: n
+                for key, n in depths.items()
+                if key.startswith(tier + "|") and n > 0
+            }
+            queues[tier] = {
+                "waiting": depths.get(tier, 0),
+                "cap": self.settings.queue_caps[tier],
+                "models": models,
+            }
+        users = {t: self.settings.user_limits[t] for t in self.settings.tier_names}
+        return {
+            "queues": queues,
+            "running": await self.queue.running_count(),
+            "guards": await guard_usage(self.redis, self.keys, self.settings),
+            "user_limits": users,
+            "replicas_alive": await self.queue.replicas_alive(),
+            "replica": {
+                "id": self.replica_id,
+                "running": len(self.dispatcher.runs),
+                "claimed_total": self.dispatcher.claimed_total,
+                "draining": self.dispatcher.draining,
+            },
+        }
