@@ -55,7 +55,17 @@ def redis_url() -> Iterator[str]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", tmp],
+            [
+                redis_server_binary(),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                tmp,
+            ],
             stdout=subprocess.DEVNULL,
         )
         url = f"redis://127.0.0.1:{port}/0"
@@ -111,7 +121,9 @@ async def start_worker() -> AsyncIterator[Callable[..., Any]]:
     """Start workers (replicas) in this event loop; all are stopped after the test."""
     started: list[Worker] = []
 
-    async def start(settings: Settings, tasks: Registry | None = None, dispatch: bool = True) -> Worker:
+    async def start(
+        settings: Settings, tasks: Registry | None = None, dispatch: bool = True
+    ) -> Worker:
         worker = Worker(settings, tasks=tasks, dispatch=dispatch)
         await worker.start()
         started.append(worker)
@@ -170,7 +182,9 @@ async def http() -> AsyncIterator[Callable[[str], httpx.AsyncClient]]:
         await client.aclose()
 
 
-async def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, every_s: float = 0.02) -> Any:
+async def wait_until(
+    predicate: Callable[[], Any], timeout_s: float = 10.0, every_s: float = 0.02
+) -> Any:
     """Poll ``predicate`` (sync or async) until it returns something truthy."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -189,10 +203,14 @@ def llmworker_command(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def process(args: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], env: dict[str, str], log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """A child process, stopped with SIGTERM (then SIGKILL) at the end."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
         try:
             yield proc
         finally:

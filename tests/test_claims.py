@@ -15,14 +15,20 @@ from llmworker.worker import Worker
 async def submit(worker: Worker, n: int = 1, **fields: object) -> list[str]:
     ids = []
     for _ in range(n):
-        body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]}, **fields}
+        body = {
+            "kind": "chat",
+            "input": {"messages": [{"role": "user", "content": "hi"}]},
+            **fields,
+        }
         task_id, created = await worker.admitter.submit(TaskSpec.model_validate(body))
         assert created
         ids.append(task_id)
     return ids
 
 
-async def claim(worker: Worker, n: int = 1, lease_ms: int = 30_000, replica: str = "r1") -> list[str]:
+async def claim(
+    worker: Worker, n: int = 1, lease_ms: int = 30_000, replica: str = "r1"
+) -> list[str]:
     plan = GuardPlan.from_settings(worker.settings)
     return [c.id for c in await worker.queue.claim(replica, n, lease_ms, plan)]
 
@@ -55,7 +61,9 @@ async def test_claim_skips_user_at_limit_without_blocking_others(make_settings, 
 
 async def test_claim_skips_full_model_without_blocking_other_models(make_settings, start_worker):
     worker = await start_worker(
-        make_settings(MAX_FAKE_FREE=1, MAX_USER_FREE=10, MODEL_OTHER="fake/other", MAX_OTHER_FREE=1),
+        make_settings(
+            MAX_FAKE_FREE=1, MAX_USER_FREE=10, MODEL_OTHER="fake/other", MAX_OTHER_FREE=1
+        ),
         dispatch=False,
     )
     fake_tasks = await submit(worker, 3, model="fake")
@@ -66,7 +74,9 @@ async def test_claim_skips_full_model_without_blocking_other_models(make_setting
 
 async def test_model_total_limit_spans_tiers(make_settings, start_worker):
     worker = await start_worker(
-        make_settings(MAX_FAKE_PAID=5, MAX_FAKE_FREE=5, MAX_FAKE=3, MAX_USER_PAID=9, MAX_USER_FREE=9),
+        make_settings(
+            MAX_FAKE_PAID=5, MAX_FAKE_FREE=5, MAX_FAKE=3, MAX_USER_PAID=9, MAX_USER_FREE=9
+        ),
         dispatch=False,
     )
     await submit(worker, 4, tier="paid", user="p")
@@ -77,7 +87,9 @@ async def test_model_total_limit_spans_tiers(make_settings, start_worker):
 async def test_paid_first_by_weight_and_free_never_starved(make_settings, start_worker):
     """With one shared slot, claims follow the weights 4:1: paid mostly, free regularly."""
     worker = await start_worker(
-        make_settings(MAX_FAKE=1, MAX_FAKE_PAID=1, MAX_FAKE_FREE=1, MAX_USER_PAID=9, MAX_USER_FREE=9),
+        make_settings(
+            MAX_FAKE=1, MAX_FAKE_PAID=1, MAX_FAKE_FREE=1, MAX_USER_PAID=9, MAX_USER_FREE=9
+        ),
         dispatch=False,
     )
     paid = set(await submit(worker, 20, tier="paid", user="p"))
@@ -92,7 +104,9 @@ async def test_paid_first_by_weight_and_free_never_starved(make_settings, start_
     counts = Counter(order)
     assert counts == {"paid": 16, "free": 4}
     # Free's turns are spread out: never more than four paid claims in a row.
-    assert max(len(run) for run in "".join("p" if o == "paid" else "|" for o in order).split("|")) <= 4
+    assert (
+        max(len(run) for run in "".join("p" if o == "paid" else "|" for o in order).split("|")) <= 4
+    )
 
 
 def test_smooth_schedule_spreads_the_lighter_tier():
@@ -141,7 +155,9 @@ async def test_expired_running_task_is_requeued_then_runs_once(make_settings, st
     assert claimed[0].fields["attempts"] == "2"
     # The first holder comes back late: its outcome is stale and changes nothing.
     assert not await worker.queue.finish(task_id, f"{task_id}:1", "failed", error="{}", ttl_s=60)
-    assert await worker.queue.finish(task_id, claimed[0].token, "succeeded", result='"ok"', ttl_s=60)
+    assert await worker.queue.finish(
+        task_id, claimed[0].token, "succeeded", result='"ok"', ttl_s=60
+    )
     fields = await worker.queue.get(task_id)
     assert fields is not None
     assert (fields["status"], fields["result"], fields["attempts"]) == ("succeeded", '"ok"', "2")

@@ -87,7 +87,6 @@ def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
     """Show a task's events as they come (tokens to stdout, the rest to stderr) until it
     ends; reconnects with Last-Event-ID if the stream drops."""
     last_id = "0-0"
-    streamed = False
     while True:
         try:
             headers = {"Last-Event-ID": last_id}
@@ -104,25 +103,29 @@ def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
                     elif line.startswith("event: "):
                         event = line[7:]
                     elif line.startswith("data: "):
-                        data = json.loads(line[6:])
-                        if event == "tokens":
-                            sys.stdout.write(data.get("text", ""))
-                            sys.stdout.flush()
-                            streamed = True
-                        elif event == "record":
-                            if streamed:
-                                sys.stdout.write("\n")
-                            return dict(data)
-                        elif event == "status":
-                            status = data.get("status")
-                            print(f"[{status}] attempt {data.get('attempts')}", file=sys.stderr)
-                        elif event == "progress":
-                            print(f"[progress] {json.dumps(data)}", file=sys.stderr)
+                        record = _show_event(event, json.loads(line[6:]))
+                        if record is not None:
+                            return record
         except httpx.TransportError as exc:
             print(f"(events stream dropped: {exc}; resuming)", file=sys.stderr)
         record = _answer(client.get(f"/v1/tasks/{task_id}"))
         if record.get("status") in FINAL_STATES:
             return dict(record)
+
+
+def _show_event(event: str, data: dict[str, Any]) -> dict[str, Any] | None:
+    """Print one event; the final record when the stream ends with it."""
+    if event == "tokens":
+        sys.stdout.write(data.get("text", ""))
+        sys.stdout.flush()
+    elif event == "record":
+        sys.stdout.write("\n")
+        return data
+    elif event == "status":
+        print(f"[{data.get('status')}] attempt {data.get('attempts')}", file=sys.stderr)
+    elif event == "progress":
+        print(f"[progress] {json.dumps(data)}", file=sys.stderr)
+    return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

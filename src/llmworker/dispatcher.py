@@ -139,6 +139,9 @@ class Dispatcher:
 
     def _start(self, claimed: Claimed) -> None:
         self.claimed_total += 1
+        # The task was requeued while an older run of it still goes on here (its lease
+        # lapsed): that run holds no slot any more and must stop.
+        self._stop_run(claimed.id, "lease_lost")
         run = Run(claimed.id, claimed.token)
         self.runs[claimed.id] = run
         run.job = asyncio.create_task(self.executor.run(claimed, run), name=f"task-{claimed.id}")
@@ -151,9 +154,12 @@ class Dispatcher:
         self._room.set()
         self._wake.set()
 
-    def _stop_run(self, task_id: str, reason: StopReason) -> None:
+    def _stop_run(self, task_id: str, reason: StopReason, token: str | None = None) -> None:
+        """Stop this process's run of a task (only the run with ``token``, if given)."""
         run = self.runs.get(task_id)
-        if run is not None and run.job is not None and not run.job.done():
+        if run is None or (token is not None and run.token != token):
+            return
+        if run.job is not None and not run.job.done():
             run.stop_reason = reason
             run.job.cancel()
             log.info("run_stopped", task_id=task_id, reason=reason)
@@ -183,7 +189,8 @@ class Dispatcher:
             runs = {r.task_id: r.token for r in self.runs.values() if r.stop_reason is None}
             lost = await self.queue.renew(self.replica_id, self.lease_ms, runs)
             for task_id in lost:
-                self._stop_run(task_id, "lease_lost")
+                # Only the run that was renewed: a newer run of the task may have started.
+                self._stop_run(task_id, "lease_lost", runs[task_id])
             await self._sleep(every_s)
 
     async def _reap_forever(self) -> None:

@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from llmworker.errors import ConfigError
 
@@ -108,6 +113,19 @@ class Settings(BaseSettings):
     """Everything llmworker reads from its environment. Build with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings() reads the environment and .env itself (names carry data, see
+        # the module docstring) and passes every value in: nothing is read twice.
+        return (init_settings,)
 
     port: int = Field(8080, ge=1, le=65535)
     host: str = "0.0.0.0"
@@ -279,65 +297,80 @@ def _limits(
     models: dict[str, ModelAlias],
     problems: list[str],
 ) -> dict[str, Any]:
-    by_env = {m.env_name: a for a, m in models.items()}
     tier_suffixes = {f"_{env_token(t)}": t for t in tiers}
-    model_limits = {
-        a: {t: DEFAULT_MODEL_LIMIT.get(t, FALLBACK_MODEL_LIMIT) for t in tiers} for a in models
-    }
-    totals: dict[str, int] = {}
     users = {t: DEFAULT_USER_LIMIT.get(t, FALLBACK_USER_LIMIT) for t in tiers}
     caps = {t: DEFAULT_QUEUE_MAX.get(t, FALLBACK_QUEUE_MAX) for t in tiers}
     weights = {t: DEFAULT_TIER_WEIGHT.get(t, 1) for t in tiers}
-
-    def tier_of(var: str, stem: str) -> str | None:
-        tier = tier_suffixes.get("_" + stem)
-        if tier is None:
-            problems.append(
-                f"{var} names tier {stem.lower()!r}, which is not in TIERS ({', '.join(tiers)})"
-            )
-        return tier
-
+    # Families named <PREFIX><TIER>: where each goes and its smallest value.
+    per_tier: dict[str, tuple[dict[str, int], int]] = {
+        "QUEUE_MAX_": (caps, 0),
+        "TIER_WEIGHT_": (weights, 1),
+        "MAX_USER_": (users, 1),
+    }
+    per_model = _ModelLimits(tiers, tier_suffixes, models, problems)
     for var, raw in sorted(env.items()):
         if var.lower() in declared:
             continue
-        if var.startswith("QUEUE_MAX_"):
-            tier = tier_of(var, var.removeprefix("QUEUE_MAX_"))
-            value = _positive_int(var, raw, problems)
-            if tier and value is not None:
-                caps[tier] = value
-        elif var.startswith("TIER_WEIGHT_"):
-            tier = tier_of(var, var.removeprefix("TIER_WEIGHT_"))
-            value = _positive_int(var, raw, problems, minimum=1)
-            if tier and value is not None:
-                weights[tier] = value
-        elif var.startswith("MAX_USER_"):
-            tier = tier_of(var, var.removeprefix("MAX_USER_"))
-            value = _positive_int(var, raw, problems, minimum=1)
-            if tier and value is not None:
-                users[tier] = value
-        elif var.startswith("MAX_") and len(var) > 4:
-            stem = var.removeprefix("MAX_")
-            value = _positive_int(var, raw, problems)
-            if stem in by_env:
-                if value is not None:
-                    totals[by_env[stem]] = value
-                continue
-            suffix = next((s for s in tier_suffixes if stem.endswith(s)), None)
-            alias = by_env.get(stem[: -len(suffix)]) if suffix else None
-            if suffix is None or alias is None:
-                known = ", ".join(sorted(models))
+        prefix = next((p for p in per_tier if var.startswith(p)), None)
+        if prefix is not None:
+            target, minimum = per_tier[prefix]
+            tier = tier_suffixes.get("_" + var.removeprefix(prefix))
+            if tier is None:
                 problems.append(
-                    f"{var} matches no model alias and tier (models: {known}; tiers: {', '.join(tiers)})"
+                    f"{var} names tier {var.removeprefix(prefix).lower()!r}, "
+                    f"which is not in TIERS ({', '.join(tiers)})"
                 )
-            elif value is not None:
-                model_limits[alias][tier_suffixes[suffix]] = value
+            value = _positive_int(var, raw, problems, minimum=minimum)
+            if tier and value is not None:
+                target[tier] = value
+        elif var.startswith("MAX_") and len(var) > 4:
+            per_model.add(var, raw)
     return {
-        "model_limits": model_limits,
-        "model_total_limits": totals,
+        "model_limits": per_model.limits,
+        "model_total_limits": per_model.totals,
         "user_limits": users,
         "queue_caps": caps,
         "tier_weights": weights,
     }
+
+
+class _ModelLimits:
+    """``MAX_<MODEL>_<TIER>`` (slots per model and tier) and ``MAX_<MODEL>`` (total)."""
+
+    def __init__(
+        self,
+        tiers: list[str],
+        tier_suffixes: dict[str, str],
+        models: dict[str, ModelAlias],
+        problems: list[str],
+    ) -> None:
+        self.tiers = tiers
+        self.tier_suffixes = tier_suffixes
+        self.models = models
+        self.by_env = {m.env_name: a for a, m in models.items()}
+        self.problems = problems
+        self.limits = {
+            a: {t: DEFAULT_MODEL_LIMIT.get(t, FALLBACK_MODEL_LIMIT) for t in tiers} for a in models
+        }
+        self.totals: dict[str, int] = {}
+
+    def add(self, var: str, raw: str) -> None:
+        stem = var.removeprefix("MAX_")
+        value = _positive_int(var, raw, self.problems)
+        if stem in self.by_env:
+            if value is not None:
+                self.totals[self.by_env[stem]] = value
+            return
+        suffix = next((s for s in self.tier_suffixes if stem.endswith(s)), None)
+        alias = self.by_env.get(stem[: -len(suffix)]) if suffix else None
+        if suffix is None or alias is None:
+            known = ", ".join(sorted(self.models))
+            self.problems.append(
+                f"{var} matches no model alias and tier "
+                f"(models: {known}; tiers: {', '.join(self.tiers)})"
+            )
+        elif value is not None:
+            self.limits[alias][self.tier_suffixes[suffix]] = value
 
 
 def _validate_declared(plain: dict[str, Any], problems: list[str]) -> Settings:

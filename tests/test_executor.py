@@ -1,0 +1,237 @@
+"""Running tasks: the chat kind against the fake provider over HTTP, user handlers,
+provider retries and errors, deadlines, lost leases and graceful stops."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from llmworker.executor import TaskContext
+from llmworker.task import TaskSpec
+from llmworker.worker import Worker
+
+from .conftest import tasks_with, wait_until
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+async def submit(worker: Worker, **fields: Any) -> str:
+    body = {"kind": "chat", "input": {"messages": MESSAGES}, **fields}
+    task_id, _ = await worker.admitter.submit(TaskSpec.model_validate(body))
+    return task_id
+
+
+async def final(worker: Worker, task_id: str, timeout_s: float = 10) -> dict[str, Any]:
+    async def ended() -> dict[str, str] | None:
+        fields = await worker.queue.get(task_id)
+        return (
+            fields if fields and fields["status"] in ("succeeded", "failed", "cancelled") else None
+        )
+
+    fields = await wait_until(ended, timeout_s)
+    record = dict(fields)
+    for key in ("result", "error", "usage"):
+        if record.get(key):
+            record[key] = orjson.loads(record[key])
+    return record
+
+
+def provider_env(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "FAKEAI_BASE_URL": url,
+        "MODEL_M1": "fakeai/m1",
+        "MAX_M1_FREE": 2,
+        "MAX_USER_FREE": 5,
+        **extra,
+    }
+
+
+async def test_chat_streams_from_an_openai_compatible_provider(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    worker = await start_worker(make_settings(**provider_env(url)))
+    task_id = await submit(worker, model="m1")
+    record = await final(worker, task_id)
+    assert record["status"] == "succeeded", record
+    assert record["result"]["content"] == "tok0 tok1 tok2 tok3 tok4"
+    assert record["result"]["model"] == "m1"
+    assert record["usage"]["completion_tokens"] == 5
+    assert fake.calls["m1"] == 1
+    entries = await worker.redis.xrange(worker.keys.events(task_id))
+    text = "".join(orjson.loads(e["data"])["text"] for _, e in entries if e["type"] == "tokens")
+    assert text == "tok0 tok1 tok2 tok3 tok4"
+
+
+async def test_provider_429_and_500_are_retried_honouring_retry_after(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    fake.config.fail_next = [429, 500, 429]
+    worker = await start_worker(make_settings(**provider_env(url)))
+    record = await final(worker, await submit(worker, model="m1"))
+    assert record["status"] == "succeeded"
+    assert fake.calls["m1"] == 4 and fake.errors["m1"] == 3
+
+
+async def test_provider_auth_error_fails_the_task_with_an_actionable_message(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    fake.config.fail_next = [401]
+    worker = await start_worker(make_settings(**provider_env(url)))
+    record = await final(worker, await submit(worker, model="m1"))
+    assert record["status"] == "failed"
+    assert record["error"]["code"] == "provider_auth"
+    assert "FAKEAI_API_KEY" in record["error"]["message"]
+    assert fake.calls["m1"] == 1
+
+
+async def test_provider_errors_stop_being_retried_at_the_task_deadline(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    fake.config.fail_next = [500] * 50
+    fake.config.retry_after_s = 0.4
+    worker = await start_worker(make_settings(**provider_env(url)))
+    record = await final(worker, await submit(worker, model="m1", timeout_s=1.0))
+    assert record["status"] == "failed"
+    assert record["error"]["code"] in ("provider_unavailable", "timeout")
+    assert fake.calls["m1"] < 20
+
+
+async def test_unreachable_provider_is_named_in_the_error(make_settings, start_worker):
+    worker = await start_worker(make_settings(**provider_env("http://127.0.0.1:9/v1")))
+    record = await final(worker, await submit(worker, model="m1", timeout_s=1.5))
+    assert record["status"] == "failed"
+    assert "127.0.0.1:9" in record["error"]["message"] or record["error"]["code"] == "timeout"
+
+
+async def test_user_handler_gets_context_progress_and_chains_a_follow_up(
+    make_settings, start_worker
+):
+    seen: dict[str, Any] = {}
+
+    async def outline(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+        await ctx.progress(0.5, "halfway", step="outline")
+        reply = await ctx.llm.chat([{"role": "user", "content": input["topic"]}])
+        follow = await ctx.submit("chat", {"messages": [{"role": "user", "content": "more"}]})
+        seen.update(
+            user=ctx.user, tier=ctx.tier, model=ctx.model, attempt=ctx.attempt, follow=follow
+        )
+        return {"outline": reply.content, "follow_up": follow}
+
+    worker = await start_worker(
+        make_settings(FAKE_LATENCY_MS=10), tasks=tasks_with(("outline", outline))
+    )
+    task_id, _ = await worker.admitter.submit(
+        TaskSpec(kind="outline", input={"topic": "bees"}, user="ann", tier="paid")
+    )
+    record = await final(worker, task_id)
+    assert record["status"] == "succeeded"
+    assert "bees" in record["result"]["outline"]
+    assert seen == {
+        "user": "ann",
+        "tier": "paid",
+        "model": "fake",
+        "attempt": 1,
+        "follow": record["result"]["follow_up"],
+    }
+    follow = await final(worker, seen["follow"])
+    assert (follow["status"], follow["user"], follow["tier"]) == ("succeeded", "ann", "paid")
+    entries = await worker.redis.xrange(worker.keys.events(task_id))
+    progress = [orjson.loads(e["data"]) for _, e in entries if e["type"] == "progress"]
+    assert progress == [{"step": "outline", "progress": 0.5, "message": "halfway"}]
+    assert record["usage"]["total_tokens"] > 0
+
+
+async def test_handler_exception_fails_the_task_with_its_message(make_settings, start_worker):
+    async def broken(ctx: TaskContext, input: Any) -> None:
+        raise ValueError("the input had no title")
+
+    worker = await start_worker(make_settings(), tasks=tasks_with(("broken", broken)))
+    task_id, _ = await worker.admitter.submit(TaskSpec(kind="broken"))
+    record = await final(worker, task_id)
+    assert record["status"] == "failed"
+    assert record["error"] == {
+        "code": "handler_error",
+        "message": "The handler raised ValueError: the input had no title",
+    }
+
+
+async def test_task_past_its_timeout_fails_and_frees_its_slot(make_settings, start_worker):
+    async def slow(ctx: TaskContext, input: Any) -> None:
+        await asyncio.sleep(30)
+
+    worker = await start_worker(make_settings(MAX_FAKE_FREE=1), tasks=tasks_with(("slow", slow)))
+    task_id, _ = await worker.admitter.submit(TaskSpec(kind="slow", timeout_s=0.2))
+    record = await final(worker, task_id)
+    assert record["status"] == "failed" and record["error"]["code"] == "timeout"
+    assert "0.2 s" in record["error"]["message"]
+    after = await final(worker, await submit(worker))
+    assert after["status"] == "succeeded"
+
+
+async def test_non_json_result_fails_with_a_clear_error(make_settings, start_worker):
+    async def odd(ctx: TaskContext, input: Any) -> object:
+        return object()
+
+    worker = await start_worker(make_settings(), tasks=tasks_with(("odd", odd)))
+    task_id, _ = await worker.admitter.submit(TaskSpec(kind="odd"))
+    record = await final(worker, task_id)
+    assert record["status"] == "failed" and "JSON-serialisable" in record["error"]["message"]
+
+
+async def test_graceful_stop_hands_running_tasks_back_and_another_replica_finishes_them(
+    make_settings, start_worker
+):
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def long(ctx: TaskContext, input: Any) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    tasks = tasks_with(("long", long))
+    settings = make_settings(MAX_FAKE_FREE=1, SHUTDOWN_GRACE_S=0.1)
+    first = await start_worker(settings, tasks=tasks)
+    task_id, _ = await first.admitter.submit(TaskSpec(kind="long"))
+    await asyncio.wait_for(started.wait(), 5)
+    await first.stop()
+    second = await start_worker(settings, tasks=tasks)
+    handed = await second.queue.get(task_id)
+    assert handed is not None and handed["status"] in ("queued", "running")
+    release.set()
+    record = await final(second, task_id)
+    assert record["status"] == "succeeded" and record["result"] == "done"
+    # The interrupted run is not counted against the task.
+    assert record["attempts"] == "1"
+
+
+async def test_lost_lease_stops_the_run_and_the_task_runs_again(make_settings, start_worker):
+    runs = 0
+
+    async def once_slow(ctx: TaskContext, input: Any) -> int:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            await asyncio.sleep(30)
+        return ctx.attempt
+
+    settings = make_settings(MAX_FAKE_FREE=1, LEASE_TTL_S=0.6)
+    worker = await start_worker(settings, tasks=tasks_with(("once_slow", once_slow)))
+    task_id, _ = await worker.admitter.submit(TaskSpec(kind="once_slow"))
+    await wait_until(lambda: runs == 1)
+    # As if this replica had stalled past its lease: the lease lapsed and another
+    # replica's claim pruned the slot.
+    fields = await worker.queue.get(task_id)
+    assert fields is not None
+    async with worker.redis.pipeline(transaction=True) as pipe:
+        pipe.zrem(worker.keys.guard_model("fake", "free"), fields["token"])
+        pipe.zadd(worker.keys.running, {task_id: 1})
+        await pipe.execute()
+    record = await final(worker, task_id)
+    assert record["status"] == "succeeded" and record["result"] == 2

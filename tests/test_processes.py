@@ -1,0 +1,179 @@
+"""Whole processes: two ``llmworker serve`` replicas sharing one Redis in front of the
+``llmworker fake-llm`` provider, the embedded Redis, and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import free_port, llmworker_command, process
+
+
+def wait_ready(url: str, path: str = "/ready", timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready within {timeout_s} s")
+
+
+def test_two_replicas_share_the_caps_and_every_task_succeeds(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    fake_port, ports = free_port(), [free_port(), free_port()]
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "LOG_LEVEL": "WARNING",
+        "FAKEAI_BASE_URL": f"{fake_url}/v1",
+        "MODEL_M1": "fakeai/m1",
+        "MODEL_M2": "fakeai/m2",
+        "MAX_M1_PAID": "3",
+        "MAX_M1_FREE": "0",
+        "MAX_M2_FREE": "2",
+        "MAX_M2_PAID": "0",
+        "MAX_USER_PAID": "2",
+        "MAX_USER_FREE": "1",
+        "LEASE_TTL_S": "5",
+    }
+    fake_cmd = llmworker_command(
+        "fake-llm", "--port", str(fake_port), "--latency-ms", "80", "--tokens", "4"
+    )
+    with (
+        process(fake_cmd, env, tmp_path / "fake.log"),
+        process(
+            llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[0])),
+            env,
+            tmp_path / "a.log",
+        ),
+        process(
+            llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[1])),
+            env,
+            tmp_path / "b.log",
+        ),
+    ):
+        wait_ready(fake_url, "/_fake/stats")
+        replicas = [f"http://127.0.0.1:{p}" for p in ports]
+        for url in replicas:
+            wait_ready(url)
+        ids = []
+        with httpx.Client(timeout=10) as client:
+            for i in range(48):
+                paid = i % 2 == 0
+                body = {
+                    "kind": "chat",
+                    "input": {"messages": [{"role": "user", "content": f"task {i}"}]},
+                    "tier": "paid" if paid else "free",
+                    "model": "m1" if paid else "m2",
+                    "user": f"user{i % 6}",
+                }
+                r = client.post(f"{replicas[i % 2]}/v1/tasks", json=body)
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["id"])
+            deadline = time.monotonic() + 60
+            pending = set(ids)
+            while pending and time.monotonic() < deadline:
+                for task_id in list(pending):
+                    record = client.get(f"{replicas[0]}/v1/tasks/{task_id}").json()
+                    assert record["status"] not in ("failed", "cancelled"), record
+                    if record["status"] == "succeeded":
+                        pending.discard(task_id)
+                time.sleep(0.1)
+            assert not pending, f"{len(pending)} tasks did not finish"
+            stats = client.get(f"{fake_url}/_fake/stats").json()
+            worker_stats = [client.get(f"{u}/v1/stats").json() for u in replicas]
+    assert stats["calls"] == {"m1": 24, "m2": 24}
+    # The caps held across both replicas, and were used to the full.
+    assert stats["max_inflight"] == {"m1": 3, "m2": 2}
+    assert all(s["replica"]["claimed_total"] > 0 for s in worker_stats)
+    assert worker_stats[0]["replicas_alive"] == 2
+
+
+def test_serve_without_redis_url_runs_on_the_embedded_redis(tmp_path: Path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update({"PORT": str(port), "FAKE_LATENCY_MS": "20", "LOG_FORMAT": "json"})
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            llmworker_command("serve", "--host", "127.0.0.1"),
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        result = subprocess.run(
+            llmworker_command(
+                "submit",
+                "chat",
+                "--input",
+                '{"messages": [{"role": "user", "content": "hi"}]}',
+                "--wait",
+            ),
+            env={**env, "LLMWORKER_URL": f"http://127.0.0.1:{port}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        record = json.loads(result.stdout[result.stdout.index("{") :])
+        assert record["status"] == "succeeded"
+        assert "[running]" in result.stderr
+        assert "simulated reply" in result.stdout.split("{")[0]
+        check = subprocess.run(llmworker_command("check"), env=env, timeout=30)
+        assert check.returncode == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    events = [line["event"] for line in lines]
+    assert "embedded_redis_started" in events and "only_fake_model" in events
+    assert (tmp_path / ".llmworker" / "redis" / "appendonly.aof").exists() or any(
+        (tmp_path / ".llmworker" / "redis").glob("appendonlydir*")
+    )
+
+
+def test_check_exits_1_when_nothing_is_ready():
+    env = {**os.environ, "LLMWORKER_URL": f"http://127.0.0.1:{free_port()}"}
+    result = subprocess.run(
+        llmworker_command("check"), env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert "not ready" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"MAX_DS_CHAT_PAID": "many"}, "MAX_DS_CHAT_PAID='many' is not a whole number"),
+        ({"PORT": "x", "MAX_NOPE_FREE": "1"}, "MAX_NOPE_FREE matches no model alias"),
+    ],
+)
+def test_serve_with_invalid_configuration_exits_2_with_one_line_per_problem(
+    env, line, tmp_path: Path
+):
+    result = subprocess.run(
+        llmworker_command("serve"),
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "invalid configuration" in result.stderr
+    assert line in result.stderr
+    assert len([x for x in result.stderr.splitlines() if x.startswith("  - ")]) == len(env)
