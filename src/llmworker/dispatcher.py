@@ -57,6 +57,7 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._claim_loop: asyncio.Task[None] | None = None
+        executor.on_release = self._wake.set
 
     @property
     def draining(self) -> bool:

@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 import structlog
-from redis.asyncio import Redis
 
 from llmworker.keys import EVENTS_MAXLEN, Keys
+from llmworker.scripts import Scripts
 
 log = structlog.get_logger("llmworker.events")
 
@@ -26,44 +26,45 @@ TOKEN_FLUSH_S = 0.020
 
 
 class EventWriter:
-    """Writes one task's progress and token events, in order."""
+    """Writes one task's progress and token events, in order.
 
-    def __init__(self, redis: Redis, keys: Keys, task_id: str) -> None:
-        self.redis = redis
+    Writes join the process's shared batch (scripts.py), which sends in submission
+    order: a token batch queued before the run's final status is stored before it,
+    without waiting for it."""
+
+    def __init__(self, scripts: Scripts, keys: Keys, task_id: str) -> None:
+        self.scripts = scripts
         self.key = keys.events(task_id)
         self._tokens: list[str] = []
         self._last_flush = time.monotonic()
-        self._flushing: asyncio.Task[None] | None = None
+
+    def _xadd(self, etype: str, data: dict[str, Any]) -> asyncio.Future[Any]:
+        return self.scripts.command(
+            "XADD", self.key, "MAXLEN", "~", EVENTS_MAXLEN, "*",
+            "type", etype, "data", orjson.dumps(data),
+        )  # fmt: skip
 
     async def emit(self, etype: str, data: dict[str, Any]) -> None:
-        await self.redis.xadd(
-            self.key,
-            {"type": etype, "data": orjson.dumps(data)},
-            maxlen=EVENTS_MAXLEN,
-            approximate=True,
-        )
+        await self._xadd(etype, data)
 
     def token(self, text: str) -> None:
-        """Buffer a token; start a flush when the batch is full or due."""
+        """Buffer a token; queue the batch when it is full or due."""
         self._tokens.append(text)
-        due = time.monotonic() - self._last_flush >= TOKEN_FLUSH_S
-        if (len(self._tokens) >= TOKEN_BATCH or due) and self._flushing is None:
-            self._flushing = asyncio.create_task(self._drain())
+        if len(self._tokens) >= TOKEN_BATCH or time.monotonic() - self._last_flush >= TOKEN_FLUSH_S:
+            self.flush()
 
-    async def _drain(self) -> None:
-        try:
-            while self._tokens:
-                batch, self._tokens = self._tokens, []
-                self._last_flush = time.monotonic()
-                await self.emit("tokens", {"text": "".join(batch), "n": len(batch)})
-        except Exception as exc:  # token events are a view; the result is what matters
-            log.warning("token_events_lost", error=str(exc))
-        finally:
-            self._flushing = None
+    def flush(self) -> None:
+        """Queue the buffered tokens as one event (also at the end of a run)."""
+        if not self._tokens:
+            return
+        batch, self._tokens = self._tokens, []
+        self._last_flush = time.monotonic()
+        self._xadd("tokens", {"text": "".join(batch), "n": len(batch)}).add_done_callback(
+            _log_failure
+        )
 
-    async def flush(self) -> None:
-        """Write out every buffered token (at the end of a run)."""
-        if self._flushing is not None:
-            await asyncio.shield(self._flushing)
-        if self._tokens:
-            await self._drain()
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    # Token events are a live view; the task's result is what must not be lost.
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("token_events_lost", error=str(future.exception()))

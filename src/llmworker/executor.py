@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 import structlog
-from pydantic import ValidationError
 
 from llmworker.errors import HandlerError, TaskError, TaskTimeout
 from llmworker.events import EventWriter
@@ -28,7 +28,6 @@ from llmworker.handlers import Registry
 from llmworker.llm import LLMClient, Providers
 from llmworker.queue import Claimed, Queue
 from llmworker.settings import Settings
-from llmworker.task import invalid_field
 
 log = structlog.get_logger("llmworker.executor")
 
@@ -103,11 +102,12 @@ class Executor:
         self.registry = registry
         self.providers = providers
         self.submit = submit
+        self.on_release: Callable[[], None] = lambda: None
 
     async def run(self, claimed: Claimed, run: Run) -> None:
         structlog.contextvars.bind_contextvars(task_id=claimed.id, kind=claimed.fields.get("kind"))
         started = time.monotonic()
-        events = EventWriter(self.queue.redis, self.queue.keys, claimed.id)
+        events = EventWriter(self.queue.scripts, self.queue.keys, claimed.id)
         timeout_s = float(claimed.fields.get("timeout_s") or self.settings.task_timeout_s)
         deadline = started + timeout_s
         status, result, error = "failed", "", ""
@@ -129,7 +129,7 @@ class Executor:
             except (TypeError, orjson.JSONEncodeError) as exc:
                 error = _err(HandlerError(f"The handler's result is not JSON-serialisable: {exc}."))
             finally:
-                await _quietly(events.flush())
+                events.flush()
         except asyncio.CancelledError:
             await asyncio.shield(self._stopped(claimed, run))
             if run.stop_reason is None:
@@ -139,17 +139,19 @@ class Executor:
             log.exception("handler_raised")
             error = _err(HandlerError(f"The handler raised {type(exc).__name__}: {exc}"))
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
-        recorded = await asyncio.shield(
-            self.queue.finish(
-                claimed.id,
-                claimed.token,
-                status,
-                result=result,
-                error=error,
-                usage=usage,
-                ttl_s=self.settings.result_ttl_s,
-            )
+        pending = self.queue.finish_soon(
+            claimed.id,
+            claimed.token,
+            status,
+            result=result,
+            error=error,
+            usage=usage,
+            ttl_s=self.settings.result_ttl_s,
         )
+        # The slots are as good as free: let the dispatcher queue its next claim now, so
+        # it rides in the same round trip as this finish.
+        self.on_release()
+        recorded = bool(await asyncio.shield(pending))
         log.info(
             "task_finished",
             status=status if recorded else "stale",
@@ -171,13 +173,8 @@ class Executor:
             raise HandlerError(
                 f"No handler for kind {ctx.kind!r} in this replica; check TASK_MODULES."
             )
-        value = claimed.input
-        if handler.input_model is not None:
-            try:
-                value = handler.input_model.model_validate(value).model_dump(exclude_none=True)
-            except ValidationError as exc:
-                raise HandlerError(invalid_field(exc, "input.").message) from None
-        return await handler.fn(ctx, value)
+        # The input was validated against the kind's input model at admission.
+        return await handler.fn(ctx, claimed.input)
 
     async def _stopped(self, claimed: Claimed, run: Run) -> None:
         """After a cancelled run: free its slots, or hand the task back on shutdown."""
@@ -193,10 +190,3 @@ class Executor:
 
 def _err(exc: TaskError) -> str:
     return orjson.dumps(exc.to_record()).decode()
-
-
-async def _quietly(awaitable: Any) -> None:
-    try:
-        await awaitable
-    except Exception as exc:
-        log.warning("events_flush_failed", error=str(exc))

@@ -7,23 +7,16 @@ only marshals arguments; the semantics live in the scripts' headers.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Literal
 
 import orjson
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from llmworker.guards import GuardPlan
 from llmworker.keys import Keys
-
-SCRIPTS = ("admit", "claim", "finish", "handback", "reap", "cancel", "renew")
-
-
-def _load_script(name: str) -> str:
-    lua = resources.files("llmworker") / "lua"
-    return (lua / "_common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+from llmworker.scripts import Scripts
 
 
 @dataclass(frozen=True)
@@ -63,12 +56,10 @@ class Queue:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(_load_script(name)) for name in SCRIPTS
-        }
+        self.scripts = Scripts(redis, keys.base)
 
     async def _run(self, name: str, *args: Any) -> Any:
-        return await self._scripts[name](keys=[self.keys.base], args=list(args))
+        return await self.scripts.call(name, *args)
 
     async def admit(
         self,
@@ -114,7 +105,26 @@ class Queue:
     ) -> bool:
         """Record a run's outcome; False when the run was stale (only its slots were freed).
         ``status=""`` only frees the slots."""
-        return bool(await self._run("finish", task_id, token, status, result, error, usage, ttl_s))
+        return bool(
+            await self.finish_soon(
+                task_id, token, status, result=result, error=error, usage=usage, ttl_s=ttl_s
+            )
+        )
+
+    def finish_soon(
+        self,
+        task_id: str,
+        token: str,
+        status: str,
+        *,
+        result: str = "",
+        error: str = "",
+        usage: str = "",
+        ttl_s: int,
+    ) -> asyncio.Future[Any]:
+        """:meth:`finish`, queued in the next batch; the future resolves to 1 or 0. A claim
+        queued right after it travels in the same round trip and sees the freed slots."""
+        return self.scripts.call("finish", task_id, token, status, result, error, usage, ttl_s)
 
     async def release(self, task_id: str, token: str) -> None:
         await self._run("finish", task_id, token, "", "", "", "", 1)

@@ -82,6 +82,7 @@ class Worker:
     async def start(self) -> None:
         import_task_modules(self.settings.task_modules)
         await wait_for_redis(self.redis, self.settings.redis_connect_timeout_s)
+        await self.queue.scripts.load()
         if self.dispatch:
             self.dispatcher.start()
         self.started = True

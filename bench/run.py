@@ -1,0 +1,611 @@
+"""``make bench``: llmworker's throughput, latency and memory, measured on this machine.
+
+Every scenario runs real processes on loopback: ``llmworker serve`` replicas, the
+``llmworker fake-llm`` provider, and a Redis (``BENCH_REDIS_URL``, else the one on
+127.0.0.1:6379, else the embedded one). Figures are printed as a Markdown table and
+written to ``bench/results.md``. Machines are shared and noisy: compare figures from one
+run, not across runs.
+
+    python -m bench.run                 # every scenario
+    python -m bench.run saturation rss  # some of them
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psutil
+import redis
+
+from llmworker.embedded import redis_server_binary
+from llmworker.keys import Keys
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.md"
+CHAT_INPUT = {
+    "messages": [{"role": "user", "content": "Summarise the plot of Hamlet in one line."}]
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass
+class Figure:
+    scenario: str
+    metric: str
+    value: str
+    target: str = ""
+
+
+@dataclass
+class Bench:
+    redis_url: str
+    logs: Path
+    figures: list[Figure] = field(default_factory=list)
+
+    def add(self, scenario: str, metric: str, value: str, target: str = "") -> None:
+        self.figures.append(Figure(scenario, metric, value, target))
+        print(f"  {metric}: {value}" + (f"   (target {target})" if target else ""), flush=True)
+
+    @contextlib.contextmanager
+    def process(
+        self, name: str, args: list[str], env: dict[str, str]
+    ) -> Iterator[subprocess.Popen[bytes]]:
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            log.close()
+
+    def fake_llm(
+        self, port: int, latency_ms: float, tokens: int
+    ) -> contextlib.AbstractContextManager[Any]:
+        args = [sys.executable, "-m", "llmworker", "fake-llm", "--port", str(port)]
+        args += ["--latency-ms", str(latency_ms), "--tokens", str(tokens)]
+        return self.process(f"fake-llm-{port}", args, {})
+
+    def serve(
+        self, port: int, env: dict[str, str], workers: int = 1
+    ) -> contextlib.AbstractContextManager[Any]:
+        args = [
+            sys.executable,
+            "-m",
+            "llmworker",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        if workers > 1:
+            args += ["--workers", str(workers)]
+        return self.process(f"serve-{port}", args, env)
+
+
+def wait_http(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+def worker_env(bench: Bench, prefix: str, fake_port: int | None, **extra: Any) -> dict[str, str]:
+    env = {
+        "REDIS_URL": bench.redis_url,
+        "REDIS_PREFIX": prefix,
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "json",
+    }
+    if fake_port is not None:
+        env.update({"BENCH_BASE_URL": f"http://127.0.0.1:{fake_port}/v1", "MODEL_M1": "bench/m1"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def cleanup(bench: Bench, prefix: str) -> None:
+    client = redis.Redis.from_url(bench.redis_url)
+    keys = list(client.scan_iter(match=Keys(prefix).pattern, count=5000))
+    for i in range(0, len(keys), 5000):
+        client.delete(*keys[i : i + 5000])
+    client.close()
+
+
+class RawHTTP:
+    """A minimal keep-alive HTTP/1.1 client for POSTing JSON: the load generator must cost
+    far less CPU than the worker it loads, and general clients cost about as much."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def submit_all(url: str, bodies: list[dict[str, Any]], clients: int) -> list[str]:
+    """POST every body with ``clients`` concurrent connections; returns the task ids."""
+    host, port = url.removeprefix("http://").split(":")
+    ids: list[str] = [""] * len(bodies)
+    payloads = [orjson.dumps(b) for b in bodies]
+    next_index = 0
+
+    async def one_client() -> None:
+        nonlocal next_index
+        conn = RawHTTP(host, int(port))
+        try:
+            while next_index < len(bodies):
+                i = next_index
+                next_index += 1
+                status, answer = await conn.post("/v1/tasks", payloads[i])
+                if status != 202:
+                    raise RuntimeError(f"submission {i} got {status}: {answer!r}")
+                ids[i] = orjson.loads(answer)["id"]
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    return ids
+
+
+def wait_finished(
+    bench: Bench, prefix: str, ids: list[str], timeout_s: float
+) -> list[dict[str, str]]:
+    client = redis.Redis.from_url(bench.redis_url, decode_responses=True)
+    keys = Keys(prefix)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            pipe = client.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hmget(keys.task(task_id), "status", "created_at", "started_at", "finished_at")
+            rows = pipe.execute()
+            if all(r[0] in ("succeeded", "failed", "cancelled") for r in rows):
+                failed = sum(r[0] != "succeeded" for r in rows)
+                if failed:
+                    raise RuntimeError(f"{failed} tasks did not succeed")
+                return [
+                    dict(zip(("status", "created_at", "started_at", "finished_at"), r, strict=True))
+                    for r in rows
+                ]
+            if time.monotonic() > deadline:
+                done = sum(r[0] == "succeeded" for r in rows)
+                raise RuntimeError(f"only {done}/{len(ids)} tasks finished within {timeout_s} s")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+# -- scenarios ---------------------------------------------------------------------
+
+
+def saturation(bench: Bench) -> None:
+    """(a) 2 replicas, cap 20, provider latency 100 ms, 2,000 tasks from 64 clients;
+    (b) pickup latency after a freed slot, from the provider's timeline."""
+    print("saturation: 2 replicas, cap 20, 100 ms provider, 2,000 tasks, 64 clients", flush=True)
+    n, cap, latency_s = 2000, 20, 0.100
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    fake_port, ports = free_port(), [free_port(), free_port()]
+    env = worker_env(
+        bench, prefix, fake_port, MAX_M1_PAID=cap, MAX_USER_PAID=10_000, QUEUE_MAX_PAID=100_000
+    )
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    try:
+        with (
+            bench.fake_llm(fake_port, latency_s * 1000, 5),
+            bench.serve(ports[0], env),
+            bench.serve(ports[1], env),
+        ):
+            wait_http(f"{fake_url}/_fake/stats")
+            for port in ports:
+                wait_http(f"http://127.0.0.1:{port}/ready")
+            httpx.post(f"{fake_url}/_fake/config", json={"record": True})
+            bodies = [
+                {
+                    "kind": "chat",
+                    "input": CHAT_INPUT,
+                    "tier": "paid",
+                    "model": "m1",
+                    "user": f"u{i % 50}",
+                }
+                for i in range(n)
+            ]
+            first_submit = time.time()
+            # 64 clients, half to each replica.
+            half = n // 2
+
+            async def both() -> list[str]:
+                a, b = await asyncio.gather(
+                    submit_all(f"http://127.0.0.1:{ports[0]}", bodies[:half], 32),
+                    submit_all(f"http://127.0.0.1:{ports[1]}", bodies[half:], 32),
+                )
+                return a + b
+
+            ids = asyncio.run(both())
+            submitted = time.time()
+            rows = wait_finished(bench, prefix, ids, timeout_s=120)
+            stats = httpx.get(f"{fake_url}/_fake/stats").json()
+            timeline = httpx.get(f"{fake_url}/_fake/timeline").json()
+        last_finish = max(int(r["finished_at"]) for r in rows) / 1000
+        makespan = last_finish - first_submit
+        ideal = n * latency_s / cap
+        bench.add("a", "tasks", f"{n} submitted in {submitted - first_submit:.2f} s")
+        bench.add("a", "makespan", f"{makespan:.2f} s (ideal {ideal:.1f} s)")
+        bench.add("a", "utilisation", f"{ideal / makespan:.3f}", ">= 0.99")
+        bench.add("a", "overshoot", str(stats["max_inflight"].get("m1", 0) - cap), "0")
+        starts = sorted(t[0] for t in timeline)
+        ends = sorted(t[1] for t in timeline)
+        gaps = [
+            (starts[cap + k] - ends[k]) * 1000
+            for k in range(len(starts) - cap)
+            if starts[cap + k] >= ends[k]
+        ]
+        bench.add("b", "pickup after a freed slot p50", f"{percentile(gaps, 50):.2f} ms")
+        bench.add("b", "pickup after a freed slot p99", f"{percentile(gaps, 99):.2f} ms", "<= 2 ms")
+        # The same from the worker's own records (Redis clock, 1 ms resolution): the gap
+        # between a run's end and the next claim, without the provider's side.
+        done = sorted(int(r["finished_at"]) for r in rows)
+        begun = sorted(int(r["started_at"]) for r in rows)
+        claims = [begun[cap + k] - done[k] for k in range(len(begun) - cap) if begun[cap + k] >= done[k]]
+        bench.add("b", "finish -> next claim p50 / p99 (worker records)", f"{percentile(claims, 50):.0f} / {percentile(claims, 99):.0f} ms")
+    finally:
+        cleanup(bench, prefix)
+
+
+def idle_pickup(bench: Bench) -> None:
+    """(b) a new task on an idle worker: from sending POST /v1/tasks to the provider call."""
+    print("idle pickup: 1 replica, 300 tasks one at a time", flush=True)
+    n = 300
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    fake_port, port = free_port(), free_port()
+    env = worker_env(bench, prefix, fake_port, MAX_M1_FREE=10, MAX_USER_FREE=10)
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    try:
+        with bench.fake_llm(fake_port, 1, 1), bench.serve(port, env):
+            wait_http(f"{fake_url}/_fake/stats")
+            wait_http(f"http://127.0.0.1:{port}/ready")
+            httpx.post(f"{fake_url}/_fake/config", json={"record": True})
+            sent: list[float] = []
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                body = {"kind": "chat", "input": CHAT_INPUT, "model": "m1"}
+                for i in range(n):
+                    sent.append(time.time())
+                    client.post("/v1/tasks", json=body).raise_for_status()
+                    with httpx.Client(base_url=fake_url) as fake:
+                        while len(fake.get("/_fake/timeline").json()) < i + 1:
+                            time.sleep(0.001)
+            timeline = httpx.get(f"{fake_url}/_fake/timeline").json()
+        starts = sorted(t[0] for t in timeline)
+        gaps = [(s - t) * 1000 for s, t in zip(starts, sent, strict=True)]
+        bench.add(
+            "b", "submit -> provider call on an idle worker p50", f"{percentile(gaps, 50):.2f} ms"
+        )
+        bench.add(
+            "b", "submit -> provider call on an idle worker p99", f"{percentile(gaps, 99):.2f} ms"
+        )
+    finally:
+        cleanup(bench, prefix)
+
+
+def noop_rate(bench: Bench) -> None:
+    """(c) tasks/s of one process with a zero-latency model, from a pre-filled queue."""
+    print(
+        "no-op rate: 1 replica, 20,000 queued tasks, in-process model with no latency", flush=True
+    )
+    n = 20_000
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = worker_env(
+        bench,
+        prefix,
+        None,
+        FAKE_LATENCY_MS=0,
+        FAKE_TOKENS=0,
+        MAX_FAKE_FREE=100_000,
+        MAX_USER_FREE=100_000,
+        QUEUE_MAX_FREE=1_000_000,
+    )
+    try:
+        asyncio.run(_prefill(bench, prefix, env, n))
+        with bench.serve(port, env) as proc:
+            wait_http(f"http://127.0.0.1:{port}/ready")
+            ids = asyncio.run(_ids(bench, prefix))
+            rows = wait_finished(bench, prefix, ids, timeout_s=300)
+            cpu = psutil.Process(proc.pid).cpu_times()
+        first = min(int(r["started_at"]) for r in rows) / 1000
+        last = max(int(r["finished_at"]) for r in rows) / 1000
+        bench.add("c", "no-op tasks/s, one process", f"{n / (last - first):,.0f}", ">= 5,000")
+        bench.add("c", "worker CPU per task", f"{(cpu.user + cpu.system) / n * 1e6:,.0f} us")
+    finally:
+        cleanup(bench, prefix)
+
+
+async def _prefill(bench: Bench, prefix: str, env: dict[str, str], n: int) -> None:
+    from llmworker.admission import Admitter
+    from llmworker.handlers import registry
+    from llmworker.queue import Queue
+    from llmworker.settings import load_settings
+    from llmworker.task import TaskSpec
+    from llmworker.worker import connect
+
+    settings = load_settings(env, env_file=None)
+    client = connect(bench.redis_url)
+    admitter = Admitter(settings, Queue(client, Keys(prefix)), registry)
+    spec = TaskSpec.model_validate({"kind": "chat", "input": CHAT_INPUT})
+    sem = asyncio.Semaphore(64)
+
+    async def one() -> None:
+        async with sem:
+            await admitter.submit(spec)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    await client.aclose()
+
+
+async def _ids(bench: Bench, prefix: str) -> list[str]:
+    client = redis.asyncio.Redis.from_url(bench.redis_url, decode_responses=True)
+    keys = Keys(prefix)
+    ids = [
+        k.removeprefix(keys.task(""))
+        async for k in client.scan_iter(match=keys.task("*"), count=5000)
+    ]
+    await client.aclose()
+    return ids
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"kind":"chat","user":"bench","input":{"messages":[{"role":"user","content":"hello"}]}}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def ingress(bench: Bench) -> None:
+    """(d) POST /v1/tasks throughput and latency, `serve --workers 2`, 64 connections."""
+    print("ingress: serve --workers 2, 64 connections, 10 s", flush=True)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = worker_env(
+        bench,
+        prefix,
+        None,
+        FAKE_LATENCY_MS=60_000,
+        MAX_FAKE_FREE=1,
+        MAX_USER_FREE=1,
+        QUEUE_MAX_FREE=10_000_000,
+    )
+    try:
+        with bench.serve(port, env, workers=2):
+            wait_http(f"http://127.0.0.1:{port}/ready")
+            url = f"http://127.0.0.1:{port}/v1/tasks"
+            if shutil.which("wrk"):
+                rate, p50, p99 = _wrk(bench, url)
+                tool = "wrk -t1 -c64 -d10s"
+            else:
+                rate, p50, p99 = asyncio.run(_python_load(url, 64, 10.0))
+                tool = "httpx, 64 clients (install wrk for a lighter load generator)"
+        bench.add("d", "load generator", tool)
+        bench.add("d", "submissions/s", f"{rate:,.0f}", ">= 5,000")
+        bench.add("d", "POST /v1/tasks p50", f"{p50:.2f} ms")
+        bench.add("d", "POST /v1/tasks p99", f"{p99:.2f} ms", "<= 20 ms")
+    finally:
+        cleanup(bench, prefix)
+
+
+def _wrk(bench: Bench, url: str) -> tuple[float, float, float]:
+    script = bench.logs / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    out = subprocess.run(
+        ["wrk", "-t1", "-c64", "-d10s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (bench.logs / "wrk.txt").write_text(out)
+
+    def ms(text: str) -> float:
+        for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+            if text.endswith(unit):
+                return float(text[: -len(unit)]) * factor
+        return float(text)
+
+    lines = out.splitlines()
+    rate = float(next(line.split()[1] for line in lines if line.startswith("Requests/sec")))
+    latency = {
+        line.split()[0]: ms(line.split()[1])
+        for line in lines
+        if line.strip().startswith(("50%", "99%"))
+    }
+    if any("Non-2xx" in line for line in lines):
+        raise RuntimeError("wrk saw non-2xx answers: " + out)
+    return rate, latency["50%"], latency["99%"]
+
+
+async def _python_load(url: str, clients: int, seconds: float) -> tuple[float, float, float]:
+    latencies: list[float] = []
+    stop = time.monotonic() + seconds
+    body = {
+        "kind": "chat",
+        "user": "bench",
+        "input": {"messages": [{"role": "user", "content": "hello"}]},
+    }
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as client:
+
+        async def loop() -> None:
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                r = await client.post(url, json=body)
+                r.raise_for_status()
+                latencies.append((time.perf_counter() - t) * 1000)
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+    return len(latencies) / seconds, percentile(latencies, 50), percentile(latencies, 99)
+
+
+def rss(bench: Bench) -> None:
+    """(e) resident memory of one replica holding 1,000 streaming tasks in flight."""
+    print("memory: 1 replica, 1,000 streaming tasks in flight", flush=True)
+    n = 1000
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    fake_port, port = free_port(), free_port()
+    env = worker_env(bench, prefix, fake_port, MAX_M1_FREE=n, MAX_USER_FREE=n, QUEUE_MAX_FREE=n)
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    try:
+        with bench.fake_llm(fake_port, 30_000, 30), bench.serve(port, env) as proc:
+            wait_http(f"{fake_url}/_fake/stats")
+            wait_http(f"http://127.0.0.1:{port}/ready")
+            idle = psutil.Process(proc.pid).memory_info().rss
+            bodies = [
+                {"kind": "chat", "input": CHAT_INPUT, "model": "m1", "user": f"u{i}"}
+                for i in range(n)
+            ]
+            asyncio.run(submit_all(f"http://127.0.0.1:{port}", bodies, 32))
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{fake_url}/_fake/stats").json()["inflight"].get("m1", 0) < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the tasks did not all reach the provider")
+                time.sleep(0.1)
+            peak = 0
+            for _ in range(20):  # tokens are streaming meanwhile
+                peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
+                time.sleep(0.25)
+        bench.add("e", "RSS idle", f"{idle / 2**20:.0f} MB")
+        bench.add("e", "RSS with 1,000 streaming tasks", f"{peak / 2**20:.0f} MB", "<= 100 MB")
+    finally:
+        cleanup(bench, prefix)
+
+
+SCENARIOS: dict[str, Callable[[Bench], None]] = {
+    "saturation": saturation,
+    "idle_pickup": idle_pickup,
+    "noop": noop_rate,
+    "ingress": ingress,
+    "rss": rss,
+}
+
+
+def _redis_url() -> tuple[str, subprocess.Popen[bytes] | None]:
+    url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    with contextlib.suppress(redis.RedisError):
+        if redis.Redis.from_url(url, socket_timeout=1).ping():
+            return url, None
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(200):
+        with contextlib.suppress(redis.RedisError):
+            if redis.Redis.from_url(url).ping():
+                return url, proc
+        time.sleep(0.05)
+    raise RuntimeError("no Redis for the benchmark")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "scenarios", nargs="*", help=f"some of: {', '.join(SCENARIOS)} (default: all)"
+    )
+    args = parser.parse_args(argv)
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    url, own_redis = _redis_url()
+    with tempfile.TemporaryDirectory(prefix="llmworker-bench-") as tmp:
+        bench = Bench(url, Path(tmp))
+        try:
+            for name in args.scenarios or SCENARIOS:
+                SCENARIOS[name](bench)
+        finally:
+            if own_redis is not None:
+                own_redis.terminate()
+    _write(bench)
+    return 0
+
+
+def _write(bench: Bench) -> None:
+    cpu = f"{os.cpu_count()} cores, {platform_line()}"
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {cpu}; `make bench` reproduces it.",
+        "",
+        "| scenario | metric | value | target |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {f.scenario} | {f.metric} | {f.value} | {f.target} |" for f in bench.figures]
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+def platform_line() -> str:
+    import platform
+
+    return f"Python {platform.python_version()}, {platform.machine()}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

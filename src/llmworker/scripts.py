@@ -1,0 +1,119 @@
+"""The Lua scripts, and the one way they (and other writes on the hot path) are sent:
+batched.
+
+Concurrent calls (a thousand runs finishing, sixty-four clients submitting) are grouped:
+while one batch is on the wire, new calls queue up, and go out together as one pipeline
+of ``EVALSHA`` on one connection as soon as it returns. An idle process pays one round
+trip per call, as before; a busy one pays one round trip per batch instead of one
+connection checkout, write and read per call. Each script still runs atomically on its
+own: batching changes how calls travel, not what they do.
+
+A Redis that restarted or was flushed forgets the scripts: on ``NOSCRIPT`` they are
+loaded again and the calls retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, ResponseError
+
+NAMES = ("admit", "claim", "finish", "handback", "reap", "cancel", "renew")
+
+# Past this many calls a batch is cut, so one reply never grows without bound.
+MAX_BATCH = 512
+
+
+def source(name: str) -> str:
+    lua = resources.files("llmworker") / "lua"
+    return (lua / "_common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class Scripts:
+    def __init__(self, redis: Redis, prefix_key: str) -> None:
+        self.redis = redis
+        self.prefix_key = prefix_key
+        self.sources = {name: source(name) for name in NAMES}
+        self.shas = {
+            name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.sources.items()
+        }
+        # (script name, or "" for a plain command; its arguments; who waits for it)
+        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def load(self) -> None:
+        for _name, src in self.sources.items():
+            await self.redis.script_load(src)
+
+    def call(self, name: str, *args: Any) -> asyncio.Future[Any]:
+        """Run script ``name`` with ``args``; the future resolves to its reply."""
+        return self._enqueue(name, args)
+
+    def command(self, *args: Any) -> asyncio.Future[Any]:
+        """Send a plain command (``XADD ...``) in the next batch."""
+        return self._enqueue("", args)
+
+    def _enqueue(self, name: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((name, args, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send())
+        return future
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                # One turn of the loop first: calls made by callbacks that are already
+                # due (a claim after a finish) join this batch instead of the next.
+                await asyncio.sleep(0)
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                try:
+                    replies = await self._execute([(n, a) for n, a, _ in batch])
+                except Exception as exc:  # Redis unreachable: every caller of the batch hears it
+                    replies = [exc] * len(batch)
+                for (_, _, future), reply in zip(batch, replies, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        except asyncio.CancelledError:
+            for _, _, future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            raise
+        finally:
+            self._sender = None
+
+    async def _execute(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        replies = await self._pipeline(calls)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            await self.load()
+            retried = await self._pipeline([calls[i] for i in missing])
+            for i, reply in zip(missing, retried, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, args in calls:
+                if name:
+                    pipe.execute_command("EVALSHA", self.shas[name], 1, self.prefix_key, *args)
+                else:
+                    pipe.execute_command(*args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return [_noscript(r) for r in replies]
+
+
+def _noscript(reply: Any) -> Any:
+    # Inside a pipeline redis-py reports NOSCRIPT as a plain ResponseError.
+    if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+        return NoScriptError(str(reply))
+    return reply
