@@ -61,6 +61,23 @@ async def test_submit_then_get_runs_a_chat_task_to_success(make_settings):
         assert done["started_at"] and done["finished_at"] and done["queue_s"] is not None
 
 
+async def test_submit_answer_is_the_stored_record(make_settings):
+    async with api(make_settings(), dispatch=False) as (client, _worker):
+        body = {
+            **CHAT,
+            "user": "u9",
+            "tier": "paid",
+            "idempotency_key": "k",
+            "metadata": {"a": [1]},
+        }
+        submitted = (
+            await client.post("/v1/tasks", json={**body, "callback_url": "https://x.test/cb"})
+        ).json()
+        stored = (await client.get(f"/v1/tasks/{submitted['id']}")).json()
+        assert submitted == stored
+        assert stored["metadata"] == {"a": [1]} and stored["idempotency_key"] == "k"
+
+
 async def test_same_id_returns_the_existing_task(make_settings):
     async with api(make_settings()) as (client, _worker):
         first = await client.post("/v1/tasks", json={**CHAT, "id": "order-42"})

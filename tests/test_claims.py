@@ -20,8 +20,8 @@ async def submit(worker: Worker, n: int = 1, **fields: object) -> list[str]:
             "input": {"messages": [{"role": "user", "content": "hi"}]},
             **fields,
         }
-        task_id, created = await worker.admitter.submit(TaskSpec.model_validate(body))
-        assert created
+        task_id, stored = await worker.admitter.submit(TaskSpec.model_validate(body))
+        assert stored is not None
         ids.append(task_id)
     return ids
 

@@ -60,9 +60,10 @@ class Admitter:
                 raise invalid_field(exc, "input.") from None
         return tier, model, value
 
-    async def submit(self, spec: TaskSpec) -> tuple[str, bool]:
-        """Queue a task; returns its id and whether it is new (False: an existing task with
-        the same id or idempotency key). Raises :class:`QueueFull` at the tier's cap."""
+    async def submit(self, spec: TaskSpec) -> tuple[str, dict[str, str] | None]:
+        """Queue a task. Returns its id and, when it is new, its stored fields (None: an
+        existing task with the same id or idempotency key was found instead). Raises
+        :class:`QueueFull` at the tier's cap."""
         tier, model, value = self.resolve(spec)
         task_id = spec.id or new_task_id()
         fields = {
@@ -88,7 +89,21 @@ class Admitter:
         )
         if admission.outcome == "full":
             raise QueueFull(tier, cap, self.settings.queue_full_retry_after_s)
-        return admission.task_id, admission.outcome == "created"
+        if admission.outcome == "exists":
+            return admission.task_id, None
+        # As stored by admit.lua: the caller can answer without reading it back.
+        stored = {
+            **fields,
+            "id": task_id,
+            "tier": tier,
+            "model": model,
+            "user": spec.user,
+            "idem": spec.idempotency_key or "",
+            "status": "queued",
+            "attempts": "0",
+            "created_at": str(admission.created_at_ms),
+        }
+        return task_id, stored
 
     async def submit_json(self, body: dict[str, Any]) -> str:
         """Queue a task from a dict (follow-up tasks from handlers)."""

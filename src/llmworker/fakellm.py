@@ -22,17 +22,18 @@ import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 HANG_S = 3600.0
+COMPLETION_PATHS = ("/v1/chat/completions", "/chat/completions")
 
 
 @dataclass
@@ -49,12 +50,22 @@ class FakeConfig:
     seed: int | None = None
 
 
+async def _send_json(
+    send: Send, status: int, content: Any, headers: dict[str, str] | None = None
+) -> None:
+    raw = [(b"content-type", b"application/json")]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": orjson.dumps(content)})
+
+
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(content), status, headers, media_type="application/json")
 
 
 class FakeLLM:
     def __init__(self, config: FakeConfig | None = None) -> None:
+        self._control_app: Starlette | None = None
         self.config = config or FakeConfig()
         self.random = random.Random(self.config.seed)
         self.reset()
@@ -82,60 +93,72 @@ class FakeLLM:
         c = self.config
         return (c.latency_ms + (self.random.uniform(0, c.jitter_ms) if c.jitter_ms else 0)) / 1000
 
-    async def completions(self, request: Request) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app. Completions are served on raw ASGI, without a framework's
+        per-request tasks: the fake must cost far less than what it measures."""
+        if (
+            scope["type"] == "http"
+            and scope["path"] in COMPLETION_PATHS
+            and scope["method"] == "POST"
+        ):
+            await self._completions(receive, send)
+        else:
+            await self._control(scope, receive, send)
+
+    async def _completions(self, receive: Receive, send: Send) -> None:
+        arrived = time.time()
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
         try:
-            body = orjson.loads(await request.body())
+            body = orjson.loads(raw)
             model = str(body["model"])
             messages = body["messages"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            return _json(
-                {
-                    "error": {
-                        "message": "body needs 'model' and 'messages'",
-                        "type": "invalid_request_error",
-                    }
-                },
-                400,
-            )
-        started = time.time()
+            error = {
+                "message": "body needs 'model' and 'messages'",
+                "type": "invalid_request_error",
+            }
+            await _send_json(send, 400, {"error": error})
+            return
         self.calls[model] += 1
         self.inflight[model] += 1
         self.max_inflight[model] = max(self.max_inflight[model], self.inflight[model])
-        released = False
-        status: int | None = None
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.inflight[model] -= 1
-                if self.config.record:
-                    self.timeline.append((started, time.time(), model))
-
+        # Resolves when the client goes away: the call stops counting as in flight.
+        disconnected = asyncio.ensure_future(receive())
         try:
             status = self._injected()
             if status is not None:
-                self.errors[model] += 1
-                if status == 0:
-                    await asyncio.sleep(HANG_S)
-                headers = (
-                    {"Retry-After": f"{self.config.retry_after_s:g}"} if status == 429 else None
-                )
-                kind = "rate_limit_exceeded" if status == 429 else "server_error"
-                return _json(
-                    {"error": {"message": f"injected {status}", "type": kind}}, status, headers
-                )
-            words = self._reply(messages, body.get("max_tokens"))
-            latency = self._latency_s()
-            if body.get("stream"):
+                await self._fail(send, model, status, disconnected)
+            elif body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                stream = self._stream(model, words, latency, include_usage, release)
-                return StreamingResponse(stream, media_type="text/event-stream")
-            await asyncio.sleep(latency)
-            return _json(self._completion(model, words, messages))
+                words = self._reply(messages, body.get("max_tokens"))
+                await self._stream(send, model, words, include_usage, disconnected)
+            else:
+                words = self._reply(messages, body.get("max_tokens"))
+                await asyncio.wait([disconnected], timeout=self._latency_s())
+                await _send_json(send, 200, self._completion(model, words, messages))
         finally:
-            if not body.get("stream") or status is not None:
-                release()
+            disconnected.cancel()
+            self.inflight[model] -= 1
+            if self.config.record:
+                self.timeline.append((arrived, time.time(), model))
+
+    async def _fail(
+        self, send: Send, model: str, status: int, disconnected: asyncio.Future[Any]
+    ) -> None:
+        self.errors[model] += 1
+        if status == 0:  # hang until the client gives up
+            await asyncio.wait([disconnected], timeout=HANG_S)
+            return
+        headers = {"Retry-After": f"{self.config.retry_after_s:g}"} if status == 429 else {}
+        kind = "rate_limit_exceeded" if status == 429 else "server_error"
+        await _send_json(
+            send, status, {"error": {"message": f"injected {status}", "type": kind}}, headers
+        )
 
     def _reply(self, messages: list[dict[str, Any]], max_tokens: int | None) -> list[str]:
         n = self.config.tokens if max_tokens is None else min(self.config.tokens, int(max_tokens))
@@ -168,12 +191,17 @@ class FakeLLM:
         }
 
     async def _stream(
-        self, model: str, words: list[str], latency: float, include_usage: bool, release: Any
-    ) -> AsyncIterator[bytes]:
+        self,
+        send: Send,
+        model: str,
+        words: list[str],
+        include_usage: bool,
+        disconnected: asyncio.Future[Any],
+    ) -> None:
         cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
             choices = (
                 [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else []
             )
@@ -187,20 +215,24 @@ class FakeLLM:
             }
             return b"data: " + orjson.dumps(body) + b"\n\n"
 
-        try:
-            step = latency / max(1, len(words))
-            yield chunk({"role": "assistant", "content": ""})
-            if not words:
-                await asyncio.sleep(latency)
-            for i, word in enumerate(words):
-                await asyncio.sleep(step)
-                yield chunk({"content": word if i == 0 else " " + word})
-            yield chunk({}, "stop")
-            if include_usage:
-                yield chunk(None, usage=self._usage([], words))  # type: ignore[arg-type]
-            yield b"data: [DONE]\n\n"
-        finally:
-            release()
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        latency = self._latency_s()
+        step = latency / max(1, len(words))
+        pieces = [chunk({"role": "assistant", "content": ""})]
+        if not words:
+            await asyncio.wait([disconnected], timeout=latency)
+        for i, word in enumerate(words):
+            await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": True})
+            await asyncio.wait([disconnected], timeout=step)
+            if disconnected.done():
+                return
+            pieces = [chunk({"content": word if i == 0 else " " + word})]
+        pieces.append(chunk({}, "stop"))
+        if include_usage:
+            pieces.append(chunk(None, usage=self._usage([], words)))
+        pieces.append(b"data: [DONE]\n\n")
+        await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": False})
 
     async def models(self, request: Request) -> Response:
         return _json(
@@ -237,11 +269,18 @@ class FakeLLM:
     async def timeline_endpoint(self, request: Request) -> Response:
         return _json(self.timeline)
 
-    def app(self) -> Starlette:
+    def app(self) -> FakeLLM:
+        return self
+
+    @property
+    def _control(self) -> Starlette:
+        if self._control_app is None:
+            self._control_app = self._build_control()
+        return self._control_app
+
+    def _build_control(self) -> Starlette:
         return Starlette(
             routes=[
-                Route("/v1/chat/completions", self.completions, methods=["POST"]),
-                Route("/chat/completions", self.completions, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/_fake/stats", self.stats, methods=["GET"]),
                 Route("/_fake/reset", self.reset_endpoint, methods=["POST"]),
@@ -255,4 +294,4 @@ def run_fake_llm(config: FakeConfig, host: str = "127.0.0.1", port: int = 9000) 
     import uvicorn
 
     print(f"fake LLM provider on http://{host}:{port}/v1 (OpenAI-compatible)", flush=True)
-    uvicorn.run(FakeLLM(config).app(), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(FakeLLM(config), host=host, port=port, log_level="warning", access_log=False)

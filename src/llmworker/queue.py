@@ -24,6 +24,7 @@ class Admission:
     outcome: Literal["created", "exists", "full"]
     task_id: str
     waiting: int = 0
+    created_at_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Queue:
         )
         outcome = reply[0]
         if outcome == "created":
-            return Admission("created", task_id)
+            return Admission("created", task_id, created_at_ms=int(reply[1]))
         if outcome == "exists":
             return Admission("exists", reply[1])
         return Admission("full", task_id, waiting=int(reply[1]))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 from typing import Any
 
 import structlog
@@ -20,9 +22,20 @@ log = structlog.get_logger("llmworker.server")
 HTTP_GRACE_S = 5
 
 
+def raise_open_files_limit() -> None:
+    """Each running task holds a provider connection: lift the soft limit on open files
+    (often 1024) to the hard limit, as servers do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(*, workers: int = 1, reload: bool = False, **overrides: Any) -> int:
     settings = load_settings(**overrides)
     configure_logging(settings)
+    raise_open_files_limit()
     embedded = None
     if settings.redis_url is None:
         embedded = EmbeddedRedis(settings.embedded_redis_dir)
