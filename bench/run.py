@@ -219,7 +219,8 @@ def wait_finished(
     deadline = time.monotonic() + timeout_s
     try:
         while True:
-            waiting = sum(int(v) for k, v in client.hgetall(keys.depth).items() if "|" not in k)
+            depth: dict[str, str] = client.hgetall(keys.depth)  # type: ignore[assignment]
+            waiting = sum(int(v) for k, v in depth.items() if "|" not in k)
             if waiting == 0 and client.zcard(keys.running) == 0:
                 pipe = client.pipeline(transaction=False)
                 for task_id in ids:

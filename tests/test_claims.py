@@ -210,3 +210,29 @@ async def test_concurrent_claimers_never_exceed_limits_and_fill_them(make_settin
     await asyncio.wait_for(asyncio.gather(*(claimer(replicas[i % 3]) for i in range(60))), 60)
     assert done == 120
     assert peak == 4
+
+
+async def test_wakes_are_published_only_while_a_dispatcher_is_idle(make_settings, start_worker):
+    """Busy dispatchers claim again by themselves; only an idle one is sent a wake."""
+    worker = await start_worker(make_settings(MAX_FAKE_FREE=5, MAX_USER_FREE=5), dispatch=False)
+    pubsub = worker.redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(worker.keys.wake_channel)
+
+    async def wakes() -> list[str]:
+        got = []
+        while (message := await pubsub.get_message(timeout=0.2)) is not None:
+            got.append(message["data"])
+        return got
+
+    await submit(worker)
+    assert await wakes() == []
+    # A claim that comes back short marks this replica idle: now submissions wake it.
+    plan = GuardPlan.from_settings(worker.settings)
+    assert len(await worker.queue.claim("r1", 5, 30_000, plan, idle_ms=10_000)) == 1
+    (second,) = await submit(worker)
+    assert await wakes() == [second]
+    # A full claim takes it off the idle list again.
+    assert len(await worker.queue.claim("r1", 1, 30_000, plan, idle_ms=10_000)) == 1
+    await submit(worker)
+    assert await wakes() == []
+    await pubsub.aclose()

@@ -2,7 +2,8 @@
 
 It never sleep-polls. A submission into a lane with a free slot, a freed slot, a reaped
 task and a cancellation arrive as Redis Pub/Sub messages and wake it at once; a run that
-ends in this process wakes it directly. When a claim finds nothing, it waits for the
+ends in this process wakes it directly. Messages are only published while some
+dispatcher is idle (its last claim came back short): a busy one claims again by itself. When a claim finds nothing, it waits for the
 next wake (or, as a safety net for leases that lapsed unseen, a third of the lease TTL).
 
 Beside the claim loop run three more loops: the listener (Pub/Sub), the renewer (extends
@@ -121,6 +122,8 @@ class Dispatcher:
 
     async def _claim_forever(self) -> None:
         idle_wait_s = self.settings.lease_ttl_s / 3
+        # Listed as idle a little past the wait, so no wake falls in between.
+        idle_ms = int((idle_wait_s + 1.0) * 1000)
         while not self._stopping.is_set():
             free = self.settings.worker_concurrency - len(self.runs)
             if free <= 0:
@@ -130,7 +133,9 @@ class Dispatcher:
             want = min(free, self.settings.claim_batch)
             # Clear before claiming: a wake that arrives during the claim is kept.
             self._wake.clear()
-            claimed = await self.queue.claim(self.replica_id, want, self.lease_ms, self.plan)
+            claimed = await self.queue.claim(
+                self.replica_id, want, self.lease_ms, self.plan, idle_ms
+            )
             for task in claimed:
                 self._start(task)
             if len(claimed) == want:

@@ -27,6 +27,8 @@ key                                    type     lifetime
 ``g:t:<model>``                        zset     the model's cap over all tiers (if set)
 ``g:u:<user>``                         zset     guardUser
 ``replicas``                           zset     replica ids scored by heartbeat expiry (ms)
+``idle``                               zset     replicas waiting for a wake, scored by when
+                                                they claim again anyway (ms)
 =====================================  =======  ==========================================
 
 Channels: ``wake`` (a task was queued or a slot freed: idle dispatchers try a claim) and

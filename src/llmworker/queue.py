@@ -87,9 +87,13 @@ class Queue:
             return Admission("exists", reply[1])
         return Admission("full", task_id, waiting=int(reply[1]))
 
-    async def claim(self, replica: str, n: int, lease_ms: int, plan: GuardPlan) -> list[Claimed]:
+    async def claim(
+        self, replica: str, n: int, lease_ms: int, plan: GuardPlan, idle_ms: int = 0
+    ) -> list[Claimed]:
+        """Claim up to ``n`` runnable tasks. ``idle_ms``: how long this replica will wait
+        for a wake if the claim comes back short (it is told when work arrives)."""
         reply = await self._run(
-            "claim", replica, n, lease_ms, plan.schedule, plan.ranked, *plan.limit_args
+            "claim", replica, n, lease_ms, idle_ms, plan.schedule, plan.ranked, *plan.limit_args
         )
         return [Claimed(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in reply]
 

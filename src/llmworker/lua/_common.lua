@@ -17,21 +17,23 @@ local function emit(id, etype, data)
   redis.call('XADD', P .. 'ev:' .. id, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', etype, 'data', data)
 end
 
+-- err is already JSON: it is spliced in, not decoded and encoded again.
 local function status_event(id, status, attempts, err)
-  local body = {status = status, attempts = tonumber(attempts) or 0}
-  if err then body.error = cjson.decode(err) end
-  emit(id, 'status', cjson.encode(body))
+  local body = '{"status":"' .. status .. '","attempts":' .. (tonumber(attempts) or 0)
+  if err then body = body .. ',"error":' .. err end
+  emit(id, 'status', body .. '}')
 end
 
 -- A lane (tier, model) lists each user with waiting tasks once, scored by the sequence
 -- number of that user's oldest waiting task: the lowest score whose user has room is the
 -- oldest task that can run, found without walking past other tasks of blocked users.
-local function fix_head(tier, model, user)
+-- still_listed: the lane is known to be in lanes:<tier> already (one fewer call).
+local function fix_head(tier, model, user, still_listed)
   local lane = lane_key(tier, model)
   local head = redis.call('LINDEX', user_queue(tier, model, user), 0)
   if head then
     redis.call('ZADD', lane, redis.call('HGET', task_key(head), 'seq'), user)
-    redis.call('SADD', P .. 'lanes:' .. tier, model)
+    if not still_listed then redis.call('SADD', P .. 'lanes:' .. tier, model) end
   else
     redis.call('ZREM', lane, user)
     if redis.call('ZCARD', lane) == 0 then redis.call('SREM', P .. 'lanes:' .. tier, model) end
@@ -50,6 +52,16 @@ local function enqueue(id, tier, model, user, front)
   if front then len = redis.call('LPUSH', uq, id) else len = redis.call('RPUSH', uq, id) end
   if front or len == 1 then fix_head(tier, model, user) end
   count_waiting(tier, model, 1)
+end
+
+-- Tell idle dispatchers that work may be claimable. Only dispatchers whose last claim
+-- came back short wait for this (claim.lua lists them in 'idle' until they claim again);
+-- busy ones claim again on their own. So under load nobody publishes and nobody parses
+-- a message per task, and an idle replica still wakes at once.
+local function wake(reason, now)
+  local idle = P .. 'idle'
+  redis.call('ZREMRANGEBYSCORE', idle, '-inf', now)
+  if redis.call('ZCARD', idle) > 0 then redis.call('PUBLISH', P .. 'wake', reason) end
 end
 
 local function release(guards, token)

@@ -24,7 +24,5 @@ enqueue(id, tier, model, user, false)
 status_event(id, 'queued', 0)
 -- Wake idle dispatchers only when the lane has a free slot: while it is full, the
 -- release of a slot wakes them instead, so a burst of submissions costs no futile claims.
-if redis.call('ZCARD', P .. 'g:m:' .. tier .. ':' .. model) < lane_limit then
-  redis.call('PUBLISH', P .. 'wake', id)
-end
+if redis.call('ZCARD', P .. 'g:m:' .. tier .. ':' .. model) < lane_limit then wake(id, now) end
 return {'created', now}

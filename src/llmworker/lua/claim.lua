@@ -1,16 +1,18 @@
 -- Claim up to n runnable tasks: each the oldest waiting task of its tier whose guards
 -- (model per tier, model over all tiers, user) all have a free slot; its slots are taken
 -- in all of them at once, as leases that expire unless the holder renews them.
--- ARGV: replica id, n, lease ms, the weighted tier schedule (space separated), the tiers
---       by weight (space separated), then limits as name, value pairs:
+-- ARGV: replica id, n, lease ms, idle ms, the weighted tier schedule (space separated),
+--       the tiers by weight (space separated), then limits as name, value pairs:
 --       'm:<tier>:<model>' model-tier limit, 't:<model>' model total, 'u:<tier>' per user.
+-- A claim that comes back short lists the replica in 'idle' for idle ms (it will wait
+-- for a wake); a full one takes it off (it claims again at once). See wake().
 -- Returns a list of claimed task records, each a flat field/value list.
-local replica, n, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local replica, n, lease_ms, idle_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local schedule, ranked = {}, {}
-for t in string.gmatch(ARGV[4], '%S+') do schedule[#schedule + 1] = t end
-for t in string.gmatch(ARGV[5], '%S+') do ranked[#ranked + 1] = t end
+for t in string.gmatch(ARGV[5], '%S+') do schedule[#schedule + 1] = t end
+for t in string.gmatch(ARGV[6], '%S+') do ranked[#ranked + 1] = t end
 local lim = {}
-for i = 6, #ARGV, 2 do lim[ARGV[i]] = tonumber(ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do lim[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = now_ms()
 local expires = now + lease_ms
@@ -57,19 +59,37 @@ end
 local function take(tier, model, user)
   local uq = user_queue(tier, model, user)
   local id = redis.call('LPOP', uq)
-  fix_head(tier, model, user)
+  fix_head(tier, model, user, true)
   count_waiting(tier, model, -1)
   local tk = task_key(id)
-  local attempts = redis.call('HINCRBY', tk, 'attempts', 1)
-  local token = id .. ':' .. redis.call('HINCRBY', tk, 'runs', 1)
+  local record = redis.call('HGETALL', tk)
+  local at = {}
+  for i = 1, #record, 2 do at[record[i]] = i + 1 end
+  local attempts = tonumber(record[at.attempts]) + 1
+  local runs = tonumber(record[at.runs]) + 1
+  local token = id .. ':' .. runs
   local guards = {P .. 'g:m:' .. tier .. ':' .. model, P .. 'g:u:' .. user}
   if lim['t:' .. model] then guards[#guards + 1] = P .. 'g:t:' .. model end
   for _, g in ipairs(guards) do redis.call('ZADD', g, expires, token) end
   redis.call('ZADD', P .. 'running', expires, id)
-  redis.call('HSET', tk, 'status', 'running', 'token', token, 'holder', replica,
-    'started_at', now, 'guards', table.concat(guards, '\n'))
+  local changes = {status = 'running', token = token, holder = replica, started_at = now,
+    guards = table.concat(guards, '\n'), attempts = attempts, runs = runs}
+  local flat = {}
+  for name, value in pairs(changes) do
+    value = tostring(value)
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
+    -- The reply is the record as it is now: patch the copy read above.
+    if at[name] then
+      record[at[name]] = value
+    else
+      record[#record + 1] = name
+      record[#record + 1] = value
+    end
+  end
+  redis.call('HSET', tk, unpack(flat))
   status_event(id, 'running', attempts)
-  return redis.call('HGETALL', tk)
+  return record
 end
 
 local claimed = {}
@@ -89,5 +109,10 @@ while #claimed < n do
   end
   if not found then break end
   claimed[#claimed + 1] = take(tier, found[2], found[3])
+end
+if #claimed < n then
+  redis.call('ZADD', P .. 'idle', now + idle_ms, replica)
+else
+  redis.call('ZREM', P .. 'idle', replica)
 end
 return claimed
