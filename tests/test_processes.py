@@ -177,3 +177,130 @@ def test_serve_with_invalid_configuration_exits_2_with_one_line_per_problem(
     assert "invalid configuration" in result.stderr
     assert line in result.stderr
     assert len([x for x in result.stderr.splitlines() if x.startswith("  - ")]) == len(env)
+
+
+def _serve_env(redis_url: str, prefix: str, fake_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "LOG_LEVEL": "WARNING",
+        "FAKEAI_BASE_URL": f"{fake_url}/v1",
+        "MODEL_M1": "fakeai/m1",
+        "MAX_M1_FREE": "4",
+        "MAX_USER_FREE": "4",
+        **extra,
+    }
+
+
+def _submit_and_wait_running(url: str, n: int, fake_url: str) -> list[str]:
+    ids = []
+    with httpx.Client(timeout=10) as client:
+        for i in range(n):
+            body = {
+                "kind": "chat",
+                "model": "m1",
+                "input": {"messages": [{"role": "user", "content": f"t{i}"}]},
+            }
+            ids.append(client.post(f"{url}/v1/tasks", json=body).json()["id"])
+        deadline = time.monotonic() + 20
+        while client.get(f"{fake_url}/_fake/stats").json()["inflight"].get("m1", 0) < n:
+            assert time.monotonic() < deadline, "the tasks did not start"
+            time.sleep(0.05)
+    return ids
+
+
+def _wait_final(url: str, ids: list[str], timeout_s: float = 60) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=10) as client:
+        while True:
+            records = [client.get(f"{url}/v1/tasks/{i}").json() for i in ids]
+            if all(r["status"] in ("succeeded", "failed", "cancelled") for r in records):
+                return records
+            assert time.monotonic() < deadline, [r["status"] for r in records]
+            time.sleep(0.1)
+
+
+def test_a_killed_replicas_tasks_run_again_on_another_replica(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    """kill -9 mid-run: the leases lapse, the survivor requeues and finishes every task."""
+    fake_port, ports = free_port(), [free_port(), free_port()]
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    env = _serve_env(redis_url, prefix, fake_url, LEASE_TTL_S="1.5")
+    fake_cmd = llmworker_command(
+        "fake-llm", "--port", str(fake_port), "--latency-ms", "3000", "--tokens", "3"
+    )
+    with process(fake_cmd, env, tmp_path / "fake.log"):
+        wait_ready(fake_url, "/_fake/stats")
+        doomed_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[0]))
+        with process(doomed_cmd, env, tmp_path / "doomed.log") as doomed:
+            wait_ready(f"http://127.0.0.1:{ports[0]}")
+            ids = _submit_and_wait_running(f"http://127.0.0.1:{ports[0]}", 4, fake_url)
+            doomed.kill()
+            doomed.wait()
+        httpx.post(f"{fake_url}/_fake/config", json={"latency_ms": 50})
+        survivor_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[1]))
+        with process(survivor_cmd, env, tmp_path / "survivor.log"):
+            survivor = f"http://127.0.0.1:{ports[1]}"
+            wait_ready(survivor)
+            records = _wait_final(survivor, ids)
+    assert [r["status"] for r in records] == ["succeeded"] * 4
+    assert [r["attempts"] for r in records] == [2] * 4
+
+
+def test_sigterm_hands_running_tasks_back_and_another_replica_finishes_them(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    fake_port, ports = free_port(), [free_port(), free_port()]
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    env = _serve_env(redis_url, prefix, fake_url, SHUTDOWN_GRACE_S="0.5")
+    fake_cmd = llmworker_command(
+        "fake-llm", "--port", str(fake_port), "--latency-ms", "5000", "--tokens", "3"
+    )
+    with process(fake_cmd, env, tmp_path / "fake.log"):
+        wait_ready(fake_url, "/_fake/stats")
+        first_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[0]))
+        with process(first_cmd, env, tmp_path / "first.log") as first:
+            wait_ready(f"http://127.0.0.1:{ports[0]}")
+            ids = _submit_and_wait_running(f"http://127.0.0.1:{ports[0]}", 3, fake_url)
+            started = time.monotonic()
+            first.terminate()
+            # uvicorn re-raises the signal after its graceful shutdown: -SIGTERM is a clean exit.
+            assert first.wait(timeout=20) in (0, -15)
+            # It did not wait for the 5 s calls, only for its grace period.
+            assert time.monotonic() - started < 4.5
+        with httpx.Client() as client:
+            statuses = [client.get(f"{fake_url}/_fake/stats").json()["inflight"].get("m1", 0)]
+        assert statuses == [0], "the stopped replica left provider calls open"
+        httpx.post(f"{fake_url}/_fake/config", json={"latency_ms": 50})
+        second_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[1]))
+        with process(second_cmd, env, tmp_path / "second.log"):
+            second = f"http://127.0.0.1:{ports[1]}"
+            wait_ready(second)
+            records = _wait_final(second, ids, timeout_s=20)
+    assert [r["status"] for r in records] == ["succeeded"] * 3
+    # Handed back, not failed: the interrupted runs do not count as attempts.
+    assert [r["attempts"] for r in records] == [1] * 3
+
+
+def test_serve_with_several_worker_processes(redis_url: str, prefix: str, tmp_path: Path):
+    port = free_port()
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "LOG_LEVEL": "WARNING",
+        "FAKE_LATENCY_MS": "10",
+    }
+    cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2")
+    with process(cmd, env, tmp_path / "serve.log"):
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        with httpx.Client(timeout=10) as client:
+            deadline = time.monotonic() + 20
+            while client.get(f"{url}/v1/stats").json()["replicas_alive"] < 2:
+                assert time.monotonic() < deadline, "both worker processes should register"
+                time.sleep(0.1)
+            body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+            ids = [client.post(f"{url}/v1/tasks", json=body).json()["id"] for _ in range(6)]
+        records = _wait_final(url, ids, timeout_s=30)
+    assert {r["status"] for r in records} == {"succeeded"}
