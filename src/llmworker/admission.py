@@ -24,7 +24,10 @@ class Admitter:
         self.settings = settings
         self.queue = queue
         self.registry = registry
+        # Derived once: the settings' properties recompute on every access.
         self._available = set(settings.available_models)
+        self._tiers = settings.tier_names
+        self._fallback_model = settings.fallback_model
 
     def resolve(self, spec: TaskSpec) -> tuple[str, str, Any]:
         """The task's tier, model and validated input; :class:`InvalidField` if any is wrong."""
@@ -33,10 +36,10 @@ class Admitter:
             kinds = ", ".join(self.registry.names)
             raise InvalidField("kind", f"Unknown kind {spec.kind!r}; this worker runs: {kinds}.")
         tier = spec.tier or self.settings.default_tier
-        if tier not in self.settings.tier_names:
-            tiers = ", ".join(self.settings.tier_names)
+        if tier not in self._tiers:
+            tiers = ", ".join(self._tiers)
             raise InvalidField("tier", f"Unknown tier {tier!r}; the tiers are: {tiers}.")
-        model = spec.model or handler.model_for(tier) or self.settings.fallback_model
+        model = spec.model or handler.model_for(tier) or self._fallback_model
         if model not in self.settings.models:
             models = ", ".join(sorted(self._available))
             raise InvalidField("model", f"Unknown model {model!r}; available models: {models}.")

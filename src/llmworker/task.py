@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import time
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -21,14 +21,15 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+_TO_CROCKFORD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD)
+
+
 def new_task_id() -> str:
-    """A ULID: 48 bits of milliseconds then 80 random bits, so ids sort by creation."""
+    """A ULID: 48 bits of milliseconds then 80 random bits, in Crockford's base32, so ids
+    sort by creation."""
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    # 20 bytes -> 32 base32 digits; the last 26 hold the 128 bits (the rest are zeros).
+    return base64.b32encode(value.to_bytes(20, "big")).decode()[6:].translate(_TO_CROCKFORD)
 
 
 class TaskSpec(BaseModel):
@@ -92,10 +93,11 @@ def invalid_field(exc: ValidationError, prefix: str = "") -> InvalidField:
 
 
 def iso_ms(ms: str | int | None) -> str | None:
+    """Milliseconds since the epoch as ISO 8601 UTC, e.g. ``2026-11-28T19:57:10.545Z``."""
     if ms is None or ms == "":
         return None
-    dt = datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    seconds, millis = divmod(int(ms), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def _json(raw: str | None) -> Any:
