@@ -336,15 +336,8 @@ def idle_pickup(bench: Bench) -> None:
             wait_http(f"{fake_url}/_fake/stats")
             wait_http(f"http://127.0.0.1:{port}/ready")
             httpx.post(f"{fake_url}/_fake/config", json={"record": True})
-            sent: list[float] = []
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-                body = {"kind": "chat", "input": CHAT_INPUT, "model": "m1"}
-                for i in range(n):
-                    sent.append(time.time())
-                    client.post("/v1/tasks", json=body).raise_for_status()
-                    with httpx.Client(base_url=fake_url) as fake:
-                        while len(fake.get("/_fake/timeline").json()) < i + 1:
-                            time.sleep(0.001)
+            body = orjson.dumps({"kind": "chat", "input": CHAT_INPUT, "model": "m1"})
+            sent = asyncio.run(_one_at_a_time(port, body, n))
             timeline = httpx.get(f"{fake_url}/_fake/timeline").json()
         starts = sorted(t[0] for t in timeline)
         gaps = [(s - t) * 1000 for s, t in zip(starts, sent, strict=True)]
@@ -356,6 +349,22 @@ def idle_pickup(bench: Bench) -> None:
         )
     finally:
         cleanup(bench, prefix)
+
+
+async def _one_at_a_time(port: int, body: bytes, n: int) -> list[float]:
+    """Submit ``n`` tasks, each after the last has long finished; when each was sent."""
+    conn = RawHTTP("127.0.0.1", port)
+    sent = []
+    try:
+        for _ in range(n):
+            sent.append(time.time())
+            status, answer = await conn.post("/v1/tasks", body)
+            if status != 202:
+                raise RuntimeError(f"submission got {status}: {answer!r}")
+            await asyncio.sleep(0.03)  # the 1 ms call ends; the worker is idle again
+    finally:
+        conn.close()
+    return sent
 
 
 def noop_rate(bench: Bench) -> None:

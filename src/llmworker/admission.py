@@ -7,6 +7,7 @@ admits it, idempotently (by id, then by idempotency key) and under the tier's ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,6 +29,7 @@ class Admitter:
         self._available = set(settings.available_models)
         self._tiers = settings.tier_names
         self._fallback_model = settings.fallback_model
+        self.on_admitted: Callable[[], None] = lambda: None
 
     def resolve(self, spec: TaskSpec) -> tuple[str, str, Any]:
         """The task's tier, model and validated input; :class:`InvalidField` if any is wrong."""
@@ -94,6 +96,7 @@ class Admitter:
             raise QueueFull(tier, cap, self.settings.queue_full_retry_after_s)
         if admission.outcome == "exists":
             return admission.task_id, None
+        self.on_admitted()
         # As stored by admit.lua: the caller can answer without reading it back.
         stored = {
             **fields,

@@ -70,6 +70,8 @@ class Worker:
         self.redis = connect(settings.redis_url)
         self.queue = Queue(self.redis, self.keys)
         self.admitter = Admitter(settings, self.queue, self.registry)
+        # A task admitted here may be claimable here: look now, not after the Pub/Sub hop.
+        self.admitter.on_admitted = lambda: self.dispatcher.wake()
         self.providers = Providers(settings)
         self.executor = Executor(
             settings, self.queue, self.registry, self.providers, self.admitter.submit_json
