@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -220,30 +221,51 @@ def _wait_final(url: str, ids: list[str], timeout_s: float = 60) -> list[dict[st
             time.sleep(0.1)
 
 
+def _interrupt_and_resume(
+    redis_url: str,
+    prefix: str,
+    tmp_path: Path,
+    *,
+    n: int,
+    call_ms: int,
+    stop: Callable[[subprocess.Popen[bytes], str], None],
+    **env: str,
+) -> list[dict[str, object]]:
+    """Start ``n`` slow provider calls on one replica, ``stop`` it, then let a second
+    replica (with a fast provider) finish the tasks; returns their records."""
+    fake_port, ports = free_port(), [free_port(), free_port()]
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    full_env = _serve_env(redis_url, prefix, fake_url, **env)
+    fake_cmd = llmworker_command(
+        "fake-llm", "--port", str(fake_port), "--latency-ms", str(call_ms), "--tokens", "3"
+    )
+    with process(fake_cmd, full_env, tmp_path / "fake.log"):
+        wait_ready(fake_url, "/_fake/stats")
+        first_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[0]))
+        with process(first_cmd, full_env, tmp_path / "first.log") as first:
+            wait_ready(f"http://127.0.0.1:{ports[0]}")
+            ids = _submit_and_wait_running(f"http://127.0.0.1:{ports[0]}", n, fake_url)
+            stop(first, fake_url)
+        httpx.post(f"{fake_url}/_fake/config", json={"latency_ms": 50})
+        second_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[1]))
+        with process(second_cmd, full_env, tmp_path / "second.log"):
+            second = f"http://127.0.0.1:{ports[1]}"
+            wait_ready(second)
+            return _wait_final(second, ids)
+
+
 def test_a_killed_replicas_tasks_run_again_on_another_replica(
     redis_url: str, prefix: str, tmp_path: Path
 ):
     """kill -9 mid-run: the leases lapse, the survivor requeues and finishes every task."""
-    fake_port, ports = free_port(), [free_port(), free_port()]
-    fake_url = f"http://127.0.0.1:{fake_port}"
-    env = _serve_env(redis_url, prefix, fake_url, LEASE_TTL_S="1.5")
-    fake_cmd = llmworker_command(
-        "fake-llm", "--port", str(fake_port), "--latency-ms", "3000", "--tokens", "3"
+
+    def kill(proc: subprocess.Popen[bytes], fake_url: str) -> None:
+        proc.kill()
+        proc.wait()
+
+    records = _interrupt_and_resume(
+        redis_url, prefix, tmp_path, n=4, call_ms=3000, stop=kill, LEASE_TTL_S="1.5"
     )
-    with process(fake_cmd, env, tmp_path / "fake.log"):
-        wait_ready(fake_url, "/_fake/stats")
-        doomed_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[0]))
-        with process(doomed_cmd, env, tmp_path / "doomed.log") as doomed:
-            wait_ready(f"http://127.0.0.1:{ports[0]}")
-            ids = _submit_and_wait_running(f"http://127.0.0.1:{ports[0]}", 4, fake_url)
-            doomed.kill()
-            doomed.wait()
-        httpx.post(f"{fake_url}/_fake/config", json={"latency_ms": 50})
-        survivor_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[1]))
-        with process(survivor_cmd, env, tmp_path / "survivor.log"):
-            survivor = f"http://127.0.0.1:{ports[1]}"
-            wait_ready(survivor)
-            records = _wait_final(survivor, ids)
     assert [r["status"] for r in records] == ["succeeded"] * 4
     assert [r["attempts"] for r in records] == [2] * 4
 
@@ -251,33 +273,19 @@ def test_a_killed_replicas_tasks_run_again_on_another_replica(
 def test_sigterm_hands_running_tasks_back_and_another_replica_finishes_them(
     redis_url: str, prefix: str, tmp_path: Path
 ):
-    fake_port, ports = free_port(), [free_port(), free_port()]
-    fake_url = f"http://127.0.0.1:{fake_port}"
-    env = _serve_env(redis_url, prefix, fake_url, SHUTDOWN_GRACE_S="0.5")
-    fake_cmd = llmworker_command(
-        "fake-llm", "--port", str(fake_port), "--latency-ms", "5000", "--tokens", "3"
+    def terminate(proc: subprocess.Popen[bytes], fake_url: str) -> None:
+        started = time.monotonic()
+        proc.terminate()
+        # uvicorn re-raises the signal after its graceful shutdown: -SIGTERM is a clean exit.
+        assert proc.wait(timeout=20) in (0, -15)
+        # It did not wait for the 5 s calls, only for its grace period...
+        assert time.monotonic() - started < 4.5
+        # ...and closed its provider calls on the way out.
+        assert httpx.get(f"{fake_url}/_fake/stats").json()["inflight"].get("m1", 0) == 0
+
+    records = _interrupt_and_resume(
+        redis_url, prefix, tmp_path, n=3, call_ms=5000, stop=terminate, SHUTDOWN_GRACE_S="0.5"
     )
-    with process(fake_cmd, env, tmp_path / "fake.log"):
-        wait_ready(fake_url, "/_fake/stats")
-        first_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[0]))
-        with process(first_cmd, env, tmp_path / "first.log") as first:
-            wait_ready(f"http://127.0.0.1:{ports[0]}")
-            ids = _submit_and_wait_running(f"http://127.0.0.1:{ports[0]}", 3, fake_url)
-            started = time.monotonic()
-            first.terminate()
-            # uvicorn re-raises the signal after its graceful shutdown: -SIGTERM is a clean exit.
-            assert first.wait(timeout=20) in (0, -15)
-            # It did not wait for the 5 s calls, only for its grace period.
-            assert time.monotonic() - started < 4.5
-        with httpx.Client() as client:
-            statuses = [client.get(f"{fake_url}/_fake/stats").json()["inflight"].get("m1", 0)]
-        assert statuses == [0], "the stopped replica left provider calls open"
-        httpx.post(f"{fake_url}/_fake/config", json={"latency_ms": 50})
-        second_cmd = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(ports[1]))
-        with process(second_cmd, env, tmp_path / "second.log"):
-            second = f"http://127.0.0.1:{ports[1]}"
-            wait_ready(second)
-            records = _wait_final(second, ids, timeout_s=20)
     assert [r["status"] for r in records] == ["succeeded"] * 3
     # Handed back, not failed: the interrupted runs do not count as attempts.
     assert [r["attempts"] for r in records] == [1] * 3
