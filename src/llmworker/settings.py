@@ -258,7 +258,9 @@ def _providers(env: dict[str, str], problems: list[str]) -> dict[str, Provider]:
         prefix = var.removesuffix("_BASE_URL")
         name = prefix.lower().replace("_", "-")
         if name == FAKE_PROVIDER:
-            problems.append(f"{var}: 'fake' is the built-in simulated model; name the provider otherwise")
+            problems.append(
+                f"{var}: 'fake' is the built-in simulated model; name the provider otherwise"
+            )
             continue
         if name in providers or any(p == prefix for _, p in BUILTIN_PROVIDERS.values()):
             continue
