@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck check bench fake-llm clean
+.PHONY: install run dev test lint typecheck bench fake-llm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/llmworker serve
+
+# Development: Redis from deploy/dev/compose.yaml (or any on 127.0.0.1:6379), reload on change.
+dev: $(STAMP)
+	REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/0} $(BIN)/llmworker serve --reload
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
