@@ -236,3 +236,11 @@ async def test_wakes_are_published_only_while_a_dispatcher_is_idle(make_settings
     await submit(worker)
     assert await wakes() == []
     await pubsub.aclose()
+
+
+async def test_scripts_are_reloaded_after_redis_forgets_them(make_settings, start_worker):
+    """A restarted or flushed Redis answers NOSCRIPT: the scripts load again, calls succeed."""
+    worker = await start_worker(make_settings(MAX_FAKE_FREE=5, MAX_USER_FREE=5), dispatch=False)
+    await worker.redis.script_flush()
+    first, second = await asyncio.gather(submit(worker), submit(worker))
+    assert await claim(worker, 5) == [*first, *second]

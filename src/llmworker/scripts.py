@@ -3,7 +3,8 @@ batched.
 
 Concurrent calls (a thousand runs finishing, sixty-four clients submitting) are grouped:
 while one batch is on the wire, new calls queue up, and go out together as one pipeline
-of ``EVALSHA`` on one connection as soon as it returns. An idle process pays one round
+of ``EVALSHA`` on one connection as soon as it returns. Commands are packed by hiredis
+(C), which costs a fraction of redis-py's own packing on this path. An idle process pays one round
 trip per call, as before; a busy one pays one round trip per batch instead of one
 connection checkout, write and read per call. Each script still runs atomically on its
 own: batching changes how calls travel, not what they do.
@@ -19,6 +20,7 @@ import hashlib
 from importlib import resources
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -102,13 +104,30 @@ class Scripts:
         return replies
 
     async def _pipeline(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name, args in calls:
-                if name:
-                    pipe.execute_command("EVALSHA", self.shas[name], 1, self.prefix_key, *args)
-                else:
-                    pipe.execute_command(*args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        """Send the calls on one pooled connection and read every reply; an error reply is
+        returned in its place, a broken connection raises for the whole batch."""
+        packed = b"".join(
+            hiredis.pack_command(
+                ("EVALSHA", self.shas[name], 1, self.prefix_key, *args) if name else args
+            )
+            for name, args in calls
+        )
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in calls:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            # A half-read batch leaves replies on the wire: never reuse this connection.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
         return [_noscript(r) for r in replies]
 
 
