@@ -298,6 +298,12 @@ def saturation(bench: Bench) -> None:
         bench.add("a", "makespan", f"{makespan:.2f} s (ideal {ideal:.1f} s)")
         bench.add("a", "utilisation", f"{ideal / makespan:.3f}", ">= 0.99")
         bench.add("a", "overshoot", str(stats["max_inflight"].get("m1", 0) - cap), "0")
+        durations = [(t[1] - t[0]) * 1000 for t in timeline]
+        bench.add(
+            "a",
+            "provider call as the provider timed it, mean",
+            f"{sum(durations) / len(durations):.1f} ms",
+        )
         starts = sorted(t[0] for t in timeline)
         ends = sorted(t[1] for t in timeline)
         gaps = [

@@ -219,12 +219,18 @@ class FakeLLM:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         latency = self._latency_s()
         step = latency / max(1, len(words))
+        # Token i is due at start + (i + 1) * step: absolute times, so the timer's lateness
+        # does not add up and a call lasts its latency, not latency + tokens x lateness.
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         pieces = [chunk({"role": "assistant", "content": ""})]
         if not words:
             await asyncio.wait([disconnected], timeout=latency)
         for i, word in enumerate(words):
             await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": True})
-            await asyncio.wait([disconnected], timeout=step)
+            await asyncio.wait(
+                [disconnected], timeout=max(0.0, start + (i + 1) * step - loop.time())
+            )
             if disconnected.done():
                 return
             pieces = [chunk({"content": word if i == 0 else " " + word})]
