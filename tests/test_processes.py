@@ -312,3 +312,71 @@ def test_serve_with_several_worker_processes(redis_url: str, prefix: str, tmp_pa
             ids = [client.post(f"{url}/v1/tasks", json=body).json()["id"] for _ in range(6)]
         records = _wait_final(url, ids, timeout_s=30)
     assert {r["status"] for r in records} == {"succeeded"}
+
+
+def _redis_server(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+    from llmworker.embedded import redis_server_binary
+
+    args = [
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+    ]
+    args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            import redis as sync_redis
+
+            if sync_redis.Redis(port=port, socket_timeout=0.5).ping():
+                return proc
+        except Exception:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+
+def test_a_redis_restart_loses_no_task_and_the_worker_recovers(tmp_path: Path):
+    """Redis goes away while one task runs and another waits: the API says 503 meanwhile,
+    and once Redis is back (from its append-only file) both tasks finish."""
+    redis_port, port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "LOG_LEVEL": "WARNING",
+        "MAX_FAKE_FREE": "1",
+        "MAX_USER_FREE": "2",
+        "FAKE_LATENCY_MS": "1500",
+        "LEASE_TTL_S": "3",
+    }
+    redis_proc = _redis_server(redis_port, tmp_path)
+    serve = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(port))
+    try:
+        with (
+            process(serve, env, tmp_path / "w.log"),
+            httpx.Client(base_url=url, timeout=10) as client,
+        ):
+            wait_ready(url)
+            body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+            running = client.post("/v1/tasks", json=body).json()
+            waiting = client.post("/v1/tasks", json=body).json()
+            time.sleep(0.3)
+            redis_proc.terminate()
+            redis_proc.wait()
+            down = client.post("/v1/tasks", json=body)
+            assert down.status_code == 503 and down.json()["error"] == "unavailable"
+            assert "retry-after" in down.headers
+            assert client.get("/ready").status_code == 503
+            assert client.get("/health").status_code == 200
+            time.sleep(1.5)  # the running task's call ends while Redis is away
+            redis_proc = _redis_server(redis_port, tmp_path)
+            wait_ready(url)
+            records = _wait_final(url, [running["id"], waiting["id"]], timeout_s=40)
+            assert [r["status"] for r in records] == ["succeeded", "succeeded"]
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait()

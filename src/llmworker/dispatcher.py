@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -30,7 +31,9 @@ from llmworker.settings import Settings
 
 log = structlog.get_logger("llmworker.dispatcher")
 
-RETRY_AFTER_REDIS_ERROR_S = 0.5
+# A failing loop retries after 0.1 s, doubling up to 2 s.
+RETRY_AFTER_ERROR_S = 0.1
+RETRY_MAX_S = 2.0
 
 
 class Dispatcher:
@@ -102,17 +105,27 @@ class Dispatcher:
 
     def _spawn(self, name: str, body: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         async def forever() -> None:
+            failures = 0
             while not self._stopping.is_set():
+                started = time.monotonic()
                 try:
                     await body()
                 except asyncio.CancelledError:
                     raise
-                except RedisError as exc:
-                    log.warning("loop_redis_error", loop=name, error=str(exc))
-                    await self._sleep(RETRY_AFTER_REDIS_ERROR_S)
-                except Exception:
-                    log.exception("loop_error", loop=name)
-                    await self._sleep(RETRY_AFTER_REDIS_ERROR_S)
+                except Exception as exc:
+                    # A loop that ran a while before failing starts its backoff afresh.
+                    if time.monotonic() - started > RETRY_MAX_S:
+                        failures = 0
+                    failures += 1
+                    if isinstance(exc, RedisError):
+                        # One line when Redis goes away, then one every tenth retry.
+                        if failures % 10 == 1:
+                            log.warning(
+                                "loop_redis_error", loop=name, error=str(exc), failures=failures
+                            )
+                    else:
+                        log.exception("loop_error", loop=name)
+                    await self._sleep(min(RETRY_MAX_S, RETRY_AFTER_ERROR_S * 2 ** (failures - 1)))
 
         return asyncio.create_task(forever(), name=f"llmworker-{name}")
 

@@ -37,6 +37,7 @@ class EventWriter:
         self.key = keys.events(task_id)
         self._tokens: list[str] = []
         self._last_flush = time.monotonic()
+        self._lost = 0
 
     def _xadd(self, etype: str, data: dict[str, Any]) -> asyncio.Future[Any]:
         return self.scripts.command(

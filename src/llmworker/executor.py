@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import orjson
 import structlog
+from redis.exceptions import RedisError
 
 from llmworker.errors import HandlerError, TaskError, TaskTimeout
 from llmworker.events import EventWriter
@@ -139,24 +140,38 @@ class Executor:
             log.exception("handler_raised")
             error = _err(HandlerError(f"The handler raised {type(exc).__name__}: {exc}"))
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
-        pending = self.queue.finish_soon(
-            claimed.id,
-            claimed.token,
-            status,
-            result=result,
-            error=error,
-            usage=usage,
-            ttl_s=self.settings.result_ttl_s,
-        )
-        # The slots are as good as free: let the dispatcher queue its next claim now, so
-        # it rides in the same round trip as this finish.
-        self.on_release()
-        recorded = bool(await asyncio.shield(pending))
+        outcome = {"result": result, "error": error, "usage": usage}
+        recorded = await asyncio.shield(self._record(claimed, status, outcome))
         log.info(
             "task_finished",
             status=status if recorded else "stale",
             run_s=round(time.monotonic() - started, 3),
         )
+
+    async def _record(self, claimed: Claimed, status: str, outcome: dict[str, str]) -> bool:
+        """Store the outcome. While Redis is unreachable, keep trying for as long as the
+        run's lease would last: a result that makes it is not paid for twice; one that
+        does not is recomputed when the reaper requeues the task."""
+        give_up = time.monotonic() + self.settings.lease_ttl_s
+        delay = 0.1
+        while True:
+            pending = self.queue.finish_soon(
+                claimed.id, claimed.token, status, ttl_s=self.settings.result_ttl_s, **outcome
+            )
+            # The slots are as good as free: let the dispatcher queue its next claim
+            # now, so it rides in the same round trip as this finish.
+            self.on_release()
+            try:
+                return bool(await pending)
+            except (RedisError, OSError) as exc:
+                if time.monotonic() + delay > give_up:
+                    log.error(
+                        "outcome_not_recorded", error=str(exc), hint="the task will run again"
+                    )
+                    return False
+                log.warning("outcome_retry", error=str(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _context(self, claimed: Claimed, events: EventWriter, deadline: float) -> TaskContext:
         model = claimed.fields.get("model", "")
