@@ -155,8 +155,9 @@ def test_provision_dry_run_changes_nothing(tmp_path: Path):
 def test_caddy_reads_the_caddyfile(path: Path):
     result = run(caddy(), "adapt", "--config", path, "--adapter", "caddyfile")
     assert result.returncode == 0, result.stderr
-    config = json.loads(result.stdout)
-    assert "flush_interval" in json.dumps(config), "event streams must not be buffered"
+    config = json.dumps(json.loads(result.stdout))
+    assert "flush_interval" in config, "event streams must not be buffered"
+    assert '"active": {' in config and '"uri": "/ready"' in config, "active checks on /ready"
     formatted = run(caddy(), "fmt", path)
     assert formatted.stdout == path.read_text(), "caddy fmt would change the file"
 
