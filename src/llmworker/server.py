@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -62,8 +63,17 @@ def serve(*, workers: int = 1, reload: bool = False, **overrides: Any) -> int:
     try:
         if workers > 1 or reload:
             os.environ["PORT"] = str(settings.port)
+            # Reload on changes to llmworker's own source (and the task modules in the
+            # working folder), not on everything under it (.venv).
+            reload_dirs = [str(Path(__file__).parent), os.getcwd()] if reload else None
             uvicorn.run(
-                "llmworker.api:app_from_env", factory=True, workers=workers, reload=reload, **common
+                "llmworker.api:app_from_env",
+                factory=True,
+                workers=workers,
+                reload=reload,
+                reload_dirs=reload_dirs,
+                reload_excludes=[".venv/*", ".llmworker/*"] if reload else None,
+                **common,
             )
         else:
             config = uvicorn.Config(create_app(settings), **common)
