@@ -410,8 +410,8 @@ async def _prefill(bench: Bench, prefix: str, env: dict[str, str], n: int) -> No
     from llmworker.admission import Admitter
     from llmworker.handlers import registry
     from llmworker.queue import Queue
+    from llmworker.record import TaskSpec
     from llmworker.settings import load_settings
-    from llmworker.task import TaskSpec
     from llmworker.worker import connect
 
     settings = load_settings(env, env_file=None)

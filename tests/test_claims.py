@@ -8,7 +8,7 @@ import random
 from collections import Counter
 
 from llmworker.guards import GuardPlan, smooth_schedule
-from llmworker.task import TaskSpec
+from llmworker.record import TaskSpec
 from llmworker.worker import Worker
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from llmworker.executor import TaskContext
-from llmworker.task import TaskSpec
+from llmworker.record import TaskSpec
 from llmworker.worker import Worker
 
 from .conftest import tasks_with, wait_until

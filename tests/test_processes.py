@@ -138,13 +138,91 @@ def test_serve_without_redis_url_runs_on_the_embedded_redis(tmp_path: Path):
         assert check.returncode == 0
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == 0
+    # The embedded Redis stopped with it.
+    from llmworker.embedded import EmbeddedRedis, _answers
+
+    assert not _answers(EmbeddedRedis(tmp_path / ".llmworker" / "redis").socket_path)
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     events = [line["event"] for line in lines]
     assert "embedded_redis_started" in events and "only_fake_model" in events
     assert (tmp_path / ".llmworker" / "redis" / "appendonly.aof").exists() or any(
         (tmp_path / ".llmworker" / "redis").glob("appendonlydir*")
     )
+
+
+USER_MODULE = """
+from llmworker import TaskContext, task
+
+
+@task("summarize")
+async def summarize(ctx: TaskContext, input: dict) -> dict:
+    await ctx.progress(0.1, "reading")
+    reply = await ctx.llm.chat([{"role": "user", "content": input["text"]}])
+    follow_up = await ctx.submit("chat", {"messages": [{"role": "user", "content": "more"}]})
+    return {"summary": reply.content, "follow_up": follow_up}
+"""
+
+
+def test_the_readme_user_kind_runs_from_the_working_folder(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    """The README's example, as a user writes it: a module beside where serve runs."""
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "tasks.py").write_text(USER_MODULE)
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "TASK_MODULES": "myapp.tasks",
+        "FAKE_LATENCY_MS": "10",
+        "PORT": str(port),
+    }
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            llmworker_command("serve", "--host", "127.0.0.1"),
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        body = {"kind": "summarize", "user": "ann", "input": {"text": "bees"}}
+        task_id = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
+        (record,) = _wait_final(url, [task_id])
+        assert record["status"] == "succeeded", record
+        result = record["result"]
+        assert isinstance(result, dict) and "bees" in result["summary"]
+        (follow,) = _wait_final(url, [result["follow_up"]])
+        assert (follow["status"], follow["user"]) == ("succeeded", "ann")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_broken_task_module_stops_start_up_with_one_line(tmp_path: Path):
+    (tmp_path / "broken.py").write_text("raise RuntimeError('no config')\n")
+    env = {**os.environ, "TASK_MODULES": "broken,missing_module"}
+    result = subprocess.run(
+        llmworker_command("serve"),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = [x for x in result.stderr.splitlines() if x.startswith("  - ")]
+    assert lines == [
+        "  - TASK_MODULES: cannot import 'broken': RuntimeError: no config",
+        "  - TASK_MODULES: cannot import 'missing_module': ModuleNotFoundError: No module named 'missing_module'",
+    ]
+    assert "Traceback" not in result.stderr
 
 
 def test_check_exits_1_when_nothing_is_ready():

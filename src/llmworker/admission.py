@@ -1,6 +1,6 @@
 """Admission: a submission becomes a queued task, or a clear refusal.
 
-Checks, in order: the body's shape (task.py), the kind, the tier, the model (named, or
+Checks, in order: the body's shape (record.py), the kind, the tier, the model (named, or
 the kind's route for the tier, or the default), the kind's input; then one script
 admits it, idempotently (by id, then by idempotency key) and under the tier's cap.
 """
@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from llmworker.errors import InvalidField, QueueFull
 from llmworker.handlers import Registry
 from llmworker.queue import Queue
+from llmworker.record import TaskSpec, invalid_field, new_task_id
 from llmworker.settings import Settings, env_token
-from llmworker.task import TaskSpec, invalid_field, new_task_id
 
 
 class Admitter:

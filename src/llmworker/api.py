@@ -21,8 +21,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from llmworker.errors import BodyTooLarge, NotFound, RequestError, Unauthorized
+from llmworker.record import FINAL_STATES, TaskSpec, record_view
 from llmworker.settings import Settings, load_settings
-from llmworker.task import FINAL_STATES, TaskSpec, record_view
 from llmworker.worker import Worker
 
 log = structlog.get_logger("llmworker.api")

@@ -14,7 +14,7 @@ import orjson
 
 from llmworker import __version__
 from llmworker.errors import ConfigError, EmbeddedRedisError
-from llmworker.task import FINAL_STATES
+from llmworker.record import FINAL_STATES
 
 EXIT_CONFIG = 2
 
@@ -59,7 +59,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _read_input(raw: str) -> Any:
-    text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
+    if raw.startswith("@"):
+        try:
+            text = Path(raw[1:]).read_text()
+        except OSError as exc:
+            raise SystemExit(f"--input {raw}: cannot read the file: {exc.strerror}") from None
+    else:
+        text = raw
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -119,9 +125,11 @@ def _show_event(event: str, data: dict[str, Any]) -> dict[str, Any] | None:
         sys.stdout.write(data.get("text", ""))
         sys.stdout.flush()
     elif event == "record":
-        sys.stdout.write("\n")
         return data
     elif event == "status":
+        # Streamed text has no newline of its own: end its line before a status line.
+        sys.stdout.write("\n" if data.get("status") != "running" else "")
+        sys.stdout.flush()
         print(f"[{data.get('status')}] attempt {data.get('attempts')}", file=sys.stderr)
     elif event == "progress":
         print(f"[progress] {json.dumps(data)}", file=sys.stderr)

@@ -16,6 +16,8 @@ decorators run. The result must be JSON-serialisable.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -77,7 +79,11 @@ task = registry.task
 
 
 def import_task_modules(spec: str) -> None:
-    """Import every module of ``TASK_MODULES``; one problem line per module that fails."""
+    """Import every module of ``TASK_MODULES``; one problem line per module that fails.
+    The working folder is importable, as for ``python -m``: ``TASK_MODULES=myapp.tasks``
+    finds ``./myapp/tasks.py``."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     problems = []
     for name in (m.strip() for m in spec.split(",")):
         if not name:

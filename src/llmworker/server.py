@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import uvicorn
 
 from llmworker.api import create_app
 from llmworker.embedded import EmbeddedRedis
+from llmworker.handlers import import_task_modules
 from llmworker.logs import configure_logging
 from llmworker.settings import load_settings
 
@@ -36,6 +38,8 @@ def raise_open_files_limit() -> None:
 def serve(*, workers: int = 1, reload: bool = False, **overrides: Any) -> int:
     settings = load_settings(**overrides)
     configure_logging(settings)
+    # Before the server starts, so a broken module is one line, not a traceback.
+    import_task_modules(settings.task_modules)
     raise_open_files_limit()
     embedded = None
     if settings.redis_url is None:
@@ -60,6 +64,9 @@ def serve(*, workers: int = 1, reload: bool = False, **overrides: Any) -> int:
         "proxy_headers": True,
         "forwarded_allow_ips": "*",
     }
+    # uvicorn re-raises SIGTERM once it has shut down; with the default handler that
+    # would end the process here and skip stopping the embedded Redis below.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         if workers > 1 or reload:
             os.environ["PORT"] = str(settings.port)
@@ -82,6 +89,10 @@ def serve(*, workers: int = 1, reload: bool = False, **overrides: Any) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _where(url: str | None) -> str:

@@ -1,4 +1,7 @@
-"""What a task is: the submission a client sends, and the record everyone reads back."""
+"""What a task is: the submission a client sends, and the record everyone reads back.
+
+(Named record, not task: ``llmworker.task`` is the decorator users import.)
+"""
 
 from __future__ import annotations
 
@@ -82,13 +85,22 @@ class TaskSpec(BaseModel):
 def invalid_field(exc: ValidationError, prefix: str = "") -> InvalidField:
     """The first problem of a pydantic error, as an :class:`InvalidField` naming its field."""
     err = exc.errors()[0]
-    field = prefix + ".".join(str(p) for p in err["loc"])
+    field = ".".join(
+        [prefix.rstrip("."), *(str(p) for p in err["loc"])]
+        if prefix
+        else [str(p) for p in err["loc"]]
+    )
+    # pydantic prefixes custom checks with "Value error, " and names its models: people
+    # want the rule, not the machinery.
+    rule = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("model_type", "dict_type", "model_attributes_type"):
+        rule = "it must be a JSON object"
     if err["type"] == "missing":
         message = f"The field {field!r} is required."
     elif err["type"] == "extra_forbidden":
         message = f"The field {field!r} is not a task field."
     else:
-        message = f"The field {field!r} is invalid: {err['msg']}."
+        message = f"The field {field!r} is invalid: {rule}."
     return InvalidField(field, message)
 
 
