@@ -235,3 +235,30 @@ async def test_lost_lease_stops_the_run_and_the_task_runs_again(make_settings, s
         await pipe.execute()
     record = await final(worker, task_id)
     assert record["status"] == "succeeded" and record["result"] == 2
+
+
+async def test_replicas_only_claim_the_kinds_they_have_handlers_for(make_settings, start_worker):
+    """A replica without the kind's module leaves the task to one that has it."""
+
+    async def special(ctx: TaskContext, input: Any) -> str:
+        return "done"
+
+    settings = make_settings(MAX_FAKE_FREE=5, MAX_USER_FREE=5)
+    tasks = tasks_with(("special", special))
+    without = await start_worker(settings)  # dispatching, only the built-in kinds
+    front_door = await start_worker(settings, tasks=tasks, dispatch=False)
+    ids = [(await front_door.admitter.submit(TaskSpec(kind="special")))[0] for _ in range(3)]
+    chat_id = await submit(without)
+    assert (await final(without, chat_id))["status"] == "succeeded"
+    # The idle replica without the handler has not touched them.
+    for task_id in ids:
+        fields = await without.queue.get(task_id)
+        assert fields is not None and (fields["status"], fields["attempts"]) == ("queued", "0")
+    await start_worker(settings, tasks=tasks)
+    for task_id in ids:
+        record = await final(without, task_id)
+        assert (record["status"], record["result"], record["attempts"]) == (
+            "succeeded",
+            "done",
+            "1",
+        )

@@ -71,10 +71,7 @@ class Admitter:
         :class:`QueueFull` at the tier's cap."""
         tier, model, value = self.resolve(spec)
         task_id = spec.id or new_task_id()
-        fields = {
-            "kind": spec.kind,
-            "input": orjson.dumps(value).decode(),
-        }
+        fields = {"input": orjson.dumps(value).decode()}
         if spec.callback_url:
             fields["callback_url"] = spec.callback_url
         if spec.timeout_s is not None:
@@ -85,6 +82,7 @@ class Admitter:
         admission = await self.queue.admit(
             task_id=task_id,
             idempotency_key=spec.idempotency_key,
+            kind=spec.kind,
             tier=tier,
             model=model,
             user=spec.user,
@@ -101,6 +99,7 @@ class Admitter:
         stored = {
             **fields,
             "id": task_id,
+            "kind": spec.kind,
             "tier": tier,
             "model": model,
             "user": spec.user,

@@ -53,6 +53,7 @@ class Dispatcher:
         self.executor = executor
         self.replica_id = replica_id
         self.plan = GuardPlan.from_settings(settings)
+        self.kinds = "*"
         self.lease_ms = int(settings.lease_ttl_s * 1000)
         self.runs: dict[str, Run] = {}
         self.claimed_total = 0
@@ -68,6 +69,9 @@ class Dispatcher:
         return self._stopping.is_set()
 
     def start(self) -> None:
+        # Only the kinds this replica has handlers for (TASK_MODULES are loaded by now):
+        # replicas that load different modules never take each other's tasks.
+        self.kinds = " ".join(self.executor.registry.names)
         self._claim_loop = self._spawn("claim", self._claim_forever)
         self._loops = [
             self._spawn("listen", self._listen),
@@ -147,7 +151,7 @@ class Dispatcher:
             # Clear before claiming: a wake that arrives during the claim is kept.
             self._wake.clear()
             claimed = await self.queue.claim(
-                self.replica_id, want, self.lease_ms, self.plan, idle_ms
+                self.replica_id, want, self.lease_ms, self.plan, idle_ms, self.kinds
             )
             for task in claimed:
                 self._start(task)

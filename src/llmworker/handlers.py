@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmworker.errors import ConfigError
+from llmworker.record import KIND_RE
 
 if TYPE_CHECKING:
     from llmworker.executor import TaskContext
@@ -50,6 +51,10 @@ class Registry:
         self._handlers: dict[str, Handler] = {}
 
     def add(self, handler: Handler) -> None:
+        if not KIND_RE.match(handler.name):
+            raise ValueError(
+                f"task kind {handler.name!r}: use letters, digits, '_', '.', ':' or '-' (at most 64)"
+            )
         self._handlers[handler.name] = handler
 
     def get(self, name: str) -> Handler | None:

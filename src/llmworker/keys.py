@@ -17,10 +17,11 @@ key                                    type     lifetime
 ``ev:<id>``                            stream   as its task; capped at ~EVENTS_MAXLEN entries
 ``seq``                                string   forever: the admission order counter
 ``wrr``                                string   forever: the weighted tier schedule position
-``lanes:<tier>``                       set      models of the tier with waiting tasks
-``lane:<tier>:<model>``                zset     users with waiting tasks, scored by the
+``lanes:<tier>``                       set      routes (``<model>|<kind>``) of the tier with
+                                                waiting tasks
+``lane:<tier>:<route>``                zset     users with waiting tasks, scored by the
                                                 sequence number of their oldest one
-``uq:<tier>:<model>:<user>``           list     one user's waiting tasks, oldest first
+``uq:<tier>:<route>:<user>``           list     one user's waiting tasks, oldest first
 ``depth``                              hash     waiting tasks per ``<tier>`` and ``<tier>|<model>``
 ``running``                            zset     running task ids scored by lease expiry (ms)
 ``g:m:<tier>:<model>``                 zset     guardModel: run tokens scored by lease expiry

@@ -67,6 +67,7 @@ class Queue:
         *,
         task_id: str,
         idempotency_key: str | None,
+        kind: str,
         tier: str,
         model: str,
         user: str,
@@ -78,7 +79,7 @@ class Queue:
         for name, value in fields.items():
             flat += [name, value]
         reply = await self._run(
-            "admit", task_id, idempotency_key or "", tier, model, user, cap, lane_limit, *flat
+            "admit", task_id, idempotency_key or "", tier, model, user, cap, lane_limit, kind, *flat
         )
         outcome = reply[0]
         if outcome == "created":
@@ -88,12 +89,27 @@ class Queue:
         return Admission("full", task_id, waiting=int(reply[1]))
 
     async def claim(
-        self, replica: str, n: int, lease_ms: int, plan: GuardPlan, idle_ms: int = 0
+        self,
+        replica: str,
+        n: int,
+        lease_ms: int,
+        plan: GuardPlan,
+        idle_ms: int = 0,
+        kinds: str = "*",
     ) -> list[Claimed]:
-        """Claim up to ``n`` runnable tasks. ``idle_ms``: how long this replica will wait
-        for a wake if the claim comes back short (it is told when work arrives)."""
+        """Claim up to ``n`` runnable tasks of ``kinds`` (space separated, ``*``: any).
+        ``idle_ms``: how long this replica will wait for a wake if the claim comes back
+        short (it is told when work arrives)."""
         reply = await self._run(
-            "claim", replica, n, lease_ms, idle_ms, plan.schedule, plan.ranked, *plan.limit_args
+            "claim",
+            replica,
+            n,
+            lease_ms,
+            idle_ms,
+            plan.schedule,
+            plan.ranked,
+            kinds,
+            *plan.limit_args,
         )
         return [Claimed(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in reply]
 

@@ -20,6 +20,7 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -42,7 +43,7 @@ class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str | None = Field(None, pattern=ID_RE.pattern)
-    kind: str = Field(min_length=1, max_length=64)
+    kind: str = Field(pattern=KIND_RE.pattern)
     input: Any = Field(default_factory=dict)
     user: str = Field("anonymous", min_length=1, max_length=200)
     tier: str | None = Field(None, min_length=1, max_length=64)

@@ -10,8 +10,11 @@ local function now_ms()
 end
 
 local function task_key(id) return P .. 'task:' .. id end
-local function user_queue(tier, model, user) return P .. 'uq:' .. tier .. ':' .. model .. ':' .. user end
-local function lane_key(tier, model) return P .. 'lane:' .. tier .. ':' .. model end
+-- A route is '<model>|<kind>': tasks wait per tier and route, so a replica claims only
+-- the kinds it has handlers for, while the guards stay per model.
+local function route_of(model, kind) return model .. '|' .. kind end
+local function user_queue(tier, route, user) return P .. 'uq:' .. tier .. ':' .. route .. ':' .. user end
+local function lane_key(tier, route) return P .. 'lane:' .. tier .. ':' .. route end
 
 local function emit(id, etype, data)
   redis.call('XADD', P .. 'ev:' .. id, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', etype, 'data', data)
@@ -24,19 +27,19 @@ local function status_event(id, status, attempts, err)
   emit(id, 'status', body .. '}')
 end
 
--- A lane (tier, model) lists each user with waiting tasks once, scored by the sequence
+-- A lane (tier, route) lists each user with waiting tasks once, scored by the sequence
 -- number of that user's oldest waiting task: the lowest score whose user has room is the
 -- oldest task that can run, found without walking past other tasks of blocked users.
 -- still_listed: the lane is known to be in lanes:<tier> already (one fewer call).
-local function fix_head(tier, model, user, still_listed)
-  local lane = lane_key(tier, model)
-  local head = redis.call('LINDEX', user_queue(tier, model, user), 0)
+local function fix_head(tier, route, user, still_listed)
+  local lane = lane_key(tier, route)
+  local head = redis.call('LINDEX', user_queue(tier, route, user), 0)
   if head then
     redis.call('ZADD', lane, redis.call('HGET', task_key(head), 'seq'), user)
-    if not still_listed then redis.call('SADD', P .. 'lanes:' .. tier, model) end
+    if not still_listed then redis.call('SADD', P .. 'lanes:' .. tier, route) end
   else
     redis.call('ZREM', lane, user)
-    if redis.call('ZCARD', lane) == 0 then redis.call('SREM', P .. 'lanes:' .. tier, model) end
+    if redis.call('ZCARD', lane) == 0 then redis.call('SREM', P .. 'lanes:' .. tier, route) end
   end
 end
 
@@ -46,11 +49,12 @@ local function count_waiting(tier, model, delta)
 end
 
 -- front: a task handed back or requeued goes before the user's newer tasks.
-local function enqueue(id, tier, model, user, front)
-  local uq = user_queue(tier, model, user)
+local function enqueue(id, tier, model, kind, user, front)
+  local route = route_of(model, kind)
+  local uq = user_queue(tier, route, user)
   local len
   if front then len = redis.call('LPUSH', uq, id) else len = redis.call('RPUSH', uq, id) end
-  if front or len == 1 then fix_head(tier, model, user) end
+  if front or len == 1 then fix_head(tier, route, user) end
   count_waiting(tier, model, 1)
 end
 

@@ -1,9 +1,9 @@
 -- Admit one task: idempotent by id and by idempotency key, capped per tier, durable.
 -- ARGV: id, idempotency key ('' for none), tier, model, user, tier cap, the lane's
---       model-tier limit, then the record's fields as name, value pairs.
+--       model-tier limit, kind, then the record's other fields as name, value pairs.
 -- Returns {'created', created_at} | {'exists', existing id} | {'full', waiting count}.
 local id, idem, tier, model, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local cap, lane_limit = tonumber(ARGV[6]), tonumber(ARGV[7])
+local cap, lane_limit, kind = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local tk = task_key(id)
 if redis.call('EXISTS', tk) == 1 then return {'exists', id} end
 if idem ~= '' then
@@ -16,11 +16,11 @@ if waiting >= cap then return {'full', waiting} end
 local now = now_ms()
 local seq = redis.call('INCR', P .. 'seq')
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', tk, 'id', id, 'tier', tier, 'model', model, 'user', user, 'idem', idem,
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', tk, 'id', id, 'kind', kind, 'tier', tier, 'model', model, 'user', user, 'idem', idem,
   'status', 'queued', 'attempts', 0, 'runs', 0, 'seq', seq, 'created_at', now, unpack(fields))
 if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
-enqueue(id, tier, model, user, false)
+enqueue(id, tier, model, kind, user, false)
 status_event(id, 'queued', 0)
 -- Wake idle dispatchers only when the lane has a free slot: while it is full, the
 -- release of a slot wakes them instead, so a burst of submissions costs no futile claims.

@@ -3,11 +3,12 @@
 -- leases lapse). ARGV: id, ttl s. Returns the status before, or false if unknown.
 local id, ttl_s = ARGV[1], tonumber(ARGV[2])
 local tk = task_key(id)
-local t = redis.call('HMGET', tk, 'status', 'tier', 'model', 'user', 'attempts')
+local t = redis.call('HMGET', tk, 'status', 'tier', 'model', 'user', 'attempts', 'kind')
 if not t[1] then return false end
 if t[1] == 'queued' then
-  redis.call('LREM', user_queue(t[2], t[3], t[4]), 1, id)
-  fix_head(t[2], t[3], t[4])
+  local route = route_of(t[3], t[6])
+  redis.call('LREM', user_queue(t[2], route, t[4]), 1, id)
+  fix_head(t[2], route, t[4])
   count_waiting(t[2], t[3], -1)
 elseif t[1] ~= 'running' then
   return t[1]

@@ -2,7 +2,8 @@
 -- (model per tier, model over all tiers, user) all have a free slot; its slots are taken
 -- in all of them at once, as leases that expire unless the holder renews them.
 -- ARGV: replica id, n, lease ms, idle ms, the weighted tier schedule (space separated),
---       the tiers by weight (space separated), then limits as name, value pairs:
+--       the tiers by weight (space separated), the kinds this replica runs (space
+--       separated; '*' for any), then limits as name, value pairs:
 --       'm:<tier>:<model>' model-tier limit, 't:<model>' model total, 'u:<tier>' per user.
 -- A claim that comes back short lists the replica in 'idle' for idle ms (it will wait
 -- for a wake); a full one takes it off (it claims again at once). See wake().
@@ -11,8 +12,10 @@ local replica, n, lease_ms, idle_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[
 local schedule, ranked = {}, {}
 for t in string.gmatch(ARGV[5], '%S+') do schedule[#schedule + 1] = t end
 for t in string.gmatch(ARGV[6], '%S+') do ranked[#ranked + 1] = t end
+local kinds = {}
+for k in string.gmatch(ARGV[7], '%S+') do kinds[k] = true end
 local lim = {}
-for i = 7, #ARGV, 2 do lim[ARGV[i]] = tonumber(ARGV[i + 1]) end
+for i = 8, #ARGV, 2 do lim[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = now_ms()
 local expires = now + lease_ms
@@ -28,14 +31,16 @@ local function room(key, limit)
   return redis.call('ZCARD', key) < limit
 end
 
--- The oldest waiting task of a tier that can run now: {seq, model, user} or nil.
+-- The oldest waiting task of a tier that can run here now: {seq, route, model, user}.
 local function best_in_tier(tier)
   local user_limit = lim['u:' .. tier] or 0
   local best = nil
-  for _, model in ipairs(redis.call('SMEMBERS', P .. 'lanes:' .. tier)) do
-    if room(P .. 'g:m:' .. tier .. ':' .. model, lim['m:' .. tier .. ':' .. model] or 0)
+  for _, route in ipairs(redis.call('SMEMBERS', P .. 'lanes:' .. tier)) do
+    local model, kind = string.match(route, '^(.-)|(.*)$')
+    if (kinds[kind] or kinds['*'])
+        and room(P .. 'g:m:' .. tier .. ':' .. model, lim['m:' .. tier .. ':' .. model] or 0)
         and room(P .. 'g:t:' .. model, lim['t:' .. model]) then
-      local lane = lane_key(tier, model)
+      local lane = lane_key(tier, route)
       local start, done = 0, false
       while not done do
         local users = redis.call('ZRANGE', lane, start, start + 31, 'WITHSCORES')
@@ -44,7 +49,7 @@ local function best_in_tier(tier)
           local seq = tonumber(users[j + 1])
           if best and seq >= best[1] then done = true; break end
           if room(P .. 'g:u:' .. users[j], user_limit) then
-            best = {seq, model, users[j]}
+            best = {seq, route, model, users[j]}
             done = true
             break
           end
@@ -56,10 +61,10 @@ local function best_in_tier(tier)
   return best
 end
 
-local function take(tier, model, user)
-  local uq = user_queue(tier, model, user)
+local function take(tier, route, model, user)
+  local uq = user_queue(tier, route, user)
   local id = redis.call('LPOP', uq)
-  fix_head(tier, model, user, true)
+  fix_head(tier, route, user, true)
   count_waiting(tier, model, -1)
   local tk = task_key(id)
   local record = redis.call('HGETALL', tk)
@@ -108,7 +113,7 @@ while #claimed < n do
     end
   end
   if not found then break end
-  claimed[#claimed + 1] = take(tier, found[2], found[3])
+  claimed[#claimed + 1] = take(tier, found[2], found[3], found[4])
 end
 if #claimed < n then
   redis.call('ZADD', P .. 'idle', now + idle_ms, replica)

@@ -7,7 +7,7 @@ local now = now_ms()
 local requeued, failed = 0, 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)) do
   local tk = task_key(id)
-  local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'attempts')
+  local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'attempts', 'kind')
   redis.call('ZREM', P .. 'running', id)
   if t[2] == 'running' then
     release(t[3], t[1])
@@ -22,7 +22,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LI
     else
       redis.call('HSET', tk, 'status', 'queued')
       redis.call('HDEL', tk, 'holder')
-      enqueue(id, t[4], t[5], t[6], true)
+      enqueue(id, t[4], t[5], t[8], t[6], true)
       status_event(id, 'queued', t[7])
       requeued = requeued + 1
     end
