@@ -204,12 +204,12 @@ def llmworker_command(*args: str) -> list[str]:
 
 @contextlib.contextmanager
 def process(
-    args: list[str], env: dict[str, str], log_path: Path
+    args: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A child process, stopped with SIGTERM (then SIGKILL) at the end."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
         )
         try:
             yield proc

@@ -103,18 +103,10 @@ def test_two_replicas_share_the_caps_and_every_task_succeeds(
 
 def test_serve_without_redis_url_runs_on_the_embedded_redis(tmp_path: Path):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update({"PORT": str(port), "FAKE_LATENCY_MS": "20", "LOG_FORMAT": "json"})
+    env = {"REDIS_URL": "", "PORT": str(port), "FAKE_LATENCY_MS": "20", "LOG_FORMAT": "json"}
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            llmworker_command("serve", "--host", "127.0.0.1"),
-            env=env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
+    with process(serve, env, log_path, cwd=tmp_path) as proc:
         wait_ready(f"http://127.0.0.1:{port}")
         result = subprocess.run(
             llmworker_command(
@@ -124,7 +116,7 @@ def test_serve_without_redis_url_runs_on_the_embedded_redis(tmp_path: Path):
                 '{"messages": [{"role": "user", "content": "hi"}]}',
                 "--wait",
             ),
-            env={**env, "LLMWORKER_URL": f"http://127.0.0.1:{port}"},
+            env={**os.environ, **env, "LLMWORKER_URL": f"http://127.0.0.1:{port}"},
             capture_output=True,
             text=True,
             timeout=60,
@@ -134,9 +126,8 @@ def test_serve_without_redis_url_runs_on_the_embedded_redis(tmp_path: Path):
         assert record["status"] == "succeeded"
         assert "[running]" in result.stderr
         assert "simulated reply" in result.stdout.split("{")[0]
-        check = subprocess.run(llmworker_command("check"), env=env, timeout=30)
+        check = subprocess.run(llmworker_command("check"), env={**os.environ, **env}, timeout=30)
         assert check.returncode == 0
-    finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
     # The embedded Redis stopped with it.
@@ -173,23 +164,14 @@ def test_the_readme_user_kind_runs_from_the_working_folder(
     (tmp_path / "myapp" / "tasks.py").write_text(USER_MODULE)
     port = free_port()
     env = {
-        **os.environ,
         "REDIS_URL": redis_url,
         "REDIS_PREFIX": prefix,
         "TASK_MODULES": "myapp.tasks",
         "FAKE_LATENCY_MS": "10",
         "PORT": str(port),
     }
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            llmworker_command("serve", "--host", "127.0.0.1"),
-            env=env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
+    with process(serve, env, tmp_path / "serve.log", cwd=tmp_path):
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
         body = {"kind": "summarize", "user": "ann", "input": {"text": "bees"}}
@@ -200,9 +182,6 @@ def test_the_readme_user_kind_runs_from_the_working_folder(
         assert isinstance(result, dict) and "bees" in result["summary"]
         (follow,) = _wait_final(url, [result["follow_up"]])
         assert (follow["status"], follow["user"]) == ("succeeded", "ann")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_a_broken_task_module_stops_start_up_with_one_line(tmp_path: Path):

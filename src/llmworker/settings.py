@@ -174,6 +174,12 @@ class Settings(BaseSettings):
     queue_caps: dict[str, int] = Field(default_factory=dict)
     tier_weights: dict[str, int] = Field(default_factory=dict)
 
+    @field_validator("redis_url", "public_url", "default_model", "cors_origin", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # "REDIS_URL=" in a .env file means "not set", as in a shell.
+        return None if value == "" else value
+
     @field_validator("redis_prefix")
     @classmethod
     def _prefix_has_no_braces(cls, value: str) -> str:
