@@ -275,3 +275,30 @@ async def test_events_stream_status_and_tokens_then_the_record(make_settings):
         assert kinds[0] == "status" and kinds[-1] == "record"
         assert "tokens" in kinds
         assert '"succeeded"' in events[-1][1]
+
+
+async def _read_events(
+    client: httpx.AsyncClient, task_id: str, last_id: str | None = None
+) -> list[tuple[str, str]]:
+    """(id, event type) of each event until the stream ends with the record."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    seen: list[tuple[str, str]] = []
+    entry_id = ""
+    async with client.stream("GET", f"/v1/tasks/{task_id}/events", headers=headers) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("id: "):
+                entry_id = line[4:]
+            elif line.startswith("event: "):
+                seen.append((entry_id if line[7:] != "record" else "", line[7:]))
+                entry_id = ""
+    return seen
+
+
+async def test_events_resume_after_last_event_id(make_settings):
+    async with api(make_settings(FAKE_LATENCY_MS=30, FAKE_TOKENS=10)) as (client, _worker):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        everything = await _read_events(client, task["id"])
+        assert len(everything) >= 5
+        resume_from = everything[1][0]
+        rest = await _read_events(client, task["id"], last_id=resume_from)
+        assert rest == everything[2:]

@@ -174,6 +174,16 @@ async def test_task_past_its_timeout_fails_and_frees_its_slot(make_settings, sta
     assert after["status"] == "succeeded"
 
 
+async def test_a_type_error_in_the_handler_is_reported_as_such(make_settings, start_worker):
+    async def buggy(ctx: TaskContext, input: Any) -> int:
+        return len(5)  # type: ignore[arg-type]
+
+    worker = await start_worker(make_settings(), tasks=tasks_with(("buggy", buggy)))
+    task_id, _ = await worker.admitter.submit(TaskSpec(kind="buggy"))
+    record = await final(worker, task_id)
+    assert record["error"]["message"].startswith("The handler raised TypeError:")
+
+
 async def test_non_json_result_fails_with_a_clear_error(make_settings, start_worker):
     async def odd(ctx: TaskContext, input: Any) -> object:
         return object()

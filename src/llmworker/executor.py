@@ -118,7 +118,7 @@ class Executor:
                 ctx = self._context(claimed, events, deadline)
                 async with asyncio.timeout(timeout_s):
                     value = await self._call(ctx, claimed)
-                status, result = "succeeded", orjson.dumps(value).decode()
+                status, result, error = self._serialise(value)
             except TimeoutError as exc:
                 error = _err(
                     TaskTimeout(f"The task ran past its timeout of {timeout_s:g} s (timeout_s).")
@@ -127,8 +127,6 @@ class Executor:
                 )
             except TaskError as exc:
                 error = _err(exc)
-            except (TypeError, orjson.JSONEncodeError) as exc:
-                error = _err(HandlerError(f"The handler's result is not JSON-serialisable: {exc}."))
             finally:
                 events.flush()
         except asyncio.CancelledError:
@@ -172,6 +170,15 @@ class Executor:
                 log.warning("outcome_retry", error=str(exc), delay_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    def _serialise(value: Any) -> tuple[str, str, str]:
+        """(status, result, error) for what the handler returned."""
+        try:
+            return "succeeded", orjson.dumps(value).decode(), ""
+        except orjson.JSONEncodeError as exc:
+            message = f"The handler's result is not JSON-serialisable: {exc}."
+            return "failed", "", _err(HandlerError(message))
 
     def _context(self, claimed: Claimed, events: EventWriter, deadline: float) -> TaskContext:
         model = claimed.fields.get("model", "")
