@@ -561,12 +561,84 @@ def rss(bench: Bench) -> None:
         cleanup(bench, prefix)
 
 
+def transport(bench: Bench) -> None:
+    """What one provider call costs the worker: the official SDK's path (as llmworker
+    calls it) against the same streamed request on bare aiohttp. Each is measured in a
+    process of its own, so memory freed by one cannot hide the other's."""
+    print("transport: 300 sequential calls, then 1,000 open streams, each way", flush=True)
+    port = free_port()
+    with bench.fake_llm(port, 1, 5):
+        wait_http(f"http://127.0.0.1:{port}/_fake/stats")
+        for name in ("sdk", "aiohttp"):
+            code = f"import asyncio, bench.run as b; print(asyncio.run(b._transport_cost({port}, {name!r})))"
+            out = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+            )
+            cpu_ms, kb = (float(x) for x in out.stdout.strip().strip("()").split(","))
+            label = "openai SDK" if name == "sdk" else "bare aiohttp"
+            bench.add(
+                "t",
+                f"{label}: CPU per streamed call / memory per open stream",
+                f"{cpu_ms:.2f} ms / {kb:.0f} KB",
+            )
+
+
+async def _transport_cost(port: int, name: str) -> tuple[float, float]:
+    import aiohttp
+
+    from llmworker.llm import Providers
+    from llmworker.settings import load_settings
+
+    base = f"http://127.0.0.1:{port}/v1"
+    settings = load_settings({"BENCH_BASE_URL": base, "MODEL_M1": "bench/m1"}, env_file=None)
+    providers = Providers(settings)
+    sdk = providers.client("m1")
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    messages = [{"role": "user", "content": "hi"}]
+    body = {
+        "model": "m1",
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    async def bare() -> None:
+        async with session.post(f"{base}/chat/completions", json=body) as response:
+            async for _ in response.content:
+                pass
+
+    async def through_sdk() -> None:
+        await sdk.chat(messages)
+
+    call = through_sdk if name == "sdk" else bare
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as control:
+        for _ in range(20):  # warm up connections and caches
+            await call()
+        started = time.process_time()
+        for _ in range(300):
+            await call()
+        cpu_ms = (time.process_time() - started) / 300 * 1000
+        await control.post("/_fake/config", json={"latency_ms": 20_000})
+        before = psutil.Process().memory_info().rss
+        calls = [asyncio.create_task(call()) for _ in range(1000)]
+        await asyncio.sleep(5)
+        grown = psutil.Process().memory_info().rss - before
+        for task in calls:
+            task.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        await control.post("/_fake/config", json={"latency_ms": 1})
+    await session.close()
+    await providers.aclose()
+    return cpu_ms, grown / 1000 / 1024
+
+
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "saturation": saturation,
     "idle_pickup": idle_pickup,
     "noop": noop_rate,
     "ingress": ingress,
     "rss": rss,
+    "transport": transport,
 }
 
 
