@@ -272,3 +272,27 @@ async def test_replicas_only_claim_the_kinds_they_have_handlers_for(make_setting
             "done",
             "1",
         )
+
+
+async def test_a_cancelled_run_stops_even_if_the_cancel_message_is_missed(
+    make_settings, start_worker
+):
+    """Cancellation also reaches the holder through lease renewal, not only Pub/Sub."""
+    started = asyncio.Event()
+
+    async def endless(ctx: TaskContext, input: Any) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    worker = await start_worker(
+        make_settings(LEASE_TTL_S=0.9), tasks=tasks_with(("endless", endless))
+    )
+    task_id, _ = await worker.admitter.submit(TaskSpec(kind="endless"))
+    await asyncio.wait_for(started.wait(), 5)
+    # Cancel as another replica would, but without the message on the cancel channel.
+    fields = await worker.queue.get(task_id)
+    assert fields is not None
+    await worker.redis.hset(worker.keys.task(task_id), "status", "cancelled")
+    await wait_until(lambda: task_id not in worker.dispatcher.runs, timeout_s=3)
+    guard = await worker.redis.zrange(worker.keys.guard_model("fake", "free"), 0, -1)
+    assert fields["token"] not in guard

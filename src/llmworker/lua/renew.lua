@@ -1,7 +1,8 @@
 -- Extend the leases of a replica's running tasks and its own heartbeat.
 -- ARGV: replica id, lease ms, then id, token pairs.
--- Returns the ids whose run no longer holds its lease: the holder must stop them, since
--- their slots may already serve another run.
+-- Returns the ids whose run no longer holds its lease, or whose task was cancelled: the
+-- holder must stop them, since their slots may already serve another run. (A cancelled
+-- run is also told over Pub/Sub; this catches the message a reconnecting replica missed.)
 local replica, lease_ms = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local expires = now + lease_ms
@@ -21,7 +22,7 @@ for i = 3, #ARGV, 2 do
   if held then
     redis.call('ZADD', P .. 'running', 'XX', expires, id)
     for g in string.gmatch(t[3], '[^\n]+') do redis.call('ZADD', g, 'XX', expires, token) end
-  elseif t[2] ~= 'cancelled' then
+  else
     lost[#lost + 1] = id
   end
 end
