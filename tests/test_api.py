@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -120,6 +121,7 @@ async def test_full_tier_queue_answers_429_with_retry_after(make_settings):
         (b'{"input": {}}', 422, "kind", "required"),
         (b'{"kind": "nope"}', 422, "kind", "Unknown kind"),
         (b'{"kind": 5}', 422, "kind", "invalid"),
+        (b'{"kind": "sum:v2"}', 422, "kind", "invalid"),
         (
             b'{"kind": "chat", "tier": "gold", "input": {"messages": [{"role": "user", "content": "x"}]}}',
             422,
@@ -302,3 +304,12 @@ async def test_events_resume_after_last_event_id(make_settings):
         resume_from = everything[1][0]
         rest = await _read_events(client, task["id"], last_id=resume_from)
         assert rest == everything[2:]
+
+
+async def test_events_of_a_finished_task_end_even_after_the_last_event(make_settings):
+    async with api(make_settings(FAKE_LATENCY_MS=10, FAKE_TOKENS=2)) as (client, _worker):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        everything = await _read_events(client, task["id"])
+        last_id = [i for i, kind in everything if i][-1]
+        rest = await asyncio.wait_for(_read_events(client, task["id"], last_id=last_id), 5)
+        assert rest == [("", "record")]

@@ -296,3 +296,27 @@ async def test_a_cancelled_run_stops_even_if_the_cancel_message_is_missed(
     await wait_until(lambda: task_id not in worker.dispatcher.runs, timeout_s=3)
     guard = await worker.redis.zrange(worker.keys.guard_model("fake", "free"), 0, -1)
     assert fields["token"] not in guard
+
+
+async def test_a_draining_replica_keeps_its_leases_until_its_runs_end(make_settings, start_worker):
+    """A drain longer than the lease TTL must not let another replica run the task again."""
+    runs = 0
+    started = asyncio.Event()
+
+    async def slow(ctx: TaskContext, input: Any) -> int:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await asyncio.sleep(2.0)
+        return runs
+
+    tasks = tasks_with(("slow", slow))
+    settings = make_settings(LEASE_TTL_S=0.6, SHUTDOWN_GRACE_S=5)
+    first = await start_worker(settings, tasks=tasks)
+    task_id, _ = await first.admitter.submit(TaskSpec(kind="slow"))
+    await asyncio.wait_for(started.wait(), 5)
+    second = await start_worker(settings, tasks=tasks)
+    await first.stop()  # drains: the run finishes inside the grace period
+    record = await final(second, task_id)
+    assert (record["status"], record["result"], record["attempts"]) == ("succeeded", 1, "1")
+    assert runs == 1

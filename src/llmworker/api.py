@@ -127,8 +127,16 @@ class Api:
         key = self.worker.keys.events(task_id)
         block_ms = int(SSE_PING_S * 1000)
         while True:
-            reply = await redis.xread({key: last_id}, count=100, block=block_ms)
+            fields = await self.worker.queue.get(task_id)
+            final = fields is None or fields.get("status") in FINAL_STATES
+            # A finished task has nothing more to wait for: read what is left and end,
+            # even when the reader resumes after the last event.
+            reply = await redis.xread({key: last_id}, count=100, block=None if final else block_ms)
             if not reply:
+                if final:
+                    if fields is not None:
+                        yield self._record_event(fields)
+                    return
                 yield b": ping\n\n"
                 continue
             for entry_id, entry in reply[0][1]:
@@ -138,9 +146,12 @@ class Api:
                 if etype == "status" and orjson.loads(data).get("status") in FINAL_STATES:
                     fields = await self.worker.queue.get(task_id)
                     if fields is not None:
-                        record = orjson.dumps(record_view(fields)).decode()
-                        yield f"event: record\ndata: {record}\n\n".encode()
+                        yield self._record_event(fields)
                     return
+
+    @staticmethod
+    def _record_event(fields: dict[str, str]) -> bytes:
+        return b"event: record\ndata: " + orjson.dumps(record_view(fields)) + b"\n\n"
 
     async def health(self, request: Request) -> Response:
         return JSON({"status": "ok"})

@@ -31,6 +31,9 @@ from llmworker.settings import Settings
 
 log = structlog.get_logger("llmworker.dispatcher")
 
+# A dispatcher stays listed as idle this much longer than it waits, so a slow claim
+# reply cannot open a window in which nobody wakes it.
+IDLE_MARGIN_S = 5.0
 # A failing loop retries after 0.1 s, doubling up to 2 s.
 RETRY_AFTER_ERROR_S = 0.1
 RETRY_MAX_S = 2.0
@@ -59,40 +62,44 @@ class Dispatcher:
         self.claimed_total = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
-        self._stopping = asyncio.Event()
+        # Draining stops the claims; closing, once the runs are done or handed back,
+        # stops the loops that keep them alive (renew, listen, reap).
+        self._draining = asyncio.Event()
+        self._closing = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._claim_loop: asyncio.Task[None] | None = None
         executor.on_release = self._wake.set
 
     @property
     def draining(self) -> bool:
-        return self._stopping.is_set()
+        return self._draining.is_set()
 
     def start(self) -> None:
         # Only the kinds this replica has handlers for (TASK_MODULES are loaded by now):
         # replicas that load different modules never take each other's tasks.
         self.kinds = " ".join(self.executor.registry.names)
-        self._claim_loop = self._spawn("claim", self._claim_forever)
+        self._claim_loop = self._spawn("claim", self._claim_forever, self._draining)
         self._loops = [
-            self._spawn("listen", self._listen),
-            self._spawn("renew", self._renew_forever),
-            self._spawn("reap", self._reap_forever),
+            self._spawn("listen", self._listen, self._closing),
+            self._spawn("renew", self._renew_forever, self._closing),
+            self._spawn("reap", self._reap_forever, self._closing),
         ]
 
     def wake(self) -> None:
         self._wake.set()
 
     async def stop(self, grace_s: float) -> None:
-        """Stop claiming; let runs finish within ``grace_s``; hand the rest back."""
-        self._stopping.set()
+        """Stop claiming; let runs finish within ``grace_s`` (their leases still renewed
+        and cancellations still heard); hand the rest back; then stop the loops."""
+        self._draining.set()
         self._wake.set()
         self._room.set()
         if self._claim_loop is not None:
             await asyncio.gather(self._claim_loop, return_exceptions=True)
         jobs = [run.job for run in self.runs.values() if run.job is not None]
-        if jobs:
+        if jobs and grace_s > 0:
             log.info("draining", running=len(jobs), grace_s=grace_s)
-            await asyncio.wait(jobs, timeout=grace_s if grace_s > 0 else None)
+            await asyncio.wait(jobs, timeout=grace_s)
         leftover = list(self.runs.values())
         for run in leftover:
             run.stop_reason = "shutdown"
@@ -101,16 +108,19 @@ class Dispatcher:
         if leftover:
             await asyncio.gather(*(r.job for r in leftover if r.job), return_exceptions=True)
             log.info("handed_back", tasks=len(leftover))
+        self._closing.set()
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
 
     # -- loops ---------------------------------------------------------------------
 
-    def _spawn(self, name: str, body: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+    def _spawn(
+        self, name: str, body: Callable[[], Awaitable[None]], stop: asyncio.Event
+    ) -> asyncio.Task[None]:
         async def forever() -> None:
             failures = 0
-            while not self._stopping.is_set():
+            while not stop.is_set():
                 started = time.monotonic()
                 try:
                     await body()
@@ -129,19 +139,22 @@ class Dispatcher:
                             )
                     else:
                         log.exception("loop_error", loop=name)
-                    await self._sleep(min(RETRY_MAX_S, RETRY_AFTER_ERROR_S * 2 ** (failures - 1)))
+                    await self._sleep(
+                        min(RETRY_MAX_S, RETRY_AFTER_ERROR_S * 2 ** (failures - 1)), stop
+                    )
 
         return asyncio.create_task(forever(), name=f"llmworker-{name}")
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, until: asyncio.Event | None = None) -> None:
+        """Sleep, or less if ``until`` (the closing event by default) is set."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await asyncio.wait_for((until or self._closing).wait(), seconds)
 
     async def _claim_forever(self) -> None:
         idle_wait_s = self.settings.lease_ttl_s / 3
         # Listed as idle a little past the wait, so no wake falls in between.
-        idle_ms = int((idle_wait_s + 1.0) * 1000)
-        while not self._stopping.is_set():
+        idle_ms = int((idle_wait_s + IDLE_MARGIN_S) * 1000)
+        while not self._draining.is_set():
             free = self.settings.worker_concurrency - len(self.runs)
             if free <= 0:
                 self._room.clear()
@@ -194,7 +207,7 @@ class Dispatcher:
             # Anything published while we were not subscribed is unknown: look again.
             self._wake.set()
             cancel_channel = self.keys.cancel_channel
-            while not self._stopping.is_set():
+            while not self._closing.is_set():
                 message = await pubsub.get_message(timeout=None)
                 if message is None:
                     continue
@@ -208,7 +221,7 @@ class Dispatcher:
 
     async def _renew_forever(self) -> None:
         every_s = self.settings.lease_ttl_s / 3
-        while not self._stopping.is_set():
+        while not self._closing.is_set():
             runs = {r.task_id: r.token for r in self.runs.values() if r.stop_reason is None}
             lost = await self.queue.renew(self.replica_id, self.lease_ms, runs)
             for task_id in lost:
@@ -218,7 +231,7 @@ class Dispatcher:
 
     async def _reap_forever(self) -> None:
         every_s = self.settings.lease_ttl_s / 3
-        while not self._stopping.is_set():
+        while not self._closing.is_set():
             result = await self.queue.reap(self.settings.max_attempts, self.settings.result_ttl_s)
             if result.requeued or result.failed:
                 log.warning("reaped", requeued=result.requeued, failed=result.failed)

@@ -53,7 +53,7 @@ class Registry:
     def add(self, handler: Handler) -> None:
         if not KIND_RE.match(handler.name):
             raise ValueError(
-                f"task kind {handler.name!r}: use letters, digits, '_', '.', ':' or '-' (at most 64)"
+                f"task kind {handler.name!r}: use letters, digits, '_', '.' or '-' (at most 64)"
             )
         self._handlers[handler.name] = handler
 

@@ -54,10 +54,10 @@ class Claimed:
 
 
 class Queue:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, timeout_s: float = 10.0) -> None:
         self.redis = redis
         self.keys = keys
-        self.scripts = Scripts(redis, keys.base)
+        self.scripts = Scripts(redis, keys.base, timeout_s)
 
     async def _run(self, name: str, *args: Any) -> Any:
         return await self.scripts.call(name, *args)

@@ -20,7 +20,9 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# No ':' in kinds: queue keys are uq:<tier>:<model>|<kind>:<user>, and a user may contain
+# ':', so the kind must not, or two (kind, user) pairs could name one queue.
+KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 

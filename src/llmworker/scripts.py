@@ -23,6 +23,7 @@ from typing import Any
 import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 NAMES = ("admit", "claim", "finish", "handback", "reap", "cancel", "renew")
 
@@ -36,9 +37,12 @@ def source(name: str) -> str:
 
 
 class Scripts:
-    def __init__(self, redis: Redis, prefix_key: str) -> None:
+    def __init__(self, redis: Redis, prefix_key: str, timeout_s: float = 10.0) -> None:
         self.redis = redis
         self.prefix_key = prefix_key
+        # A batch that gets no answer for this long fails: a half-open connection must
+        # not hold every claim, renewal and finish of the process behind it.
+        self.timeout_s = timeout_s
         self.sources = {name: source(name) for name in NAMES}
         self.shas = {
             name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.sources.items()
@@ -67,6 +71,7 @@ class Scripts:
         return future
 
     async def _send(self) -> None:
+        batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
         try:
             while self._pending:
                 # One turn of the loop first: calls made by callbacks that are already
@@ -85,8 +90,10 @@ class Scripts:
                         future.set_exception(reply)
                     else:
                         future.set_result(reply)
+                batch = []
         except asyncio.CancelledError:
-            for _, _, future in self._pending:
+            # Nobody will answer these now: their callers must not wait forever.
+            for _, _, future in [*batch, *self._pending]:
                 future.cancel()
             self._pending.clear()
             raise
@@ -104,8 +111,10 @@ class Scripts:
         return replies
 
     async def _pipeline(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """Send the calls on one pooled connection and read every reply; an error reply is
-        returned in its place, a broken connection raises for the whole batch."""
+        """Send the calls on one pooled connection and read every reply. An error reply
+        stands in its call's place; if the connection breaks or stalls past
+        ``timeout_s``, the calls already answered keep their replies and the rest get
+        the error (a claim that was answered must reach its caller)."""
         packed = b"".join(
             hiredis.pack_command(
                 ("EVALSHA", self.shas[name], 1, self.prefix_key, *args) if name else args
@@ -114,18 +123,26 @@ class Scripts:
         )
         pool = self.redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        replies: list[Any] = []
         try:
-            await conn.send_packed_command(packed, check_health=False)
-            replies: list[Any] = []
-            for _ in calls:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
+            async with asyncio.timeout(self.timeout_s):
+                await conn.send_packed_command(packed, check_health=False)
+                for _ in calls:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+        except (Exception, asyncio.CancelledError) as exc:
             # A half-read batch leaves replies on the wire: never reuse this connection.
             await conn.disconnect()
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            failure = (
+                RedisTimeoutError(f"Redis did not answer within {self.timeout_s:g} s")
+                if isinstance(exc, TimeoutError)
+                else exc
+            )
+            replies += [failure] * (len(calls) - len(replies))
         finally:
             await pool.release(conn)
         return [_noscript(r) for r in replies]

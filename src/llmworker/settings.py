@@ -163,6 +163,7 @@ class Settings(BaseSettings):
     fake_latency_ms: float = Field(400.0, ge=0)
     fake_tokens: int = Field(24, ge=0)
     redis_connect_timeout_s: float = Field(30.0, ge=0)
+    redis_timeout_s: float = Field(10.0, gt=0)
     queue_full_retry_after_s: int = Field(5, ge=1)
 
     # Filled from the pattern families above by load_settings().

@@ -68,7 +68,7 @@ class Worker:
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.redis_prefix)
         self.redis = connect(settings.redis_url)
-        self.queue = Queue(self.redis, self.keys)
+        self.queue = Queue(self.redis, self.keys, settings.redis_timeout_s)
         self.admitter = Admitter(settings, self.queue, self.registry)
         # A task admitted here may be claimable here: look now, not after the Pub/Sub hop.
         self.admitter.on_admitted = lambda: self.dispatcher.wake()

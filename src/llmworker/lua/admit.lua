@@ -24,5 +24,7 @@ enqueue(id, tier, model, kind, user, false)
 status_event(id, 'queued', 0)
 -- Wake idle dispatchers only when the lane has a free slot: while it is full, the
 -- release of a slot wakes them instead, so a burst of submissions costs no futile claims.
-if redis.call('ZCARD', P .. 'g:m:' .. tier .. ':' .. model) < lane_limit then wake(id, now) end
+-- Live leases only: slots of dead holders not yet pruned are free too.
+local live = redis.call('ZCOUNT', P .. 'g:m:' .. tier .. ':' .. model, '(' .. now, '+inf')
+if live < lane_limit then wake(id, now) end
 return {'created', now}
