@@ -408,11 +408,11 @@ def noop_rate(bench: Bench) -> None:
 
 async def _prefill(bench: Bench, prefix: str, env: dict[str, str], n: int) -> None:
     from llmworker.admission import Admitter
+    from llmworker.connection import connect
     from llmworker.handlers import registry
     from llmworker.queue import Queue
     from llmworker.record import TaskSpec
     from llmworker.settings import load_settings
-    from llmworker.worker import connect
 
     settings = load_settings(env, env_file=None)
     client = connect(bench.redis_url)

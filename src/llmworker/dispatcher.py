@@ -23,6 +23,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from llmworker.connection import connect
 from llmworker.executor import Executor, Run, StopReason
 from llmworker.guards import GuardPlan
 from llmworker.keys import Keys
@@ -201,7 +202,11 @@ class Dispatcher:
             log.info("run_stopped", task_id=task_id, reason=reason)
 
     async def _listen(self) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        # Its own client without retries: redis-py would otherwise reconnect and
+        # resubscribe inside get_message, silently, and what was published in between
+        # would be lost without this loop knowing to look again.
+        client = connect(self.settings.redis_url or "", retries=0)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.keys.wake_channel, self.keys.cancel_channel)
             # Anything published while we were not subscribed is unknown: look again.
@@ -218,6 +223,8 @@ class Dispatcher:
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     async def _renew_forever(self) -> None:
         every_s = self.settings.lease_ttl_s / 3

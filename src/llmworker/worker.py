@@ -3,19 +3,17 @@ stopped together. The HTTP app (api.py) holds one; tests build one directly."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-import time
 import uuid
 from typing import Any
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from llmworker import __version__
 from llmworker.admission import Admitter
+from llmworker.connection import connect, wait_for_redis
 from llmworker.dispatcher import Dispatcher
 from llmworker.executor import Executor
 from llmworker.guards import guard_usage
@@ -26,30 +24,6 @@ from llmworker.queue import Queue
 from llmworker.settings import Settings
 
 log = structlog.get_logger("llmworker.worker")
-
-
-def connect(url: str) -> Redis:
-    options: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
-    if not url.startswith("unix://"):
-        # Notice a Redis that vanished behind a NAT or load balancer.
-        options["socket_keepalive"] = True
-    return Redis.from_url(url, **options)
-
-
-async def wait_for_redis(redis: Redis, timeout_s: float) -> None:
-    """A bounded wait for Redis at start-up (it may still be booting beside us)."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.1
-    while True:
-        try:
-            await redis.ping()  # type: ignore[misc]
-            return
-        except (RedisError, OSError) as exc:
-            if time.monotonic() >= deadline:
-                raise RedisError(f"Redis did not answer within {timeout_s:g} s: {exc}") from exc
-            log.warning("redis_waiting", error=str(exc))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 class Worker:
