@@ -113,24 +113,10 @@ class Queue:
         )
         return [Claimed(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in reply]
 
-    async def finish(
-        self,
-        task_id: str,
-        token: str,
-        status: str,
-        *,
-        result: str = "",
-        error: str = "",
-        usage: str = "",
-        ttl_s: int,
-    ) -> bool:
-        """Record a run's outcome; False when the run was stale (only its slots were freed).
-        ``status=""`` only frees the slots."""
-        return bool(
-            await self.finish_soon(
-                task_id, token, status, result=result, error=error, usage=usage, ttl_s=ttl_s
-            )
-        )
+    async def finish(self, task_id: str, token: str, status: str, **outcome: Any) -> bool:
+        """Record a run's outcome (``result``, ``error``, ``usage`` JSON; ``ttl_s``); False
+        when the run was stale (only its slots were freed). ``status=""`` only frees them."""
+        return bool(await self.finish_soon(task_id, token, status, **outcome))
 
     def finish_soon(
         self,
