@@ -126,8 +126,8 @@ class Api:
         redis = self.worker.redis
         key = self.worker.keys.events(task_id)
         block_ms = int(SSE_PING_S * 1000)
+        fields = await self.worker.queue.get(task_id)
         while True:
-            fields = await self.worker.queue.get(task_id)
             final = fields is None or fields.get("status") in FINAL_STATES
             # A finished task has nothing more to wait for: read what is left and end,
             # even when the reader resumes after the last event.
@@ -138,6 +138,8 @@ class Api:
                         yield self._record_event(fields)
                     return
                 yield b": ping\n\n"
+                # Quiet for a while: has the task ended or expired meanwhile?
+                fields = await self.worker.queue.get(task_id)
                 continue
             for entry_id, entry in reply[0][1]:
                 last_id = entry_id

@@ -3,8 +3,9 @@
 It never sleep-polls. A submission into a lane with a free slot, a freed slot, a reaped
 task and a cancellation arrive as Redis Pub/Sub messages and wake it at once; a run that
 ends in this process wakes it directly. Messages are only published while some
-dispatcher is idle (its last claim came back short): a busy one claims again by itself. When a claim finds nothing, it waits for the
-next wake (or, as a safety net for leases that lapsed unseen, a third of the lease TTL).
+dispatcher is idle (its last claim came back short): a busy one claims again by itself.
+When a claim finds nothing, it waits for the next wake (or, as a safety net for leases
+that lapsed unseen, a third of the lease TTL).
 
 Beside the claim loop run three more loops: the listener (Pub/Sub), the renewer (extends
 the leases of this replica's runs every third of ``LEASE_TTL_S`` in one script call) and

@@ -60,12 +60,14 @@ class EventWriter:
             return
         batch, self._tokens = self._tokens, []
         self._last_flush = time.monotonic()
-        self._xadd("tokens", {"text": "".join(batch), "n": len(batch)}).add_done_callback(
-            _log_failure
-        )
+        batch_written = self._xadd("tokens", {"text": "".join(batch), "n": len(batch)})
+        batch_written.add_done_callback(self._failed)
 
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    # Token events are a live view; the task's result is what must not be lost.
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("token_events_lost", error=str(future.exception()))
+    def _failed(self, future: asyncio.Future[Any]) -> None:
+        # Token events are a live view; the task's result is what must not be lost. Say
+        # so once per run, not once per batch while Redis is away.
+        if future.cancelled() or future.exception() is None:
+            return
+        self._lost += 1
+        if self._lost == 1:
+            log.warning("token_events_lost", error=str(future.exception()))
