@@ -562,20 +562,25 @@ def rss(bench: Bench) -> None:
 
 
 def transport(bench: Bench) -> None:
-    """What one provider call costs the worker: the official SDK's path (as llmworker
-    calls it) against the same streamed request on bare aiohttp. Each is measured in a
-    process of its own, so memory freed by one cannot hide the other's."""
+    """What one provider call costs the worker: the official SDK's path and llmworker's
+    own client (each as llmworker calls it) against the same streamed request on bare
+    aiohttp. Each is measured in a process of its own, so memory freed by one cannot
+    hide another's."""
     print("transport: 300 sequential calls, then 1,000 open streams, each way", flush=True)
     port = free_port()
     with bench.fake_llm(port, 1, 5):
         wait_http(f"http://127.0.0.1:{port}/_fake/stats")
-        for name in ("sdk", "aiohttp"):
+        for name in ("sdk", "direct", "aiohttp"):
             code = f"import asyncio, bench.run as b; print(asyncio.run(b._transport_cost({port}, {name!r})))"
             out = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
             )
             cpu_ms, kb = (float(x) for x in out.stdout.strip().strip("()").split(","))
-            label = "openai SDK" if name == "sdk" else "bare aiohttp"
+            label = {
+                "sdk": "openai SDK",
+                "direct": "llmworker's client",
+                "aiohttp": "bare aiohttp",
+            }[name]
             bench.add(
                 "t",
                 f"{label}: CPU per streamed call / memory per open stream",
@@ -590,9 +595,10 @@ async def _transport_cost(port: int, name: str) -> tuple[float, float]:
     from llmworker.settings import load_settings
 
     base = f"http://127.0.0.1:{port}/v1"
-    settings = load_settings({"BENCH_BASE_URL": base, "MODEL_M1": "bench/m1"}, env_file=None)
-    providers = Providers(settings)
-    sdk = providers.client("m1")
+    env = {"BENCH_BASE_URL": base, "MODEL_M1": "bench/m1"}
+    env["PROVIDER_CLIENT"] = "openai" if name == "sdk" else "direct"
+    providers = Providers(load_settings(env, env_file=None))
+    client = providers.client("m1")
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     messages = [{"role": "user", "content": "hi"}]
     body = {
@@ -607,10 +613,10 @@ async def _transport_cost(port: int, name: str) -> tuple[float, float]:
             async for _ in response.content:
                 pass
 
-    async def through_sdk() -> None:
-        await sdk.chat(messages)
+    async def through_client() -> None:
+        await client.chat(messages)
 
-    call = through_sdk if name == "sdk" else bare
+    call = bare if name == "aiohttp" else through_client
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as control:
         for _ in range(20):  # warm up connections and caches
             await call()

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from llmworker.executor import TaskContext
 from llmworker.record import TaskSpec
@@ -38,8 +39,15 @@ async def final(worker: Worker, task_id: str, timeout_s: float = 10) -> dict[str
     return record
 
 
-def provider_env(url: str, **extra: Any) -> dict[str, Any]:
+@pytest.fixture(params=["direct", "openai"])
+def client(request: pytest.FixtureRequest) -> str:
+    """Provider tests run on both clients: llmworker's own and the official SDK."""
+    return str(request.param)
+
+
+def provider_env(url: str, client: str = "direct", **extra: Any) -> dict[str, Any]:
     return {
+        "PROVIDER_CLIENT": client,
         "FAKEAI_BASE_URL": url,
         "MODEL_M1": "fakeai/m1",
         "MAX_M1_FREE": 2,
@@ -49,10 +57,10 @@ def provider_env(url: str, **extra: Any) -> dict[str, Any]:
 
 
 async def test_chat_streams_from_an_openai_compatible_provider(
-    make_settings, start_worker, fake_llm
+    make_settings, start_worker, fake_llm, client
 ):
     url, fake = fake_llm
-    worker = await start_worker(make_settings(**provider_env(url)))
+    worker = await start_worker(make_settings(**provider_env(url, client)))
     task_id = await submit(worker, model="m1")
     record = await final(worker, task_id)
     assert record["status"] == "succeeded", record
@@ -66,22 +74,34 @@ async def test_chat_streams_from_an_openai_compatible_provider(
 
 
 async def test_provider_429_and_500_are_retried_honouring_retry_after(
-    make_settings, start_worker, fake_llm
+    make_settings, start_worker, fake_llm, client
 ):
     url, fake = fake_llm
     fake.config.fail_next = [429, 500, 429]
-    worker = await start_worker(make_settings(**provider_env(url)))
+    worker = await start_worker(make_settings(**provider_env(url, client)))
     record = await final(worker, await submit(worker, model="m1"))
     assert record["status"] == "succeeded"
     assert fake.calls["m1"] == 4 and fake.errors["m1"] == 3
 
 
+async def test_a_provider_that_stops_answering_times_out_and_is_retried(
+    make_settings, start_worker, fake_llm, client
+):
+    url, fake = fake_llm
+    fake.config.fail_next = [0]  # the first call hangs
+    env = provider_env(url, client, PROVIDER_TIMEOUT_S=0.3)
+    worker = await start_worker(make_settings(**env))
+    record = await final(worker, await submit(worker, model="m1"))
+    assert record["status"] == "succeeded", record
+    assert fake.calls["m1"] == 2
+
+
 async def test_provider_auth_error_fails_the_task_with_an_actionable_message(
-    make_settings, start_worker, fake_llm
+    make_settings, start_worker, fake_llm, client
 ):
     url, fake = fake_llm
     fake.config.fail_next = [401]
-    worker = await start_worker(make_settings(**provider_env(url)))
+    worker = await start_worker(make_settings(**provider_env(url, client)))
     record = await final(worker, await submit(worker, model="m1"))
     assert record["status"] == "failed"
     assert record["error"]["code"] == "provider_auth"
@@ -90,23 +110,42 @@ async def test_provider_auth_error_fails_the_task_with_an_actionable_message(
 
 
 async def test_provider_errors_stop_being_retried_at_the_task_deadline(
-    make_settings, start_worker, fake_llm
+    make_settings, start_worker, fake_llm, client
 ):
     url, fake = fake_llm
     fake.config.fail_next = [500] * 50
     fake.config.retry_after_s = 0.4
-    worker = await start_worker(make_settings(**provider_env(url)))
+    worker = await start_worker(make_settings(**provider_env(url, client)))
     record = await final(worker, await submit(worker, model="m1", timeout_s=1.0))
     assert record["status"] == "failed"
     assert record["error"]["code"] in ("provider_unavailable", "timeout")
     assert fake.calls["m1"] < 20
 
 
-async def test_unreachable_provider_is_named_in_the_error(make_settings, start_worker):
-    worker = await start_worker(make_settings(**provider_env("http://127.0.0.1:9/v1")))
+async def test_unreachable_provider_is_named_in_the_error(make_settings, start_worker, client):
+    worker = await start_worker(make_settings(**provider_env("http://127.0.0.1:9/v1", client)))
     record = await final(worker, await submit(worker, model="m1", timeout_s=1.5))
     assert record["status"] == "failed"
     assert "127.0.0.1:9" in record["error"]["message"] or record["error"]["code"] == "timeout"
+
+
+async def test_a_handler_can_use_the_official_sdk_for_its_tasks_provider(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+
+    async def sdk(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+        reply = await ctx.openai.chat.completions.create(
+            model=ctx.llm.alias.model, messages=[{"role": "user", "content": "hi"}]
+        )
+        return {"text": reply.choices[0].message.content}
+
+    worker = await start_worker(make_settings(**provider_env(url)), tasks=tasks_with(("sdk", sdk)))
+    task_id, _ = await worker.admitter.submit(TaskSpec(kind="sdk", model="m1"))
+    record = await final(worker, task_id)
+    assert record["status"] == "succeeded", record
+    assert record["result"]["text"] == "tok0 tok1 tok2 tok3 tok4"
+    assert fake.calls["m1"] == 1
 
 
 async def test_user_handler_gets_context_progress_and_chains_a_follow_up(

@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import structlog
@@ -29,6 +29,9 @@ from llmworker.handlers import Registry
 from llmworker.llm import LLMClient, Providers
 from llmworker.queue import Claimed, Queue
 from llmworker.settings import Settings
+
+if TYPE_CHECKING:
+    import openai
 
 log = structlog.get_logger("llmworker.executor")
 
@@ -44,6 +47,7 @@ class TaskContext:
         llm: LLMClient,
         events: EventWriter,
         submit: Any,
+        providers: Providers | None = None,
     ) -> None:
         f = claimed.fields
         self.id = f["id"]
@@ -56,7 +60,18 @@ class TaskContext:
         self.llm = llm
         self.events = events
         self._submit = submit
+        self._providers = providers
         self.usage: dict[str, int] = {}
+
+    @property
+    def openai(self) -> openai.AsyncOpenAI:
+        """The official ``openai`` SDK's client for the task's provider (its base URL and
+        key), for what :attr:`llm` does not cover; name ``ctx.llm.alias.model`` as the
+        model. Its calls are not retried by llmworker, and they run inside the task's
+        slots like any other."""
+        if self._providers is None:
+            raise HandlerError("ctx.openai is not available outside a worker.")
+        return self._providers.openai(self.model)
 
     async def progress(
         self, fraction: float | None = None, message: str | None = None, **data: Any
@@ -183,7 +198,7 @@ class Executor:
     def _context(self, claimed: Claimed, events: EventWriter, deadline: float) -> TaskContext:
         model = claimed.fields.get("model", "")
         llm = self.providers.client(model)
-        ctx = TaskContext(claimed, llm, events, self.submit)
+        ctx = TaskContext(claimed, llm, events, self.submit, self.providers)
         llm.on_usage = ctx.add_usage
         llm.deadline = deadline
         llm.on_token = events.token

@@ -1,9 +1,17 @@
 """The LLM client a handler calls: OpenAI-compatible providers, and the in-process fake.
 
+Two clients speak to a provider, chosen by ``PROVIDER_CLIENT``:
+
+- ``direct`` (the default): OpenAI's chat completions protocol on one aiohttp session
+  per provider. A streamed call costs about a third of the CPU and memory of the SDK's
+  path, and the SDK's ~50 MB of type modules are never imported.
+- ``openai``: the official ``openai`` SDK (``AsyncOpenAI`` on its aiohttp transport).
+
 Provider errors are translated here, once, into :class:`~llmworker.errors.ProviderError`
-with a message a person can act on. Retryable ones (429, 5xx, timeouts, refused
-connections) are retried with exponential backoff and full jitter; a provider's
-``Retry-After`` wins over the backoff; no attempt starts after the task's deadline.
+with a message a person can act on, the same for both clients. Retryable ones (429,
+5xx, timeouts, refused or dropped connections) are retried with exponential backoff and
+full jitter; a provider's ``Retry-After`` wins over the backoff; no attempt starts after
+the task's deadline.
 """
 
 from __future__ import annotations
@@ -14,18 +22,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
-import httpx2
-import openai
+import aiohttp
 import orjson
 import structlog
-from openai._constants import RAW_RESPONSE_HEADER
-from openai._response import AsyncAPIResponse
-from openai.types.chat import ChatCompletion
 
+from llmworker import __version__
 from llmworker.errors import ProviderError
 from llmworker.settings import FAKE_PROVIDER, ModelAlias, Provider, Settings, env_token
+
+if TYPE_CHECKING:
+    import openai
 
 log = structlog.get_logger("llmworker.llm")
 
@@ -73,74 +81,120 @@ def _retry_after_s(headers: Mapping[str, str] | None) -> float | None:
             return None
 
 
-def translate(exc: Exception, alias: ModelAlias, provider: Provider) -> ProviderError:
-    """One table from the SDK's errors to ours."""
-    where = f"{provider.name} ({alias.alias} -> {alias.model})"
-    key_env = f"{env_token(provider.name)}_API_KEY"
-    if isinstance(exc, ProviderError):
-        return exc
-    if isinstance(exc, openai.APIConnectionError):
-        root = _root_cause(exc)
-        # The aiohttp transport reports a refused connection as a connect *timeout*:
-        # the root cause tells which it was.
-        timed_out = isinstance(root, TimeoutError) or not isinstance(root, OSError)
-        if isinstance(exc, openai.APITimeoutError) and timed_out:
-            return ProviderError(
-                f"{where} did not answer in time.", code="provider_timeout", retryable=True
-            )
+def status_error(
+    status: int,
+    detail: str,
+    headers: Mapping[str, str] | None,
+    alias: ModelAlias,
+    provider: Provider,
+) -> ProviderError:
+    """One table from a provider's HTTP status to our errors, for both clients."""
+    where = _where(alias, provider)
+    retry_after = _retry_after_s(headers)
+    if status == 401:
+        key_env = f"{env_token(provider.name)}_API_KEY"
         return ProviderError(
-            f"Could not reach {where} at {provider.base_url}: {root}.",
-            code="provider_unreachable",
-            retryable=True,
-        )
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        detail = _provider_message(exc)
-        retry_after = _retry_after_s(exc.response.headers)
-        if status == 401:
-            return ProviderError(
-                f"{where} rejected the API key (401): check {key_env}.",
-                code="provider_auth",
-                status=status,
-            )
-        if status == 402:
-            return ProviderError(
-                f"{where} refused for billing (402): {detail}",
-                code="provider_billing",
-                status=status,
-            )
-        if status == 403:
-            return ProviderError(
-                f"{where} denied access (403): {detail}", code="provider_forbidden", status=status
-            )
-        if status == 404:
-            return ProviderError(
-                f"{where} does not know the model {alias.model!r} (404): check the alias's model name.",
-                code="provider_model_not_found",
-                status=status,
-            )
-        if status == 429:
-            return ProviderError(
-                f"{where} is rate limiting (429): {detail}",
-                code="provider_rate_limited",
-                status=status,
-                retryable=True,
-                retry_after_s=retry_after,
-            )
-        if status >= 500 or status in (408, 409, 425):
-            return ProviderError(
-                f"{where} failed ({status}): {detail}",
-                code="provider_unavailable",
-                status=status,
-                retryable=True,
-                retry_after_s=retry_after,
-            )
-        return ProviderError(
-            f"{where} refused the request ({status}): {detail}",
-            code="provider_rejected",
+            f"{where} rejected the API key (401): check {key_env}.",
+            code="provider_auth",
             status=status,
         )
-    return ProviderError(f"{where} failed: {type(exc).__name__}: {exc}", code="provider_error")
+    if status == 402:
+        return ProviderError(
+            f"{where} refused for billing (402): {detail}", code="provider_billing", status=status
+        )
+    if status == 403:
+        return ProviderError(
+            f"{where} denied access (403): {detail}", code="provider_forbidden", status=status
+        )
+    if status == 404:
+        return ProviderError(
+            f"{where} does not know the model {alias.model!r} (404): check the alias's model name.",
+            code="provider_model_not_found",
+            status=status,
+        )
+    if status == 429:
+        return ProviderError(
+            f"{where} is rate limiting (429): {detail}",
+            code="provider_rate_limited",
+            status=status,
+            retryable=True,
+            retry_after_s=retry_after,
+        )
+    if status >= 500 or status in (408, 409, 425):
+        return ProviderError(
+            f"{where} failed ({status}): {detail}",
+            code="provider_unavailable",
+            status=status,
+            retryable=True,
+            retry_after_s=retry_after,
+        )
+    return ProviderError(
+        f"{where} refused the request ({status}): {detail}",
+        code="provider_rejected",
+        status=status,
+    )
+
+
+def timeout_error(alias: ModelAlias, provider: Provider) -> ProviderError:
+    return ProviderError(
+        f"{_where(alias, provider)} did not answer in time.",
+        code="provider_timeout",
+        retryable=True,
+    )
+
+
+def unreachable_error(root: object, alias: ModelAlias, provider: Provider) -> ProviderError:
+    return ProviderError(
+        f"Could not reach {_where(alias, provider)} at {provider.base_url}: {root}.",
+        code="provider_unreachable",
+        retryable=True,
+    )
+
+
+def translate(exc: Exception, alias: ModelAlias, provider: Provider) -> ProviderError:
+    """Any exception of a provider call -> :class:`ProviderError`."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return timeout_error(alias, provider)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return unreachable_error(exc.os_error, alias, provider)
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return ProviderError(
+            f"{_where(alias, provider)} dropped the connection mid-answer: {exc}.",
+            code="provider_disconnected",
+            retryable=True,
+        )
+    if isinstance(exc, aiohttp.ClientError):
+        return unreachable_error(exc, alias, provider)
+    if type(exc).__module__.startswith("openai"):
+        return _translate_sdk(exc, alias, provider)
+    return ProviderError(
+        f"{_where(alias, provider)} failed: {type(exc).__name__}: {exc}", code="provider_error"
+    )
+
+
+def _translate_sdk(exc: Exception, alias: ModelAlias, provider: Provider) -> ProviderError:
+    import openai
+
+    if isinstance(exc, openai.APIConnectionError):
+        root = _root_cause(exc)
+        # The SDK's aiohttp transport reports a refused connection as a connect
+        # *timeout*: the root cause tells which it was.
+        timed_out = isinstance(root, TimeoutError) or not isinstance(root, OSError)
+        if isinstance(exc, openai.APITimeoutError) and timed_out:
+            return timeout_error(alias, provider)
+        return unreachable_error(root, alias, provider)
+    if isinstance(exc, openai.APIStatusError):
+        detail = _error_detail(exc.body) or str(exc.message)
+        return status_error(exc.status_code, detail, exc.response.headers, alias, provider)
+    return ProviderError(
+        f"{_where(alias, provider)} failed: {type(exc).__name__}: {exc}", code="provider_error"
+    )
+
+
+def _where(alias: ModelAlias, provider: Provider) -> str:
+    return f"{provider.name} ({alias.alias} -> {alias.model})"
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -151,13 +205,15 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _provider_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
+def _error_detail(body: object) -> str | None:
+    """The message inside OpenAI's ``{"error": {"message": ...}}``, if there is one."""
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
             return str(inner["message"])
-    return str(exc.message)
+        if isinstance(inner, str) and inner:
+            return inner
+    return None
 
 
 class ChatBackend:
@@ -170,33 +226,84 @@ class ChatBackend:
         return None
 
 
+def _stream_body(request: dict[str, Any], model: str) -> dict[str, Any]:
+    return {
+        **request,
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+class DirectBackend(ChatBackend):
+    """OpenAI's streamed chat completions on a shared aiohttp session."""
+
+    def __init__(
+        self, alias: ModelAlias, provider: Provider, session: aiohttp.ClientSession
+    ) -> None:
+        self.alias = alias
+        self.provider = provider
+        self.session = session
+        self.url = provider.base_url.rstrip("/") + "/chat/completions"
+
+    async def complete(self, request: dict[str, Any], on_token: TokenSink | None) -> ChatResult:
+        body = orjson.dumps(_stream_body(request, self.alias.model))
+        acc = _StreamAccumulator(self.alias.model, on_token)
+        async with self.session.post(self.url, data=body) as response:
+            if response.status >= 400:
+                raw = await response.content.read(MAX_ERROR_BODY)
+                raise status_error(
+                    response.status, _detail(raw), response.headers, self.alias, self.provider
+                )
+            # Lines of server-sent events; only ``data:`` lines carry chunks.
+            async for line in response.content:
+                if line.startswith(b"data:"):
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    acc.add(orjson.loads(data))
+        return acc.result()
+
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+def _detail(raw: bytes) -> str:
+    try:
+        found = _error_detail(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        found = None
+    if found:
+        return found
+    text = raw.decode("utf-8", "replace").strip()
+    return text[:500] or "no details"
+
+
 class OpenAIBackend(ChatBackend):
+    """The same call through the official SDK (``PROVIDER_CLIENT=openai``)."""
+
     def __init__(self, alias: ModelAlias, provider: Provider, client: openai.AsyncOpenAI) -> None:
         self.alias = alias
         self.provider = provider
         self.client = client
 
     async def complete(self, request: dict[str, Any], on_token: TokenSink | None) -> ChatResult:
+        from openai._constants import RAW_RESPONSE_HEADER
+        from openai.types.chat import ChatCompletion
+
         # The SDK sends the request (auth, headers, timeouts) and maps HTTP errors to its
         # exceptions. Two of its costs are skipped, each about a millisecond of CPU per
         # call: the typed transform of the body (it is already plain JSON) and one
         # pydantic model per streamed chunk (the stream is read raw).
-        body = {
-            **request,
-            "model": self.alias.model,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
         acc = _StreamAccumulator(self.alias.model, on_token)
-        response = await self.client.post(
+        raw = await self.client.post(
             "/chat/completions",
             cast_to=ChatCompletion,
-            body=body,
+            body=_stream_body(request, self.alias.model),
             options={"headers": {RAW_RESPONSE_HEADER: "stream"}},
         )
-        raw = cast("AsyncAPIResponse[ChatCompletion]", response)
         try:
-            async for line in raw.iter_lines():
+            async for line in raw.iter_lines():  # type: ignore[attr-defined]
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -204,7 +311,7 @@ class OpenAIBackend(ChatBackend):
                     break
                 acc.add(orjson.loads(data))
         finally:
-            await raw.close()
+            await raw.close()  # type: ignore[attr-defined]
         return acc.result()
 
 
@@ -291,7 +398,8 @@ class Providers:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._sdk_clients: dict[str, openai.AsyncOpenAI] = {}
         self._fake = FakeBackend(settings.fake_latency_ms, settings.fake_tokens)
 
     def backend(self, alias_name: str) -> ChatBackend:
@@ -299,15 +407,58 @@ class Providers:
         provider = self.settings.providers[alias.provider]
         if provider.name == FAKE_PROVIDER:
             return self._fake
-        client = self._clients.get(provider.name)
+        if self.settings.provider_client == "openai":
+            return OpenAIBackend(alias, provider, self.openai(alias_name))
+        session = self._sessions.get(provider.name)
+        if session is None:
+            session = self._sessions[provider.name] = self._session(provider)
+        return DirectBackend(alias, provider, session)
+
+    def _session(self, provider: Provider) -> aiohttp.ClientSession:
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            "User-Agent": f"llmworker/{__version__}",
+        }
+        if provider.api_key:
+            headers["Authorization"] = f"Bearer {provider.api_key}"
+        return aiohttp.ClientSession(
+            headers=headers,
+            # Every run may hold a stream open at once; idle connections are kept for
+            # reuse, a dead keep-alive one is replaced by aiohttp before the request.
+            connector=aiohttp.TCPConnector(
+                limit=max(1000, self.settings.worker_concurrency),
+                limit_per_host=0,
+                keepalive_timeout=30,
+            ),
+            # A streamed answer may take minutes: the timeout is between two reads.
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=10, sock_read=self.settings.provider_timeout_s
+            ),
+            skip_auto_headers=("Accept-Encoding",),
+        )
+
+    def openai(self, alias_name: str) -> openai.AsyncOpenAI:
+        """The official SDK's client for an alias's provider (imported on first use)."""
+        alias = self.settings.models[alias_name]
+        provider = self.settings.providers[alias.provider]
+        if provider.name == FAKE_PROVIDER:
+            raise ProviderError(
+                f"The model {alias_name!r} is simulated in-process: it has no API for the "
+                "openai SDK; point a provider at `llmworker fake-llm` instead.",
+                code="provider_rejected",
+            )
+        client = self._sdk_clients.get(provider.name)
         if client is None:
+            import httpx2
+            import openai
+
             client = openai.AsyncOpenAI(
                 api_key=provider.api_key or "none",
                 base_url=provider.base_url,
                 max_retries=0,  # retried here, within the task's deadline
                 timeout=openai.Timeout(self.settings.provider_timeout_s, connect=10.0),
-                # aiohttp moves bytes for about half the CPU of httpx; every run may
-                # hold a stream open at once.
+                # aiohttp moves bytes for about half the CPU of httpx.
                 http_client=openai.DefaultAioHttpClient(
                     limits=httpx2.Limits(
                         max_connections=max(1000, self.settings.worker_concurrency),
@@ -315,8 +466,8 @@ class Providers:
                     )
                 ),
             )
-            self._clients[provider.name] = client
-        return OpenAIBackend(alias, provider, client)
+            self._sdk_clients[provider.name] = client
+        return client
 
     def client(
         self, alias_name: str, on_usage: Callable[[dict[str, int]], None] | None = None
@@ -327,9 +478,12 @@ class Providers:
         )
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
+        for session in self._sessions.values():
+            await session.close()
+        for client in self._sdk_clients.values():
             await client.close()
-        self._clients.clear()
+        self._sessions.clear()
+        self._sdk_clients.clear()
 
 
 class LLMClient:

@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     # are free; the claim holds Redis for about 50 us per task.
     claim_batch: int = Field(128, ge=1, le=1000)
     provider_timeout_s: float = Field(120.0, gt=0)
+    # How llmworker speaks to providers: "direct" (its own client on aiohttp) or
+    # "openai" (the official SDK); see llm.py.
+    provider_client: Literal["direct", "openai"] = "direct"
     task_modules: str = ""
     fake_latency_ms: float = Field(400.0, ge=0)
     fake_tokens: int = Field(24, ge=0)
