@@ -30,6 +30,8 @@ from llmworker.settings import Settings, load_settings
 from llmworker.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
+# A Standard Webhooks secret for tests that send callbacks.
+CALLBACK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 def _answers(url: str) -> bool:
@@ -158,6 +160,21 @@ class LoopbackServer:
         self.server.should_exit = True
         if self.task is not None:
             await self.task
+
+
+@contextlib.asynccontextmanager
+async def serve_api(
+    settings: Settings, **worker_kwargs: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Worker]]:
+    """A worker and its HTTP API on loopback, and a client for it."""
+    from llmworker.api import create_app
+
+    worker = Worker(settings, **worker_kwargs)
+    async with (
+        LoopbackServer(create_app(settings, worker)) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        yield client, worker
 
 
 @pytest.fixture

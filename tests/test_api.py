@@ -3,35 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from llmworker.api import create_app
-from llmworker.settings import Settings
 from llmworker.worker import Worker
 
-from .conftest import LoopbackServer, wait_until
+from .conftest import CALLBACK_SECRET, wait_until
+from .conftest import serve_api as api
 
 CHAT: dict[str, Any] = {
     "kind": "chat",
     "input": {"messages": [{"role": "user", "content": "hello"}]},
 }
-
-
-@asynccontextmanager
-async def api(
-    settings: Settings, **worker_kwargs: Any
-) -> AsyncIterator[tuple[httpx.AsyncClient, Worker]]:
-    worker = Worker(settings, **worker_kwargs)
-    async with (
-        LoopbackServer(create_app(settings, worker)) as url,
-        httpx.AsyncClient(base_url=url, timeout=30) as client,
-    ):
-        yield client, worker
 
 
 async def waiting(worker: Worker) -> int:
@@ -63,7 +49,8 @@ async def test_submit_then_get_runs_a_chat_task_to_success(make_settings):
 
 
 async def test_submit_answer_is_the_stored_record(make_settings):
-    async with api(make_settings(), dispatch=False) as (client, _worker):
+    settings = make_settings(CALLBACK_SECRET=CALLBACK_SECRET)
+    async with api(settings, dispatch=False) as (client, _worker):
         body = {
             **CHAT,
             "user": "u9",

@@ -10,6 +10,8 @@ from llmworker.errors import ConfigError
 from llmworker.guards import GuardPlan
 from llmworker.settings import load_settings
 
+from .conftest import CALLBACK_SECRET
+
 
 def test_guide_env_names_set_limits_caps_and_keys():
     s = load_settings(
@@ -128,9 +130,36 @@ def test_dotenv_file_is_read_and_the_environment_wins(tmp_path: Path):
 
 
 def test_redacted_settings_hide_secrets():
-    s = load_settings(
-        {"API_KEYS": "a,b", "DEEPSEEK_API_KEY": "sk-secret", "CALLBACK_SECRET": "cb"}, env_file=None
-    )
+    env = {
+        "API_KEYS": "a,b",
+        "DEEPSEEK_API_KEY": "sk-secret",
+        "CALLBACK_SECRET": CALLBACK_SECRET,
+        "QSTASH_TOKEN": "qstash-token",
+        "QSTASH_CURRENT_SIGNING_KEY": "sig_current",
+    }
+    s = load_settings(env, env_file=None)
     shown = repr(s.redacted())
-    assert "sk-secret" not in shown and "cb'" not in shown and "'a,b'" not in shown
+    for secret in ("sk-secret", CALLBACK_SECRET, "qstash-token", "sig_current", "'a,b'"):
+        assert secret not in shown
     assert s.redacted()["api_keys"] == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"QSTASH_SKIP_VERIFY": "true"}, "QSTASH_SKIP_VERIFY=true accepts unsigned deliveries"),
+        ({"CALLBACK_SECRET": "not base64!"}, "CALLBACK_SECRET: must be a Standard Webhooks secret"),
+        ({"CALLBACK_SECRET": "whsec_c2hvcnQ="}, "CALLBACK_SECRET: is too short"),
+        ({"CALLBACK_VIA": "qstash"}, "CALLBACK_VIA=qstash publishes callbacks through QStash"),
+        ({"PUBLIC_URL": "worker.example.com"}, "PUBLIC_URL='worker.example.com' must be an http"),
+    ],
+)
+def test_qstash_and_callback_settings_that_cannot_work_stop_start_up(env, line):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env, env_file=None)
+    assert any(p.startswith(line) for p in caught.value.problems), caught.value.problems
+
+
+def test_skipping_qstash_verification_is_allowed_in_development():
+    s = load_settings({"QSTASH_SKIP_VERIFY": "true", "LLMWORKER_ENV": "development"}, env_file=None)
+    assert s.qstash_skip_verify

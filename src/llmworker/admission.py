@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from llmworker.errors import InvalidField, QueueFull
 from llmworker.handlers import Registry
+from llmworker.notify import check_callback_url
 from llmworker.queue import Queue
 from llmworker.record import TaskSpec, invalid_field, new_task_id
 from llmworker.settings import Settings, env_token
@@ -57,6 +58,8 @@ class Admitter:
                 f"Model {model!r} takes no {tier} tasks: "
                 f"MAX_{env_token(model)}_{env_token(tier)} is 0.",
             )
+        if spec.callback_url is not None:
+            check_callback_url(spec.callback_url, self.settings)
         value = spec.input
         if handler.input_model is not None:
             try:
@@ -65,13 +68,16 @@ class Admitter:
                 raise invalid_field(exc, "input.") from None
         return tier, model, value
 
-    async def submit(self, spec: TaskSpec) -> tuple[str, dict[str, str] | None]:
+    async def submit(
+        self, spec: TaskSpec, extra: dict[str, str] | None = None
+    ) -> tuple[str, dict[str, str] | None]:
         """Queue a task. Returns its id and, when it is new, its stored fields (None: an
         existing task with the same id or idempotency key was found instead). Raises
-        :class:`QueueFull` at the tier's cap."""
+        :class:`QueueFull` at the tier's cap. ``extra``: more fields to store (how it
+        was delivered)."""
         tier, model, value = self.resolve(spec)
         task_id = spec.id or new_task_id()
-        fields = {"input": orjson.dumps(value).decode()}
+        fields = {"input": orjson.dumps(value).decode(), **(extra or {})}
         if spec.callback_url:
             fields["callback_url"] = spec.callback_url
         if spec.timeout_s is not None:

@@ -20,7 +20,17 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from llmworker.errors import BodyTooLarge, NotFound, RequestError, Unauthorized
+from llmworker import signature
+from llmworker.errors import (
+    BadRequest,
+    BodyTooLarge,
+    InvalidField,
+    NotConfigured,
+    NotFound,
+    RequestError,
+    SignatureInvalid,
+    Unauthorized,
+)
 from llmworker.record import FINAL_STATES, TaskSpec, record_view
 from llmworker.settings import Settings, load_settings
 from llmworker.worker import Worker
@@ -45,6 +55,18 @@ def error_answer(exc: RequestError) -> JSON:
         headers["WWW-Authenticate"] = "Bearer"
     body = {"error": exc.code, "message": exc.message, **exc.extra()}
     return JSON(body, status_code=exc.status, headers=headers)
+
+
+# QStash moves a delivery answered with this status and header to its dead-letter queue
+# instead of retrying it: for tasks that can never be admitted.
+NON_RETRYABLE_STATUS = 489
+
+
+def non_retryable_answer(exc: RequestError) -> JSON:
+    body = {"error": exc.code, "message": exc.message, **exc.extra()}
+    return JSON(
+        body, status_code=NON_RETRYABLE_STATUS, headers={"Upstash-NonRetryable-Error": "true"}
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -91,6 +113,62 @@ class Api:
         headers["Idempotent-Replayed"] = "true"
         return JSON(record_view(await self._record(task_id)), status_code=200, headers=headers)
 
+    async def qstash(self, request: Request) -> Response:
+        """A QStash delivery: verified on the raw bytes, then admitted like a submission.
+        2xx frees QStash's slot at once; 429 is retried after Retry-After; 489 sends a task
+        that can never be admitted to the dead-letter queue; 5xx only for real faults."""
+        keys = self.settings.qstash_keys
+        if not keys and not self.settings.qstash_skip_verify:
+            raise NotConfigured(
+                "QStash deliveries are not accepted: set QSTASH_CURRENT_SIGNING_KEY and "
+                "QSTASH_NEXT_SIGNING_KEY (Upstash console, QStash, Signing Keys)."
+            )
+        message_id = request.headers.get("upstash-message-id")
+        try:
+            body = await read_body(request, self.settings.max_body_bytes)
+        except BodyTooLarge as exc:
+            return non_retryable_answer(exc)
+        if not self.settings.qstash_skip_verify:
+            try:
+                signature.verify(
+                    request.headers.get("upstash-signature"),
+                    body,
+                    self._signed_url(request),
+                    keys,
+                    leeway_s=self.settings.qstash_clock_leeway_s,
+                )
+            except SignatureInvalid as exc:
+                log.warning(
+                    "qstash_refused", check=exc.code, reason=exc.message, message_id=message_id
+                )
+                raise
+        try:
+            spec = TaskSpec.parse(body)
+            if spec.idempotency_key is None and message_id:
+                spec = spec.model_copy(update={"idempotency_key": message_id})
+            delivery = {"qstash_message_id": message_id or ""}
+            retried = request.headers.get("upstash-retried", "")
+            delivery["qstash_retried"] = retried if retried.isdigit() else "0"
+            task_id, stored = await self.worker.admitter.submit(spec, delivery)
+        except (BadRequest, InvalidField) as exc:
+            log.warning("qstash_invalid_task", error=exc.code, message_id=message_id)
+            return non_retryable_answer(exc)
+        headers = {"Location": f"/v1/tasks/{task_id}"}
+        if stored is not None:
+            return JSON(record_view(stored), status_code=202, headers=headers)
+        headers["Idempotent-Replayed"] = "true"
+        return JSON(record_view(await self._record(task_id)), status_code=200, headers=headers)
+
+    def _signed_url(self, request: Request) -> str:
+        """The URL QStash signed for: PUBLIC_URL and this request's path (behind a proxy
+        the request's own URL differs), or the request's own URL without PUBLIC_URL."""
+        if not self.settings.public_url:
+            return str(request.url)
+        query = request.url.query
+        return (
+            self.settings.public_url.rstrip("/") + request.url.path + (f"?{query}" if query else "")
+        )
+
     async def _record(self, task_id: str) -> dict[str, str]:
         fields = await self.worker.queue.get(task_id)
         if fields is None:
@@ -109,6 +187,7 @@ class Api:
         before = await self.worker.queue.cancel(task_id, self.settings.result_ttl_s)
         if before is None:
             raise NotFound(f"No task {task_id!r}: it never existed or its record expired.")
+        self.worker.notifier.wake()
         return JSON(record_view(await self._record(task_id)))
 
     async def events(self, request: Request) -> Response:
@@ -214,6 +293,7 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         Route("/v1/tasks/{id}", api.get, methods=["GET"]),
         Route("/v1/tasks/{id}", api.cancel, methods=["DELETE"]),
         Route("/v1/tasks/{id}/events", api.events, methods=["GET"]),
+        Route("/v1/qstash", api.qstash, methods=["POST"]),
         Route("/v1/stats", api.stats, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/ready", api.ready, methods=["GET"]),

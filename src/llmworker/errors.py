@@ -8,7 +8,9 @@
     │   ├── Unauthorized       401: no or wrong API key
     │   ├── BodyTooLarge       413: body past MAX_BODY_BYTES
     │   ├── NotFound           404: unknown or expired task
-    │   └── QueueFull          429: the tier's queue is at its cap; carries retry_after_s
+    │   ├── QueueFull          429: the tier's queue is at its cap; carries retry_after_s
+    │   ├── SignatureInvalid   401: a QStash delivery failed one check; the code names it
+    │   └── NotConfigured      503: the endpoint needs settings this worker lacks
     ├── TaskError              a run ended badly; becomes the task record's ``error``
     │   ├── ProviderError      the LLM provider failed (translated once, in llm.py)
     │   ├── TaskTimeout        the task's deadline passed
@@ -101,6 +103,22 @@ class QueueFull(RequestError):
 
     def extra(self) -> dict[str, Any]:
         return {"retry_after": self.retry_after_s, "tier": self.tier}
+
+
+class SignatureInvalid(RequestError):
+    """An ``Upstash-Signature`` failed a check; ``code`` says which (``signature_expired``,
+    ``signature_body_mismatch`` ...)."""
+
+    status = 401
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(message)
+        self.code = f"signature_{check}"
+
+
+class NotConfigured(RequestError):
+    status = 503
+    code = "not_configured"
 
 
 class TaskError(LLMWorkerError):

@@ -119,6 +119,8 @@ class Executor:
         self.providers = providers
         self.submit = submit
         self.on_release: Callable[[], None] = lambda: None
+        # A final state with a callback_url was recorded: the notifier may deliver now.
+        self.on_callback: Callable[[], None] = lambda: None
 
     async def run(self, claimed: Claimed, run: Run) -> None:
         structlog.contextvars.bind_contextvars(task_id=claimed.id, kind=claimed.fields.get("kind"))
@@ -155,6 +157,8 @@ class Executor:
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
         outcome = {"result": result, "error": error, "usage": usage}
         recorded = await asyncio.shield(self._record(claimed, status, outcome))
+        if recorded and claimed.fields.get("callback_url"):
+            self.on_callback()
         log.info(
             "task_finished",
             status=status if recorded else "stale",

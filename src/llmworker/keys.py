@@ -30,6 +30,10 @@ key                                    type     lifetime
 ``replicas``                           zset     replica ids scored by heartbeat expiry (ms)
 ``idle``                               zset     replicas waiting for a wake, scored by when
                                                 they claim again anyway (ms)
+``callbacks``                          zset     the callback outbox: ids of finished tasks
+                                                with a callback_url, scored by when the
+                                                next attempt is due (ms); left once
+                                                delivered, failed or the record expired
 =====================================  =======  ==========================================
 
 Channels: ``wake`` (a task was queued or a slot freed: idle dispatchers try a claim) and
@@ -75,6 +79,10 @@ class Keys:
     @property
     def running(self) -> str:
         return f"{self.base}running"
+
+    @property
+    def callbacks(self) -> str:
+        return f"{self.base}callbacks"
 
     @property
     def replicas(self) -> str:

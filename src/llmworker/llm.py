@@ -61,7 +61,7 @@ class ChatResult:
         return out
 
 
-def _retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
     if headers is None:
         return None
     if ms := headers.get("retry-after-ms"):
@@ -90,7 +90,7 @@ def status_error(
 ) -> ProviderError:
     """One table from a provider's HTTP status to our errors, for both clients."""
     where = _where(alias, provider)
-    retry_after = _retry_after_s(headers)
+    retry_after = retry_after_s(headers)
     if status == 401:
         key_env = f"{env_token(provider.name)}_API_KEY"
         return ProviderError(

@@ -147,7 +147,25 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
         "idempotency_key": h.get("idem") or None,
         "callback_url": h.get("callback_url") or None,
         "metadata": _json(h.get("metadata")),
+        **_delivery(h),
     }
+
+
+def _delivery(h: dict[str, str]) -> dict[str, Any]:
+    """How the task arrived and how its callback went, where there is something to say."""
+    out: dict[str, Any] = {}
+    if h.get("qstash_message_id"):
+        out["qstash"] = {
+            "message_id": h["qstash_message_id"],
+            "retried": int(h.get("qstash_retried") or 0),
+        }
+    if h.get("callback_url"):
+        out["callback"] = {
+            "status": h.get("cb_status") or "waiting",
+            "attempts": int(h.get("cb_attempts") or 0),
+            "error": h.get("cb_error") or None,
+        }
+    return out
 
 
 def dumps(value: Any) -> bytes:

@@ -25,7 +25,17 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-NAMES = ("admit", "claim", "finish", "handback", "reap", "cancel", "renew")
+NAMES = (
+    "admit",
+    "claim",
+    "finish",
+    "handback",
+    "reap",
+    "cancel",
+    "renew",
+    "callback_claim",
+    "callback_end",
+)
 
 # Past this many calls a batch is cut, so one reply never grows without bound.
 MAX_BATCH = 512

@@ -138,7 +138,21 @@ class Settings(BaseSettings):
     qstash_next_signing_key: str | None = None
     qstash_url: str | None = None
     qstash_token: str | None = None
+    # Seconds a QStash signature's exp/nbf/iat may be off by (the clocks of two machines).
+    qstash_clock_leeway_s: float = Field(60.0, ge=0, le=3600)
+    # Development only (with LLMWORKER_ENV=development): accept unsigned deliveries.
+    qstash_skip_verify: bool = False
+    llmworker_env: Literal["production", "development"] = "production"
     callback_secret: str | None = None
+    # Hosts callbacks may go to ("app.example.com", "*.example.com", "10.0.0.5:3000");
+    # empty: any host whose addresses are all public.
+    callback_allowed_hosts: str = ""
+    # "direct": llmworker POSTs and retries; "qstash": published through QStash, which
+    # retries (needs QSTASH_TOKEN).
+    callback_via: Literal["direct", "qstash"] = "direct"
+    callback_timeout_s: float = Field(10.0, gt=0)
+    # Failed deliveries are retried with backoff until this long after the final state.
+    callback_deadline_s: float = Field(86400.0, gt=0)
     cors_origin: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = (
         "INFO"
@@ -178,7 +192,18 @@ class Settings(BaseSettings):
     queue_caps: dict[str, int] = Field(default_factory=dict)
     tier_weights: dict[str, int] = Field(default_factory=dict)
 
-    @field_validator("redis_url", "public_url", "default_model", "cors_origin", mode="before")
+    @field_validator(
+        "redis_url",
+        "public_url",
+        "default_model",
+        "cors_origin",
+        "qstash_current_signing_key",
+        "qstash_next_signing_key",
+        "qstash_token",
+        "qstash_url",
+        "callback_secret",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # "REDIS_URL=" in a .env file means "not set", as in a shell.
@@ -194,6 +219,15 @@ class Settings(BaseSettings):
     @property
     def tier_names(self) -> list[str]:
         return [t.strip().lower() for t in self.tiers.split(",") if t.strip()]
+
+    @property
+    def qstash_keys(self) -> list[str]:
+        """The signing keys a delivery may be signed with: the current one, then the next."""
+        return [k for k in (self.qstash_current_signing_key, self.qstash_next_signing_key) if k]
+
+    @property
+    def callback_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in self.callback_allowed_hosts.split(",") if h.strip()]
 
     @property
     def api_key_list(self) -> list[str]:
@@ -407,6 +441,26 @@ def _validate_declared(plain: dict[str, Any], problems: list[str]) -> Settings:
         return Settings.model_validate({k: v for k, v in plain.items() if k not in bad})
 
 
+def _check_edges(s: Settings, problems: list[str]) -> None:
+    """QStash and callback settings that only make sense together."""
+    if s.qstash_skip_verify and s.llmworker_env != "development":
+        problems.append(
+            "QSTASH_SKIP_VERIFY=true accepts unsigned deliveries: it is honoured only with "
+            "LLMWORKER_ENV=development"
+        )
+    if s.public_url is not None and not re.match(r"^https?://[^\s/]+", s.public_url):
+        problems.append(f"PUBLIC_URL={s.public_url!r} must be an http:// or https:// URL")
+    if s.callback_secret is not None:
+        from llmworker.notify import signing_key
+
+        try:
+            signing_key(s.callback_secret)
+        except ValueError as exc:
+            problems.append(f"CALLBACK_SECRET: {exc}")
+    if s.callback_via == "qstash" and not s.qstash_token:
+        problems.append("CALLBACK_VIA=qstash publishes callbacks through QStash: set QSTASH_TOKEN")
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     env_file: str | Path | None = ".env",
@@ -451,6 +505,7 @@ def load_settings(
             problems.append(
                 f"DEFAULT_MODEL={base.default_model!r} needs {env_token(models[base.default_model].provider)}_API_KEY"
             )
+    _check_edges(base, problems)
     if problems:
         raise ConfigError(problems)
     return base.model_copy(update={"providers": providers, "models": models, **limits})

@@ -20,6 +20,7 @@ from llmworker.guards import guard_usage
 from llmworker.handlers import Registry, import_task_modules, registry
 from llmworker.keys import Keys
 from llmworker.llm import Providers
+from llmworker.notify import Notifier
 from llmworker.queue import Queue
 from llmworker.settings import Settings
 
@@ -53,6 +54,8 @@ class Worker:
         self.dispatcher = Dispatcher(
             settings, self.redis, self.keys, self.queue, self.executor, self.replica_id
         )
+        self.notifier = Notifier(settings, self.queue)
+        self.executor.on_callback = self.notifier.wake
         self.started = False
 
     async def start(self) -> None:
@@ -61,6 +64,7 @@ class Worker:
         await self.queue.scripts.load()
         if self.dispatch:
             self.dispatcher.start()
+            self.notifier.start()
         self.started = True
         log.info(
             "worker_started",
@@ -75,10 +79,27 @@ class Worker:
                 hint="no provider key is set (DEEPSEEK_API_KEY, GEMINI_API_KEY, ZHIPUAI_API_KEY, "
                 "OPENAI_API_KEY): only the simulated 'fake' model runs",
             )
+        self._warn_about_edges()
+
+    def _warn_about_edges(self) -> None:
+        s = self.settings
+        if s.qstash_skip_verify:
+            log.warning(
+                "qstash_unverified",
+                hint="QSTASH_SKIP_VERIFY=true: /v1/qstash accepts unsigned deliveries "
+                "(development only)",
+            )
+        elif s.qstash_keys and not s.public_url:
+            log.warning(
+                "qstash_without_public_url",
+                hint="PUBLIC_URL is not set: signatures are checked against each request's "
+                "own URL, which differs behind a proxy such as Caddy",
+            )
 
     async def stop(self) -> None:
         if self.started and self.dispatch:
             await self.dispatcher.stop(self.settings.shutdown_grace_s)
+            await self.notifier.stop()
         self.started = False
         await self.providers.aclose()
         await self.redis.aclose()

@@ -73,13 +73,19 @@ local function release(guards, token)
   for g in string.gmatch(guards, '[^\n]+') do redis.call('ZREM', g, token) end
 end
 
--- A final state: the record, its events and its idempotency key expire together.
+-- A final state: the record, its events and its idempotency key expire together. A task
+-- with a callback_url enters the callback outbox, due now, in the same step: a replica
+-- that dies right after cannot lose the callback.
 local function finalize(id, status, ttl_s, now)
   local tk = task_key(id)
   redis.call('HSET', tk, 'status', status, 'finished_at', now)
   redis.call('ZREM', P .. 'running', id)
   redis.call('EXPIRE', tk, ttl_s)
   redis.call('EXPIRE', P .. 'ev:' .. id, ttl_s)
-  local idem = redis.call('HGET', tk, 'idem')
-  if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl_s) end
+  local t = redis.call('HMGET', tk, 'idem', 'callback_url')
+  if t[1] and t[1] ~= '' then redis.call('EXPIRE', P .. 'idem:' .. t[1], ttl_s) end
+  if t[2] and t[2] ~= '' then
+    redis.call('HSET', tk, 'cb_status', 'pending')
+    redis.call('ZADD', P .. 'callbacks', now, id)
+  end
 end

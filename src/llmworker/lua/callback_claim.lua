@@ -1,0 +1,21 @@
+-- Take up to n callbacks that are due, for one delivery attempt each: each stays in the
+-- outbox, due again after the visibility time, so an attempt whose replica dies is
+-- retried by another. A callback whose task record expired leaves the outbox.
+-- ARGV: n, visibility ms. Returns {ms until the next one is due (-1: none), records...},
+-- each record a flat field/value list with cb_attempts already counted.
+local n, visibility_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = now_ms()
+local out = {-1}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'callbacks', '-inf', now, 'LIMIT', 0, n)) do
+  local tk = task_key(id)
+  if redis.call('EXISTS', tk) == 0 then
+    redis.call('ZREM', P .. 'callbacks', id)
+  else
+    redis.call('ZADD', P .. 'callbacks', now + visibility_ms, id)
+    redis.call('HINCRBY', tk, 'cb_attempts', 1)
+    out[#out + 1] = redis.call('HGETALL', tk)
+  end
+end
+local nxt = redis.call('ZRANGE', P .. 'callbacks', 0, 0, 'WITHSCORES')
+if #nxt > 0 then out[1] = math.max(0, tonumber(nxt[2]) - now) end
+return out

@@ -1,0 +1,341 @@
+"""Callbacks: when a task with a ``callback_url`` reaches a final state, its record is
+POSTed there, signed as Standard Webhooks do.
+
+The callback is durable: the script that records the final state also puts the task in
+the callback outbox (``keys.callbacks``), so it survives the replica that finished the
+task. Every replica runs a :class:`Notifier` that takes due callbacks (each taken
+callback stays invisible to the others while one attempt runs), delivers, and records
+the outcome: delivered (it leaves the outbox: at most one successful delivery), retry
+later (exponential backoff with jitter, a receiver's ``Retry-After`` honoured), or failed
+once ``CALLBACK_DEADLINE_S`` has passed since the final state.
+
+Receivers dedupe on ``webhook-id``, which is the same for every attempt of one final
+state. The signature is ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">`` keyed by
+``CALLBACK_SECRET`` (a ``whsec_<base64>`` secret), so the ``standardwebhooks`` library
+verifies it as it is.
+
+Callbacks never go to internal addresses unless allowed: without
+``CALLBACK_ALLOWED_HOSTS`` a host must resolve only to public addresses (checked when
+connecting, so DNS cannot be switched in between); with it, only the listed hosts are
+accepted, and they may be internal (``app:3000`` on a Docker network).
+
+With ``CALLBACK_VIA=qstash`` the signed callback is published through QStash instead,
+which then does the retrying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import random
+import socket
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from llmworker import __version__
+from llmworker.errors import InvalidField
+from llmworker.llm import retry_after_s
+from llmworker.queue import Queue
+from llmworker.record import record_view
+from llmworker.settings import Settings
+
+log = structlog.get_logger("llmworker.notify")
+
+BATCH = 32
+BACKOFF_BASE_S = 2.0
+BACKOFF_MAX_S = 600.0
+# Nothing due: look at the outbox again after this long anyway (a callback left behind by
+# a replica that died during its attempt becomes due again while this one sleeps).
+IDLE_WAIT_S = 30.0
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret, derived as the ``standardwebhooks``
+    library does, so receivers pass the same string to it."""
+    raw = secret.removeprefix("whsec_").rstrip("=")
+    try:
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            "must be a Standard Webhooks secret, 'whsec_' and base64 (make one with: "
+            "python -c \"import base64,os;print('whsec_'+base64.b64encode(os.urandom(32)).decode())\")"
+        ) from None
+    if len(key) < 16:
+        raise ValueError("is too short: use at least 16 random bytes (24 base64 characters)")
+    return key
+
+
+def webhook_id(task_id: str, status: str) -> str:
+    """One per final state: the same on every attempt, so receivers can dedupe."""
+    return f"task_{task_id}_{status}"
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+# -- where callbacks may go ------------------------------------------------------------
+
+
+def _host_allowed(host: str, port: int | None, allowed: list[str]) -> bool:
+    for entry in allowed:
+        name, _, want_port = entry.rpartition(":") if _has_port(entry) else (entry, "", "")
+        if want_port and str(port) != want_port:
+            continue
+        if name.startswith("*."):
+            if host.endswith(name[1:]) and host != name[2:]:
+                return True
+        elif host == name:
+            return True
+    return False
+
+
+def _has_port(entry: str) -> bool:
+    head, sep, tail = entry.rpartition(":")
+    return bool(sep) and tail.isdigit() and "]" not in tail and head.count(":") == 0
+
+
+def _is_public(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_global
+    except ValueError:
+        return False
+
+
+def check_callback_url(url: str, settings: Settings) -> None:
+    """Refuse, at admission, a callback this worker would never deliver."""
+    if not settings.callback_secret and settings.callback_via != "qstash":
+        raise InvalidField(
+            "callback_url",
+            "This worker sends no callbacks: set CALLBACK_SECRET (callbacks are signed).",
+        )
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidField("callback_url", f"The callback URL {url!r} has a bad port.") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise InvalidField("callback_url", "The callback URL must be an http:// or https:// URL.")
+    allowed = settings.callback_hosts
+    if allowed:
+        if not _host_allowed(host, port, allowed):
+            raise InvalidField(
+                "callback_url",
+                f"Callbacks may not go to {host!r}: it is not in CALLBACK_ALLOWED_HOSTS.",
+            )
+        return
+    internal = host == "localhost" or host.endswith((".localhost", ".internal", ".local"))
+    with contextlib.suppress(ValueError):
+        internal = internal or not ipaddress.ip_address(host).is_global
+    if internal:
+        raise InvalidField(
+            "callback_url",
+            f"Callbacks may not go to the internal address {host!r}; list it in "
+            "CALLBACK_ALLOWED_HOSTS to allow it.",
+        )
+
+
+class _PublicOnlyResolver(AbstractResolver):
+    """Resolves like the default resolver, then drops every non-public address unless the
+    host is allowed explicitly: the check happens on the addresses actually connected to."""
+
+    def __init__(self, allowed: list[str]) -> None:
+        self.allowed = allowed
+        self.inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self.inner.resolve(host, port, family)
+        if self.allowed and _host_allowed(host.lower(), port, self.allowed):
+            return found
+        public = [r for r in found if _is_public(r["host"])]
+        if not public:
+            raise OSError(f"{host} resolves only to internal addresses; callbacks may not go there")
+        return public
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+# -- delivery --------------------------------------------------------------------------
+
+
+class DeliveryFailed(Exception):
+    """One attempt failed; ``retry_after_s`` when the receiver said when to come back."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Notifier:
+    """Delivers the callbacks of finished tasks, from the outbox every replica shares."""
+
+    def __init__(self, settings: Settings, queue: Queue) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.key = signing_key(settings.callback_secret) if settings.callback_secret else None
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._qstash: Any = None
+        self._loop: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.delivered = 0
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._forever(), name="llmworker-notify")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        # An attempt cut short here is due again after its visibility time.
+        for task in list(self._inflight):
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def visibility_ms(self) -> int:
+        return int((self.settings.callback_timeout_s + 30) * 1000)
+
+    async def _forever(self) -> None:
+        failures = 0
+        while True:
+            self._wake.clear()
+            try:
+                records, next_ms = await self.queue.callback_claim(BATCH, self.visibility_ms)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures % 10 == 1:
+                    log.warning("callback_outbox_unreachable", error=str(exc))
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                continue
+            for fields in records:
+                task = asyncio.create_task(self._attempt(fields))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            if len(records) == BATCH:
+                continue
+            wait_s = IDLE_WAIT_S if next_ms < 0 else min(IDLE_WAIT_S, next_ms / 1000 + 0.005)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait_s)
+
+    async def _attempt(self, fields: dict[str, str]) -> None:
+        task_id, url = fields["id"], fields.get("callback_url", "")
+        attempts = int(fields.get("cb_attempts") or 1)
+        try:
+            await self.deliver(fields)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = str(exc)
+            retry_after = exc.retry_after_s if isinstance(exc, DeliveryFailed) else None
+            delay = retry_after if retry_after is not None else self._backoff(attempts)
+            finished_s = int(fields.get("finished_at") or 0) / 1000
+            give_up_at = finished_s + self.settings.callback_deadline_s
+            if time.time() + delay > give_up_at:
+                log.error(
+                    "callback_failed", task_id=task_id, url=url, attempts=attempts, error=error
+                )
+                await self.queue.callback_end(task_id, "failed", 0, error)
+            else:
+                log.warning(
+                    "callback_retry",
+                    task_id=task_id,
+                    attempts=attempts,
+                    delay_s=round(delay, 1),
+                    error=error,
+                )
+                await self.queue.callback_end(task_id, "retry", int(delay * 1000), error)
+            return
+        self.delivered += 1
+        log.info("callback_delivered", task_id=task_id, attempts=attempts)
+        await self.queue.callback_end(task_id, "delivered")
+
+    @staticmethod
+    def _backoff(attempts: int) -> float:
+        ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempts - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def payload(self, fields: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        """The body and Standard Webhooks headers of a task's callback."""
+        body = orjson.dumps(record_view(fields))
+        msg_id = webhook_id(fields["id"], fields.get("status", ""))
+        now = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"llmworker/{__version__}",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(now),
+        }
+        if self.key is not None:
+            headers["webhook-signature"] = sign(self.key, msg_id, now, body)
+        return body, headers
+
+    async def deliver(self, fields: dict[str, str]) -> None:
+        """One attempt; raises on failure."""
+        url = fields.get("callback_url", "")
+        check_callback_url(url, self.settings)  # the settings may have changed since
+        body, headers = self.payload(fields)
+        if self.settings.callback_via == "qstash":
+            await self._publish(url, body, headers)
+            return
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    resolver=_PublicOnlyResolver(self.settings.callback_hosts), limit=100
+                ),
+                timeout=aiohttp.ClientTimeout(total=self.settings.callback_timeout_s),
+            )
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                if 200 <= response.status < 300:
+                    return
+                text = (await response.content.read(300)).decode("utf-8", "replace").strip()
+                raise DeliveryFailed(
+                    f"{url} answered {response.status}" + (f": {text}" if text else ""),
+                    retry_after_s(response.headers),
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise DeliveryFailed(
+                f"{url} could not be reached: {exc or type(exc).__name__}"
+            ) from exc
+
+    async def _publish(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+        """Through QStash: it delivers and retries; the webhook id dedupes our retries."""
+        from qstash import AsyncQStash
+
+        if self._qstash is None:
+            self._qstash = AsyncQStash(
+                self.settings.qstash_token or "", base_url=self.settings.qstash_url
+            )
+        forward = {k: v for k, v in headers.items() if k.startswith("webhook-")}
+        await self._qstash.message.publish(
+            url=url,
+            body=body,
+            content_type="application/json",
+            headers=forward,
+            deduplication_id=headers["webhook-id"],
+        )
