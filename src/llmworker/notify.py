@@ -53,7 +53,6 @@ from llmworker.settings import Settings
 log = structlog.get_logger("llmworker.notify")
 
 BATCH = 32
-BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 600.0
 # Nothing due: look at the outbox again after this long anyway (a callback left behind by
 # a replica that died during its attempt becomes due again while this one sleeps).
@@ -241,6 +240,14 @@ class Notifier:
                 await asyncio.wait_for(self._wake.wait(), wait_s)
 
     async def _attempt(self, fields: dict[str, str]) -> None:
+        try:
+            await self._attempt_once(fields)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis went away: the callback is due again later
+            log.warning("callback_outcome_not_recorded", task_id=fields["id"], error=str(exc))
+
+    async def _attempt_once(self, fields: dict[str, str]) -> None:
         task_id, url = fields["id"], fields.get("callback_url", "")
         attempts = int(fields.get("cb_attempts") or 1)
         try:
@@ -251,6 +258,7 @@ class Notifier:
             error = str(exc)
             retry_after = exc.retry_after_s if isinstance(exc, DeliveryFailed) else None
             delay = retry_after if retry_after is not None else self._backoff(attempts)
+            delay = min(delay, BACKOFF_MAX_S)
             finished_s = int(fields.get("finished_at") or 0) / 1000
             give_up_at = finished_s + self.settings.callback_deadline_s
             if time.time() + delay > give_up_at:
@@ -267,14 +275,14 @@ class Notifier:
                     error=error,
                 )
                 await self.queue.callback_end(task_id, "retry", int(delay * 1000), error)
+                self._wake.set()  # the loop sleeps until the next due time: this one
             return
         self.delivered += 1
         log.info("callback_delivered", task_id=task_id, attempts=attempts)
         await self.queue.callback_end(task_id, "delivered")
 
-    @staticmethod
-    def _backoff(attempts: int) -> float:
-        ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempts - 1))
+    def _backoff(self, attempts: int) -> float:
+        ceiling = min(BACKOFF_MAX_S, self.settings.callback_backoff_s * 2 ** (attempts - 1))
         return random.uniform(ceiling / 2, ceiling)
 
     def payload(self, fields: dict[str, str]) -> tuple[bytes, dict[str, str]]:

@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     # retries (needs QSTASH_TOKEN).
     callback_via: Literal["direct", "qstash"] = "direct"
     callback_timeout_s: float = Field(10.0, gt=0)
+    # The first retry waits about this long; each next one twice as long (at most 10 min).
+    callback_backoff_s: float = Field(2.0, gt=0)
     # Failed deliveries are retried with backoff until this long after the final state.
     callback_deadline_s: float = Field(86400.0, gt=0)
     cors_origin: str | None = None

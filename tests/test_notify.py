@@ -1,0 +1,219 @@
+"""Callbacks: signed as Standard Webhooks, retried, delivered once, never to internal hosts
+unless allowed."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from standardwebhooks import Webhook
+
+from llmworker.errors import InvalidField
+from llmworker.notify import _PublicOnlyResolver, check_callback_url
+from llmworker.record import TaskSpec
+
+from .conftest import CALLBACK_SECRET, LoopbackServer, tasks_with, wait_until
+
+
+@dataclass
+class Receiver:
+    """An app's webhook endpoint: records every request, answers from ``answers`` (then 200)."""
+
+    answers: list[tuple[int, dict[str, str]]] = field(default_factory=list)
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.received.append((headers, body))
+        status, extra = self.answers.pop(0) if self.answers else (200, {})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in extra.items()],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def callback_env(**extra: Any) -> dict[str, Any]:
+    return {
+        "CALLBACK_SECRET": CALLBACK_SECRET,
+        "CALLBACK_ALLOWED_HOSTS": "127.0.0.1",
+        "CALLBACK_BACKOFF_S": 0.1,
+        "FAKE_LATENCY_MS": 5,
+        **extra,
+    }
+
+
+async def submit(worker: Any, url: str, **fields: Any) -> str:
+    body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]}}
+    task_id, _ = await worker.admitter.submit(
+        TaskSpec.model_validate({**body, "callback_url": url, **fields})
+    )
+    return str(task_id)
+
+
+async def callback_state(worker: Any, task_id: str) -> dict[str, Any]:
+    fields = await worker.queue.get(task_id)
+    return {k: fields.get(k) for k in ("cb_status", "cb_attempts", "cb_error")}
+
+
+async def test_a_finished_task_is_posted_to_its_callback_signed_as_standard_webhooks(
+    make_settings, start_worker
+):
+    receiver = Receiver()
+    async with LoopbackServer(receiver) as url:
+        worker = await start_worker(make_settings(**callback_env()))
+        task_id = await submit(worker, f"{url}/hooks/llm")
+        await wait_until(lambda: len(receiver.received) == 1 or None)
+        headers, body = receiver.received[0]
+        record = Webhook(CALLBACK_SECRET).verify(body, headers)
+        assert record["id"] == task_id and record["status"] == "succeeded"
+        assert record["result"]["content"]
+        assert headers["webhook-id"] == f"task_{task_id}_succeeded"
+        assert headers["content-type"] == "application/json"
+        state = await wait_until(lambda: _delivered(worker, task_id))
+        assert state == {"cb_status": "delivered", "cb_attempts": "1", "cb_error": ""}
+
+
+async def _delivered(worker: Any, task_id: str) -> dict[str, Any] | None:
+    state = await callback_state(worker, task_id)
+    return state if state["cb_status"] == "delivered" else None
+
+
+async def test_failed_deliveries_are_retried_with_the_same_webhook_id_then_never_again(
+    make_settings, start_worker
+):
+    receiver = Receiver(answers=[(500, {}), (503, {"Retry-After": "0"}), (502, {})])
+    async with LoopbackServer(receiver) as url:
+        worker = await start_worker(make_settings(**callback_env()))
+        task_id = await submit(worker, f"{url}/cb")
+        state = await wait_until(lambda: _delivered(worker, task_id), timeout_s=15)
+        assert state["cb_attempts"] == "4"
+        ids = {headers["webhook-id"] for headers, _ in receiver.received}
+        assert ids == {f"task_{task_id}_succeeded"} and len(receiver.received) == 4
+        for headers, body in receiver.received:
+            Webhook(CALLBACK_SECRET).verify(body, headers)
+        # Delivered: the outbox is empty, and no replica sends it again.
+        worker.notifier.wake()
+        await asyncio.sleep(0.3)
+        assert len(receiver.received) == 4
+        assert await worker.redis.zcard(worker.keys.callbacks) == 0
+        record = (await worker.queue.get(task_id)) or {}
+        assert record["cb_status"] == "delivered"
+
+
+async def test_a_callback_still_failing_at_its_deadline_is_given_up_with_the_reason(
+    make_settings, start_worker
+):
+    receiver = Receiver(answers=[(500, {})] * 100)
+    async with LoopbackServer(receiver) as url:
+        worker = await start_worker(make_settings(**callback_env(CALLBACK_DEADLINE_S=0.5)))
+        task_id = await submit(worker, f"{url}/cb")
+
+        async def failed() -> dict[str, Any] | None:
+            state = await callback_state(worker, task_id)
+            return state if state["cb_status"] == "failed" else None
+
+        state = await wait_until(failed, timeout_s=10)
+        assert "answered 500" in state["cb_error"]
+        assert await worker.redis.zcard(worker.keys.callbacks) == 0
+
+
+async def test_a_cancelled_task_gets_its_callback_too(make_settings, start_worker):
+    receiver = Receiver()
+
+    async def endless(ctx: Any, input: Any) -> None:
+        await asyncio.sleep(60)
+
+    async with LoopbackServer(receiver) as url:
+        worker = await start_worker(
+            make_settings(**callback_env()), tasks=tasks_with(("endless", endless))
+        )
+        task_id, _ = await worker.admitter.submit(
+            TaskSpec(kind="endless", callback_url=f"{url}/cb")
+        )
+        await wait_until(lambda: task_id in worker.dispatcher.runs or None)
+        await worker.queue.cancel(task_id, 60)
+        worker.notifier.wake()
+        await wait_until(lambda: receiver.received or None)
+        assert orjson.loads(receiver.received[0][1])["status"] == "cancelled"
+
+
+async def test_a_callback_left_by_a_dead_replica_is_delivered_by_another(
+    make_settings, start_worker
+):
+    receiver = Receiver()
+    async with LoopbackServer(receiver) as url:
+        settings = make_settings(**callback_env(CALLBACK_TIMEOUT_S=0.1))
+        first = await start_worker(settings)
+        # The first replica finishes the task but never gets to deliver its callback.
+        await first.notifier.stop()
+        task_id = await submit(first, f"{url}/cb")
+        await wait_until(lambda: _pending(first, task_id))
+        second = await start_worker(settings)
+        second.notifier.wake()
+        await wait_until(lambda: _delivered(second, task_id), timeout_s=60)
+        assert len(receiver.received) == 1
+
+
+async def _pending(worker: Any, task_id: str) -> bool | None:
+    return (await callback_state(worker, task_id))["cb_status"] == "pending" or None
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed", "message"),
+    [
+        ("http://127.0.0.1:9000/cb", "", "internal address '127.0.0.1'"),
+        ("http://10.1.2.3/cb", "", "internal address '10.1.2.3'"),
+        ("http://[::1]/cb", "", "internal address '::1'"),
+        ("http://169.254.169.254/latest/meta-data", "", "internal address"),
+        ("http://localhost:3000/cb", "", "internal address 'localhost'"),
+        ("https://hooks.example.com/cb", "app.example.com", "not in CALLBACK_ALLOWED_HOSTS"),
+        ("https://app.example.com:444/cb", "app.example.com:443", "not in CALLBACK_ALLOWED_HOSTS"),
+    ],
+)
+def test_callbacks_to_internal_or_unlisted_hosts_are_refused_at_admission(
+    make_settings, url, allowed, message
+):
+    settings = make_settings(CALLBACK_SECRET=CALLBACK_SECRET, CALLBACK_ALLOWED_HOSTS=allowed)
+    with pytest.raises(InvalidField) as caught:
+        check_callback_url(url, settings)
+    assert caught.value.field == "callback_url" and message in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://hooks.example.com/cb", ""),
+        ("http://app:3000/cb", "app:3000"),
+        ("https://eu.hooks.example.com/cb", "*.example.com"),
+        ("http://127.0.0.1:8000/cb", "127.0.0.1"),
+    ],
+)
+def test_public_and_listed_hosts_are_accepted(make_settings, url, allowed):
+    settings = make_settings(CALLBACK_SECRET=CALLBACK_SECRET, CALLBACK_ALLOWED_HOSTS=allowed)
+    check_callback_url(url, settings)
+
+
+def test_callbacks_need_a_secret_to_be_signed_with(make_settings):
+    with pytest.raises(InvalidField, match="CALLBACK_SECRET"):
+        check_callback_url("https://hooks.example.com/cb", make_settings())
+
+
+async def test_a_name_that_resolves_to_an_internal_address_is_refused_when_connecting():
+    with pytest.raises(OSError, match="internal addresses"):
+        await _PublicOnlyResolver([]).resolve("localhost", 80)
+    assert await _PublicOnlyResolver(["localhost"]).resolve("localhost", 80)
