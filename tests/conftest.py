@@ -140,9 +140,9 @@ async def start_worker() -> AsyncIterator[Callable[..., Any]]:
 class LoopbackServer:
     """An ASGI app served by uvicorn on 127.0.0.1 in this event loop."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, port: int = 0) -> None:
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -164,14 +164,14 @@ class LoopbackServer:
 
 @contextlib.asynccontextmanager
 async def serve_api(
-    settings: Settings, **worker_kwargs: Any
+    settings: Settings, port: int = 0, **worker_kwargs: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Worker]]:
     """A worker and its HTTP API on loopback, and a client for it."""
     from llmworker.api import create_app
 
     worker = Worker(settings, **worker_kwargs)
     async with (
-        LoopbackServer(create_app(settings, worker)) as url,
+        LoopbackServer(create_app(settings, worker), port) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as client,
     ):
         yield client, worker

@@ -1,4 +1,4 @@
-"""The ``llmworker`` command: serve, submit, status, stats, check, fake-llm."""
+"""The ``llmworker`` command: serve, submit, status, stats, check, fake-llm, qstash-dev."""
 
 from __future__ import annotations
 
@@ -190,6 +190,29 @@ def cmd_fake_llm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qstash_dev(args: argparse.Namespace) -> int:
+    import secrets
+
+    import uvicorn
+
+    from llmworker.qstashdev import QStashDev
+
+    current = args.current_signing_key or os.environ.get("QSTASH_CURRENT_SIGNING_KEY")
+    nxt = args.next_signing_key or os.environ.get("QSTASH_NEXT_SIGNING_KEY")
+    current = current or "sig_dev_" + secrets.token_hex(12)
+    nxt = nxt or "sig_dev_" + secrets.token_hex(12)
+    dev = QStashDev(args.token, current, nxt, retry_scale=args.retry_scale)
+    url = f"http://{args.host}:{args.port}"
+    print(
+        f"QStash-compatible development server on {url}; give the worker and producers:\n"
+        f"  QSTASH_URL={url}\n  QSTASH_TOKEN={args.token}\n"
+        f"  QSTASH_CURRENT_SIGNING_KEY={current}\n  QSTASH_NEXT_SIGNING_KEY={nxt}",
+        flush=True,
+    )
+    uvicorn.run(dev.app(), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     url, key = _client_defaults()
     p = argparse.ArgumentParser(
@@ -250,6 +273,21 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After sent with 429")
     f.add_argument("--seed", type=int, default=None, help="seed for the error draws")
     f.set_defaults(fn=cmd_fake_llm)
+
+    q = sub.add_parser("qstash-dev", help="a QStash-compatible server for development and tests")
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--port", type=int, default=8081)
+    q.add_argument("--token", default="llmworker-dev", help="the QSTASH_TOKEN producers send")
+    q.add_argument("--current-signing-key", help="(QSTASH_CURRENT_SIGNING_KEY, else generated)")
+    q.add_argument("--next-signing-key", help="(QSTASH_NEXT_SIGNING_KEY, else generated)")
+    q.add_argument(
+        "--retry-scale",
+        type=float,
+        default=1.0,
+        help="multiplies QStash's retry backoff (0.01: seconds instead of minutes); "
+        "a Retry-After is honoured as given",
+    )
+    q.set_defaults(fn=cmd_qstash_dev)
     return p
 
 
