@@ -13,8 +13,8 @@ import httpx
 import orjson
 
 from llmworker import __version__
+from llmworker.client import ApiError, Client
 from llmworker.errors import ConfigError, EmbeddedRedisError
-from llmworker.record import FINAL_STATES
 
 EXIT_CONFIG = 2
 
@@ -28,23 +28,8 @@ def _client_defaults() -> tuple[str, str | None]:
     return url.rstrip("/"), key
 
 
-def _headers(args: argparse.Namespace) -> dict[str, str]:
-    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-
-
 def _print_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-def _answer(response: httpx.Response) -> Any:
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"error": "http", "message": response.text}
-    if response.status_code >= 400:
-        message = body.get("message", response.text) if isinstance(body, dict) else response.text
-        raise SystemExit(f"error {response.status_code}: {message}")
-    return body
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -73,54 +58,25 @@ def _read_input(raw: str) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"kind": args.kind, "input": _read_input(args.input)}
-    for field in ("user", "tier", "model", "id", "idempotency_key", "callback_url", "timeout_s"):
-        value = getattr(args, field)
-        if value is not None:
-            body[field] = value
-    with httpx.Client(base_url=args.url, headers=_headers(args), timeout=30) as client:
-        record = _answer(client.post("/v1/tasks", json=body))
+    fields = {
+        f: getattr(args, f)
+        for f in ("user", "tier", "model", "id", "idempotency_key", "callback_url", "timeout_s")
+    }
+    with Client(args.url, api_key=args.api_key) as client:
+        record = client.submit(args.kind, _read_input(args.input), **fields)
         if not args.wait:
             _print_json(record)
             return 0
         print(f"task {record['id']}: {record['status']}", file=sys.stderr)
-        final = _follow(client, record["id"])
+        final: dict[str, Any] = {}
+        for event in client.events(record["id"]):
+            final = _show_event(event.type, event.data) or final
     _print_json(final)
     return 0 if final.get("status") == "succeeded" else 1
 
 
-def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    """Show a task's events as they come (tokens to stdout, the rest to stderr) until it
-    ends; reconnects with Last-Event-ID if the stream drops."""
-    last_id = "0-0"
-    while True:
-        try:
-            headers = {"Last-Event-ID": last_id}
-            with client.stream(
-                "GET", f"/v1/tasks/{task_id}/events", headers=headers, timeout=None
-            ) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    _answer(r)
-                event = "message"
-                for line in r.iter_lines():
-                    if line.startswith("id: "):
-                        last_id = line[4:]
-                    elif line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        record = _show_event(event, json.loads(line[6:]))
-                        if record is not None:
-                            return record
-        except httpx.TransportError as exc:
-            print(f"(events stream dropped: {exc}; resuming)", file=sys.stderr)
-        record = _answer(client.get(f"/v1/tasks/{task_id}"))
-        if record.get("status") in FINAL_STATES:
-            return dict(record)
-
-
 def _show_event(event: str, data: dict[str, Any]) -> dict[str, Any] | None:
-    """Print one event; the final record when the stream ends with it."""
+    """Print one event (tokens to stdout, the rest to stderr); the final record."""
     if event == "tokens":
         sys.stdout.write(data.get("text", ""))
         sys.stdout.flush()
@@ -137,14 +93,14 @@ def _show_event(event: str, data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with httpx.Client(base_url=args.url, headers=_headers(args), timeout=30) as client:
-        _print_json(_answer(client.get(f"/v1/tasks/{args.id}")))
+    with Client(args.url, api_key=args.api_key) as client:
+        _print_json(client.get(args.id))
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with httpx.Client(base_url=args.url, headers=_headers(args), timeout=30) as client:
-        stats = _answer(client.get("/v1/stats"))
+    with Client(args.url, api_key=args.api_key) as client:
+        stats = client.stats()
     if args.json:
         _print_json(stats)
         return 0
@@ -303,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except EmbeddedRedisError as exc:
         print(f"llmworker: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
+    except ApiError as exc:
+        print(f"llmworker: the worker answered {exc.status}: {exc.message}", file=sys.stderr)
+        return 1
     except httpx.ConnectError as exc:
         print(f"llmworker: cannot reach the worker at {args.url}: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,6 @@ report; progress and token events are written here by the running task. Entries 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import orjson
@@ -36,7 +35,7 @@ class EventWriter:
         self.scripts = scripts
         self.key = keys.events(task_id)
         self._tokens: list[str] = []
-        self._last_flush = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
         self._lost = 0
 
     def _xadd(self, etype: str, data: dict[str, Any]) -> asyncio.Future[Any]:
@@ -49,17 +48,22 @@ class EventWriter:
         await self._xadd(etype, data)
 
     def token(self, text: str) -> None:
-        """Buffer a token; queue the batch when it is full or due."""
+        """Buffer a token; queue the batch when it is full, or TOKEN_FLUSH_S after its first
+        token (a model that pauses mid-answer still shows what it has said)."""
         self._tokens.append(text)
-        if len(self._tokens) >= TOKEN_BATCH or time.monotonic() - self._last_flush >= TOKEN_FLUSH_S:
+        if len(self._tokens) >= TOKEN_BATCH:
             self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(TOKEN_FLUSH_S, self.flush)
 
     def flush(self) -> None:
         """Queue the buffered tokens as one event (also at the end of a run)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._tokens:
             return
         batch, self._tokens = self._tokens, []
-        self._last_flush = time.monotonic()
         batch_written = self._xadd("tokens", {"text": "".join(batch), "n": len(batch)})
         batch_written.add_done_callback(self._failed)
 

@@ -1,0 +1,351 @@
+"""Producer helpers for Python apps: submit tasks, wait for results, follow events.
+
+::
+
+    from llmworker.client import Client
+
+    with Client("https://worker.example.com", api_key="...") as worker:
+        task = worker.submit("chat", {"messages": [{"role": "user", "content": "Hi"}]},
+                             user="u42", tier="paid")
+        for event in worker.events(task["id"]):
+            if event.type == "tokens":
+                print(event.data["text"], end="", flush=True)
+        print(worker.get(task["id"])["result"])
+
+:class:`AsyncClient` has the same methods, awaited. Both can also publish through
+QStash (:meth:`Client.publish`): QStash delivers the task to the worker's ``/v1/qstash``
+and retries until the worker has queued it.
+
+The URL and key default to ``LLMWORKER_URL`` and ``LLMWORKER_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import orjson
+
+from llmworker.errors import LLMWorkerError
+from llmworker.record import FINAL_STATES
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class ApiError(LLMWorkerError):
+    """The worker refused a request: ``status`` (HTTP), ``code`` and ``message`` as it
+    answered them, and ``retry_after_s`` with a 429."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        if isinstance(body, dict):
+            code, message = str(body.get("error", "http_error")), str(body.get("message", body))
+        else:
+            code, message = "http_error", str(body)
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.body = body
+        self.retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One of a task's events: ``type`` is status, progress, tokens or record (the final
+    record, last)."""
+
+    id: str | None
+    type: str
+    data: dict[str, Any]
+
+
+def task_body(kind: str, input: Any, **fields: Any) -> dict[str, Any]:
+    """A submission's JSON body; fields that are None are left out."""
+    return {"kind": kind, "input": {} if input is None else input} | {
+        k: v for k, v in fields.items() if v is not None
+    }
+
+
+def _answer(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    if response.status_code >= 400:
+        error = ApiError(response.status_code, body)
+        if "retry-after" in response.headers:
+            with contextlib.suppress(ValueError):
+                error.retry_after_s = float(response.headers["retry-after"])
+        raise error
+    return body
+
+
+class _SSE:
+    """Parses Server-Sent Events line by line."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.type = "message"
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> Event | None:
+        if not line:
+            if not self.data:
+                self.type = "message"
+                return None
+            event = Event(self.id, self.type, orjson.loads("\n".join(self.data)))
+            self.type, self.data = "message", []
+            return event
+        if line.startswith(":"):
+            return None  # a keep-alive comment
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "id":
+            self.id = value
+        elif name == "event":
+            self.type = value
+        elif name == "data":
+            self.data.append(value)
+        return None
+
+
+def _defaults(url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
+    url = (url or os.environ.get("LLMWORKER_URL") or DEFAULT_URL).rstrip("/")
+    key = api_key or os.environ.get("LLMWORKER_API_KEY")
+    return url, {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _publish_args(
+    worker_url: str, body: dict[str, Any], deduplication_id: str | None, delay: str | int | None
+) -> dict[str, Any]:
+    args: dict[str, Any] = {"url": f"{worker_url}/v1/qstash", "body": body}
+    if deduplication_id is not None:
+        args["deduplication_id"] = deduplication_id
+    if delay is not None:
+        args["delay"] = delay
+    return args
+
+
+class Client:
+    """The worker's HTTP API, synchronously."""
+
+    def __init__(
+        self, url: str | None = None, *, api_key: str | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self.url, headers = _defaults(url, api_key)
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def submit(self, kind: str, input: Any = None, **fields: Any) -> dict[str, Any]:
+        """Queue a task (fields: user, tier, model, id, idempotency_key, callback_url,
+        timeout_s, metadata); its record. :class:`ApiError` when refused."""
+        return dict(_answer(self.http.post("/v1/tasks", json=task_body(kind, input, **fields))))
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        return dict(_answer(self.http.get(f"/v1/tasks/{task_id}")))
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        return dict(_answer(self.http.delete(f"/v1/tasks/{task_id}")))
+
+    def stats(self) -> dict[str, Any]:
+        return dict(_answer(self.http.get("/v1/stats")))
+
+    def events(self, task_id: str, last_event_id: str | None = None) -> Iterator[Event]:
+        """The task's events as they happen, ending with its final record; a dropped
+        stream is resumed after the last event seen."""
+        last = last_event_id or "0-0"
+        while True:
+            try:
+                with self.http.stream(
+                    "GET", f"/v1/tasks/{task_id}/events",
+                    headers={"Last-Event-ID": last}, timeout=None,
+                ) as response:  # fmt: skip
+                    if response.status_code >= 400:
+                        response.read()
+                        _answer(response)
+                    parser = _SSE()
+                    for line in response.iter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        if event.id:
+                            last = event.id
+                        yield event
+                        if event.type == "record":
+                            return
+            except httpx.TransportError:
+                time.sleep(0.5)
+                continue
+            # The stream ended without the record (the task expired meanwhile).
+            record = self.get(task_id)
+            if record.get("status") in FINAL_STATES:
+                yield Event(None, "record", record)
+                return
+
+    def wait(self, task_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """The task's final record: following its events, or, with ``timeout_s``, asking
+        for the record until then (TimeoutError after)."""
+        if timeout_s is None:
+            for event in self.events(task_id):
+                if event.type == "record":
+                    return event.data
+        deadline = time.monotonic() + (timeout_s or 0)
+        while True:
+            record = self.get(task_id)
+            if record.get("status") in FINAL_STATES:
+                return record
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"task {task_id} did not finish within {timeout_s} s")
+            time.sleep(min(0.2, left))
+
+    def run(self, kind: str, input: Any = None, **fields: Any) -> dict[str, Any]:
+        """Submit and wait: the final record."""
+        return self.wait(self.submit(kind, input, **fields)["id"])
+
+    def publish(
+        self,
+        kind: str,
+        input: Any = None,
+        *,
+        qstash_token: str | None = None,
+        qstash_url: str | None = None,
+        worker_url: str | None = None,
+        deduplication_id: str | None = None,
+        delay: str | int | None = None,
+        **fields: Any,
+    ) -> str:
+        """Publish the task through QStash to the worker's ``/v1/qstash`` (``worker_url``,
+        else PUBLIC_URL, else this client's URL); QStash's message id, which becomes the
+        task's idempotency key."""
+        from qstash import QStash
+
+        qstash = QStash(
+            qstash_token or os.environ["QSTASH_TOKEN"],
+            base_url=qstash_url or os.environ.get("QSTASH_URL"),
+        )
+        target = (worker_url or os.environ.get("PUBLIC_URL") or self.url).rstrip("/")
+        body = task_body(kind, input, **fields)
+        sent = qstash.message.publish_json(**_publish_args(target, body, deduplication_id, delay))
+        return str(sent.message_id)  # type: ignore[union-attr]
+
+
+class AsyncClient:
+    """The worker's HTTP API, for asyncio apps."""
+
+    def __init__(
+        self, url: str | None = None, *, api_key: str | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self.url, headers = _defaults(url, api_key)
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def submit(self, kind: str, input: Any = None, **fields: Any) -> dict[str, Any]:
+        response = await self.http.post("/v1/tasks", json=task_body(kind, input, **fields))
+        return dict(_answer(response))
+
+    async def get(self, task_id: str) -> dict[str, Any]:
+        return dict(_answer(await self.http.get(f"/v1/tasks/{task_id}")))
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        return dict(_answer(await self.http.delete(f"/v1/tasks/{task_id}")))
+
+    async def stats(self) -> dict[str, Any]:
+        return dict(_answer(await self.http.get("/v1/stats")))
+
+    async def events(self, task_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
+        last = last_event_id or "0-0"
+        while True:
+            try:
+                async with self.http.stream(
+                    "GET", f"/v1/tasks/{task_id}/events",
+                    headers={"Last-Event-ID": last}, timeout=None,
+                ) as response:  # fmt: skip
+                    if response.status_code >= 400:
+                        await response.aread()
+                        _answer(response)
+                    parser = _SSE()
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        if event.id:
+                            last = event.id
+                        yield event
+                        if event.type == "record":
+                            return
+            except httpx.TransportError:
+                await asyncio.sleep(0.5)
+                continue
+            record = await self.get(task_id)
+            if record.get("status") in FINAL_STATES:
+                yield Event(None, "record", record)
+                return
+
+    async def wait(self, task_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        async def follow() -> dict[str, Any]:
+            async for event in self.events(task_id):
+                if event.type == "record":
+                    return event.data
+            raise AssertionError("unreachable: events() ends with the record")
+
+        try:
+            return await asyncio.wait_for(follow(), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"task {task_id} did not finish within {timeout_s} s") from None
+
+    async def run(self, kind: str, input: Any = None, **fields: Any) -> dict[str, Any]:
+        return await self.wait((await self.submit(kind, input, **fields))["id"])
+
+    async def publish(
+        self,
+        kind: str,
+        input: Any = None,
+        *,
+        qstash_token: str | None = None,
+        qstash_url: str | None = None,
+        worker_url: str | None = None,
+        deduplication_id: str | None = None,
+        delay: str | int | None = None,
+        **fields: Any,
+    ) -> str:
+        """As :meth:`Client.publish`."""
+        from qstash import AsyncQStash
+
+        qstash = AsyncQStash(
+            qstash_token or os.environ["QSTASH_TOKEN"],
+            base_url=qstash_url or os.environ.get("QSTASH_URL"),
+        )
+        target = (worker_url or os.environ.get("PUBLIC_URL") or self.url).rstrip("/")
+        body = task_body(kind, input, **fields)
+        sent = await qstash.message.publish_json(
+            **_publish_args(target, body, deduplication_id, delay)
+        )
+        return str(sent.message_id)  # type: ignore[union-attr]
