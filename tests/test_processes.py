@@ -28,6 +28,18 @@ def wait_ready(url: str, path: str = "/ready", timeout_s: float = 30) -> None:
     raise AssertionError(f"{url} not ready within {timeout_s} s")
 
 
+def wait_until_sync(predicate: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"condition not met within {timeout_s} s")
+
+
 def test_two_replicas_share_the_caps_and_every_task_succeeds(
     redis_url: str, prefix: str, tmp_path: Path
 ):
@@ -437,3 +449,57 @@ def test_a_redis_restart_loses_no_task_and_the_worker_recovers(tmp_path: Path):
     finally:
         redis_proc.terminate()
         redis_proc.wait()
+
+
+def test_qstash_dev_and_serve_processes_carry_a_published_task_end_to_end(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    from qstash import QStash
+
+    dev_port, port = free_port(), free_port()
+    keys = {
+        "QSTASH_CURRENT_SIGNING_KEY": "sig_proc_" + "a" * 24,
+        "QSTASH_NEXT_SIGNING_KEY": "sig_proc_" + "b" * 24,
+    }
+    dev = llmworker_command("qstash-dev", "--port", str(dev_port), "--token", "t0k")
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "PORT": str(port),
+        "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "FAKE_LATENCY_MS": "20",
+        **keys,
+    }
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
+    with (
+        process(dev, keys, tmp_path / "qstash-dev.log"),
+        process(serve, env, tmp_path / "serve.log"),
+    ):
+        wait_ready(f"http://127.0.0.1:{port}")
+        qstash_dev_answers = f"http://127.0.0.1:{dev_port}/v2/dlq"
+        wait_until_sync(lambda: httpx.get(qstash_dev_answers).status_code == 401)
+        sent = QStash("t0k", base_url=f"http://127.0.0.1:{dev_port}").message.publish_json(
+            url=f"http://127.0.0.1:{port}/v1/qstash",
+            body={"kind": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]}},
+        )
+        message_id = sent.message_id  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            found = httpx.get(f"http://127.0.0.1:{port}/v1/stats").json()
+            if found["running"] == 0 and sum(q["waiting"] for q in found["queues"].values()) == 0:
+                state = httpx.get(
+                    f"http://127.0.0.1:{dev_port}/v2/messages/{message_id}",
+                    headers={"Authorization": "Bearer t0k"},
+                ).json()
+                if state["state"] == "DELIVERED":
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError((tmp_path / "qstash-dev.log").read_text())
+        task_id = json.loads(state["responses"][-1]["body"])["id"]
+        record = httpx.get(f"http://127.0.0.1:{port}/v1/tasks/{task_id}").json()
+        deadline = time.monotonic() + 10
+        while record["status"] != "succeeded" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            record = httpx.get(f"http://127.0.0.1:{port}/v1/tasks/{task_id}").json()
+        assert record["status"] == "succeeded" and record["qstash"]["message_id"] == message_id
