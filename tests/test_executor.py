@@ -359,3 +359,24 @@ async def test_a_draining_replica_keeps_its_leases_until_its_runs_end(make_setti
     record = await final(second, task_id)
     assert (record["status"], record["result"], record["attempts"]) == ("succeeded", 1, "1")
     assert runs == 1
+
+
+async def test_a_freed_slot_is_claimed_in_the_round_trip_that_frees_it(
+    make_settings, start_worker
+):
+    worker = await start_worker(make_settings(FAKE_LATENCY_MS=5, MAX_FAKE_FREE=1))
+    batches: list[tuple[str, ...]] = []
+    pipeline = worker.queue.scripts._pipeline
+
+    async def spy(calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        batches.append(tuple(name for name, _ in calls))
+        return await pipeline(calls)
+
+    worker.queue.scripts._pipeline = spy  # type: ignore[method-assign]
+    ids = [await submit(worker, user=f"u{i}") for i in range(10)]
+    for task_id in ids:
+        assert (await final(worker, task_id))["status"] == "succeeded"
+    finishes = [b for b in batches if "finish" in b]
+    # One slot: each finish frees it, and the next claim travels behind it, not after it.
+    riding = [b for b in finishes if "claim" in b[b.index("finish") :]]
+    assert len(finishes) == 10 and len(riding) >= 9, finishes

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
@@ -28,7 +29,7 @@ from llmworker.connection import connect
 from llmworker.executor import Executor, Run, StopReason
 from llmworker.guards import GuardPlan
 from llmworker.keys import Keys
-from llmworker.queue import Claimed, Queue
+from llmworker.queue import Claimed, Queue, claimed_tasks
 from llmworker.settings import Settings
 
 log = structlog.get_logger("llmworker.dispatcher")
@@ -60,17 +61,23 @@ class Dispatcher:
         self.plan = GuardPlan.from_settings(settings)
         self.kinds = "*"
         self.lease_ms = int(settings.lease_ttl_s * 1000)
+        # Listed as idle a little past the wait, so no wake falls in between.
+        self._idle_ms = int((settings.lease_ttl_s / 3 + IDLE_MARGIN_S) * 1000)
         self.runs: dict[str, Run] = {}
         self.claimed_total = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
+        # A claim queued by a wake while the claim loop waited, and how many it asked for:
+        # queued at once, it rides the round trip of the finish that freed the slot.
+        self._next_claim: tuple[asyncio.Future[Any], int] | None = None
+        self._waiting = False
         # Draining stops the claims; closing, once the runs are done or handed back,
         # stops the loops that keep them alive (renew, listen, reap).
         self._draining = asyncio.Event()
         self._closing = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._claim_loop: asyncio.Task[None] | None = None
-        executor.on_release = self._wake.set
+        executor.on_release = self.wake
 
     @property
     def draining(self) -> bool:
@@ -88,7 +95,23 @@ class Dispatcher:
         ]
 
     def wake(self) -> None:
+        """Claim now: a task or a slot may be free. While the claim loop waits, the claim
+        is queued right here, so it joins the batch of whatever was queued just before
+        (the finish that freed the slot); otherwise the loop claims again when done."""
+        if self._waiting and self._next_claim is None and not self._draining.is_set():
+            want = self._want()
+            if want > 0:
+                self._next_claim = (self._claim_soon(want), want)
         self._wake.set()
+
+    def _want(self) -> int:
+        free = self.settings.worker_concurrency - len(self.runs)
+        return min(free, self.settings.claim_batch)
+
+    def _claim_soon(self, want: int) -> asyncio.Future[Any]:
+        return self.queue.claim_soon(
+            self.replica_id, want, self.lease_ms, self.plan, self._idle_ms, self.kinds
+        )
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; let runs finish within ``grace_s`` (their leases still renewed
@@ -98,6 +121,12 @@ class Dispatcher:
         self._room.set()
         if self._claim_loop is not None:
             await asyncio.gather(self._claim_loop, return_exceptions=True)
+        if self._next_claim is not None:
+            # Queued by a wake just before the drain: what it took goes straight back.
+            pending, self._next_claim = self._next_claim[0], None
+            with contextlib.suppress(Exception):
+                for task in claimed_tasks(await pending):
+                    await self.queue.handback(task.id, task.token)
         jobs = [run.job for run in self.runs.values() if run.job is not None]
         if jobs and grace_s > 0:
             log.info("draining", running=len(jobs), grace_s=grace_s)
@@ -154,26 +183,26 @@ class Dispatcher:
 
     async def _claim_forever(self) -> None:
         idle_wait_s = self.settings.lease_ttl_s / 3
-        # Listed as idle a little past the wait, so no wake falls in between.
-        idle_ms = int((idle_wait_s + IDLE_MARGIN_S) * 1000)
         while not self._draining.is_set():
-            free = self.settings.worker_concurrency - len(self.runs)
-            if free <= 0:
+            if self._want() <= 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            want = min(free, self.settings.claim_batch)
             # Clear before claiming: a wake that arrives during the claim is kept.
             self._wake.clear()
-            claimed = await self.queue.claim(
-                self.replica_id, want, self.lease_ms, self.plan, idle_ms, self.kinds
-            )
+            pending, want = self._next_claim or (self._claim_soon(self._want()), self._want())
+            self._next_claim = None
+            claimed = claimed_tasks(await pending)
             for task in claimed:
                 self._start(task)
             if len(claimed) == want:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), idle_wait_s)
+            self._waiting = True
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), idle_wait_s)
+            finally:
+                self._waiting = False
 
     def _start(self, claimed: Claimed) -> None:
         self.claimed_total += 1

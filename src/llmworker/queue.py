@@ -53,6 +53,10 @@ class Claimed:
         return orjson.loads(self.fields.get("input") or "null")
 
 
+def claimed_tasks(reply: list[list[str]]) -> list[Claimed]:
+    return [Claimed(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in reply]
+
+
 class Queue:
     def __init__(self, redis: Redis, keys: Keys, timeout_s: float = 10.0) -> None:
         self.redis = redis
@@ -100,18 +104,24 @@ class Queue:
         """Claim up to ``n`` runnable tasks of ``kinds`` (space separated, ``*``: any).
         ``idle_ms``: how long this replica will wait for a wake if the claim comes back
         short (it is told when work arrives)."""
-        reply = await self._run(
-            "claim",
-            replica,
-            n,
-            lease_ms,
-            idle_ms,
-            plan.schedule,
-            plan.ranked,
-            kinds,
+        return claimed_tasks(await self.claim_soon(replica, n, lease_ms, plan, idle_ms, kinds))
+
+    def claim_soon(
+        self,
+        replica: str,
+        n: int,
+        lease_ms: int,
+        plan: GuardPlan,
+        idle_ms: int = 0,
+        kinds: str = "*",
+    ) -> asyncio.Future[Any]:
+        """:meth:`claim`, queued in the next batch at once (behind a finish queued just
+        before it, whose freed slots it sees); the future's reply goes to
+        :func:`claimed_tasks`."""
+        return self.scripts.call(
+            "claim", replica, n, lease_ms, idle_ms, plan.schedule, plan.ranked, kinds,
             *plan.limit_args,
-        )
-        return [Claimed(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in reply]
+        )  # fmt: skip
 
     async def finish(self, task_id: str, token: str, status: str, **outcome: Any) -> bool:
         """Record a run's outcome (``result``, ``error``, ``usage`` JSON; ``ttl_s``); False
