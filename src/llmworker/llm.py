@@ -255,13 +255,19 @@ class DirectBackend(ChatBackend):
                 raise status_error(
                     response.status, _detail(raw), response.headers, self.alias, self.provider
                 )
-            # Lines of server-sent events; only ``data:`` lines carry chunks.
-            async for line in response.content:
-                if line.startswith(b"data:"):
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        break
-                    acc.add(orjson.loads(data))
+            # Server-sent events, read as the bytes arrive and split into lines here:
+            # aiohttp's readline costs several calls per line. Only ``data:`` lines
+            # carry chunks.
+            rest = b""
+            async for data in response.content.iter_any():
+                lines = (rest + data).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    if line.startswith(b"data:"):
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            return acc.result()
+                        acc.add(orjson.loads(payload))
         return acc.result()
 
 
