@@ -176,13 +176,22 @@ async def _pending(worker: Any, task_id: str) -> bool | None:
 @pytest.mark.parametrize(
     ("url", "allowed", "message"),
     [
-        ("http://127.0.0.1:9000/cb", "", "internal address '127.0.0.1'"),
+        ("http://127.0.0.1:9000/cb", "", "internal address '127.0.0.1:9000'"),
+        ("http://\u2460\u2461\u2466.0.0.1:18999/u", "", "internal address '127.0.0.1:18999'"),
+        ("http://127\u30020\u30020\u30021/", "", "internal address '127.0.0.1'"),
+        ("http://\uff11\uff10.\uff10.\uff10.\uff15:8080/", "", "internal address '10.0.0.5:8080'"),
+        ("http://[::ffff:127.0.0.1]/cb", "", "internal address"),
+        ("http://localhost./cb", "", "internal address 'localhost'"),
         ("http://10.1.2.3/cb", "", "internal address '10.1.2.3'"),
         ("http://[::1]/cb", "", "internal address '::1'"),
         ("http://169.254.169.254/latest/meta-data", "", "internal address"),
-        ("http://localhost:3000/cb", "", "internal address 'localhost'"),
+        ("http://localhost:3000/cb", "", "internal address 'localhost:3000'"),
         ("https://hooks.example.com/cb", "app.example.com", "not in CALLBACK_ALLOWED_HOSTS"),
-        ("https://app.example.com:444/cb", "app.example.com:443", "not in CALLBACK_ALLOWED_HOSTS"),
+        (
+            "https://app.example.com:444/cb",
+            "app.example.com:443",
+            "'app.example.com:444': it is not",
+        ),
     ],
 )
 def test_callbacks_to_internal_or_unlisted_hosts_are_refused_at_admission(
@@ -217,3 +226,57 @@ async def test_a_name_that_resolves_to_an_internal_address_is_refused_when_conne
     with pytest.raises(OSError, match="internal addresses"):
         await _PublicOnlyResolver([]).resolve("localhost", 80)
     assert await _PublicOnlyResolver(["localhost"]).resolve("localhost", 80)
+
+
+async def test_an_attempt_that_outlived_its_turn_cannot_queue_a_delivered_callback_again(
+    make_settings, start_worker
+):
+    receiver = Receiver()
+    async with LoopbackServer(receiver) as url:
+        worker = await start_worker(make_settings(**callback_env()))
+        await worker.notifier.stop()  # attempts are driven by hand below
+        task_id = await submit(worker, f"{url}/cb")
+        await wait_until(lambda: _pending(worker, task_id))
+        (stale,), _, _ = await worker.queue.callback_claim(10, 0)  # its turn lapses at once
+        (current,), _, _ = await worker.queue.callback_claim(10, 60_000)
+        assert await worker.queue.callback_end(task_id, current["cb_attempts"], "delivered")
+        late = await worker.queue.callback_end(task_id, stale["cb_attempts"], "retry", 0, "x")
+        assert late is False
+        assert await worker.redis.zcard(worker.keys.callbacks) == 0
+        assert (await callback_state(worker, task_id))["cb_status"] == "delivered"
+
+
+async def test_a_receivers_retry_after_cannot_make_retries_hammer_or_stall(
+    make_settings, start_worker
+):
+    # NaN, negative and absurd values: the backoff still applies, and the callback ends.
+    answers = [(503, {"Retry-After-Ms": "nan"}), (503, {"Retry-After": "-60"}), (200, {})]
+    receiver = Receiver(answers=list(answers))
+    async with LoopbackServer(receiver) as url:
+        worker = await start_worker(make_settings(**callback_env(CALLBACK_BACKOFF_S=0.2)))
+        task_id = await submit(worker, f"{url}/cb")
+        state = await wait_until(lambda: _delivered(worker, task_id), timeout_s=10)
+        assert state["cb_attempts"] == "3"
+
+
+async def test_a_callback_whose_host_is_no_longer_allowed_fails_at_once(
+    make_settings, start_worker
+):
+    receiver = Receiver()
+    async with LoopbackServer(receiver) as url:
+        settings = make_settings(**callback_env())
+        worker = await start_worker(settings)
+        await worker.notifier.stop()
+        task_id = await submit(worker, f"{url}/cb")
+        await wait_until(lambda: _pending(worker, task_id))
+        stricter = make_settings(**callback_env(CALLBACK_ALLOWED_HOSTS="app.example.com"))
+        other = await start_worker(stricter)
+        other.notifier.wake()
+
+        async def failed() -> dict[str, Any] | None:
+            state = await callback_state(worker, task_id)
+            return state if state["cb_status"] == "failed" else None
+
+        state = await wait_until(failed)
+        assert state["cb_attempts"] == "1" and "CALLBACK_ALLOWED_HOSTS" in state["cb_error"]
+        assert receiver.received == []

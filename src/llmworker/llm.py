@@ -17,6 +17,8 @@ the task's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -61,24 +63,29 @@ class ChatResult:
         return out
 
 
+# A Retry-After past this is treated as this: a misbehaving server cannot park work.
+MAX_RETRY_AFTER_S = 3600.0
+
+
 def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds from ``Retry-After-Ms`` or ``Retry-After`` (seconds or an HTTP date), within
+    0..MAX_RETRY_AFTER_S; None when absent or not a finite number."""
     if headers is None:
         return None
+    seconds: float | None = None
     if ms := headers.get("retry-after-ms"):
-        try:
-            return float(ms) / 1000
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            seconds = float(ms) / 1000
     raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
+    if seconds is None and raw:
         try:
-            return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+            seconds = float(raw)
+        except ValueError:
+            with contextlib.suppress(TypeError, ValueError):
+                seconds = parsedate_to_datetime(raw).timestamp() - time.time()
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
 def status_error(

@@ -35,13 +35,13 @@ import ipaddress
 import random
 import socket
 import time
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
 import aiohttp
 import orjson
 import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from llmworker import __version__
 from llmworker.errors import InvalidField
@@ -114,35 +114,43 @@ def _is_public(address: str) -> bool:
 
 
 def check_callback_url(url: str, settings: Settings) -> None:
-    """Refuse, at admission, a callback this worker would never deliver."""
+    """Refuse a callback this worker must never deliver (at admission, and again before
+    each attempt: the settings may have changed)."""
     if not settings.callback_secret and settings.callback_via != "qstash":
         raise InvalidField(
             "callback_url",
             "This worker sends no callbacks: set CALLBACK_SECRET (callbacks are signed).",
         )
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
     try:
-        port = parts.port
+        # The host as the HTTP client will connect to it: yarl folds Unicode digits and
+        # full stops ("①②⑦。0。0。1") into ASCII, which urlsplit would leave alone.
+        parsed = URL(url)
+        host = (parsed.host or "").lower().rstrip(".")
+        port = parsed.explicit_port
     except ValueError:
-        raise InvalidField("callback_url", f"The callback URL {url!r} has a bad port.") from None
-    if parts.scheme not in ("http", "https") or not host:
+        raise InvalidField(
+            "callback_url", f"The callback URL {url!r} is not a valid URL."
+        ) from None
+    if parsed.scheme not in ("http", "https") or not host:
         raise InvalidField("callback_url", "The callback URL must be an http:// or https:// URL.")
+    where = f"{host}:{port}" if port is not None else host
     allowed = settings.callback_hosts
     if allowed:
         if not _host_allowed(host, port, allowed):
             raise InvalidField(
                 "callback_url",
-                f"Callbacks may not go to {host!r}: it is not in CALLBACK_ALLOWED_HOSTS.",
+                f"Callbacks may not go to {where!r}: it is not in CALLBACK_ALLOWED_HOSTS.",
             )
         return
+    if not host.isascii():
+        raise InvalidField("callback_url", f"The callback host {host!r} is not ASCII.")
     internal = host == "localhost" or host.endswith((".localhost", ".internal", ".local"))
     with contextlib.suppress(ValueError):
         internal = internal or not ipaddress.ip_address(host).is_global
     if internal:
         raise InvalidField(
             "callback_url",
-            f"Callbacks may not go to the internal address {host!r}; list it in "
+            f"Callbacks may not go to the internal address {where!r}; list it in "
             "CALLBACK_ALLOWED_HOSTS to allow it.",
         )
 
@@ -174,11 +182,21 @@ class _PublicOnlyResolver(AbstractResolver):
 
 
 class DeliveryFailed(Exception):
-    """One attempt failed; ``retry_after_s`` when the receiver said when to come back."""
+    """One attempt failed; ``retry_after_s`` when the receiver said when to come back;
+    ``final`` when no later attempt can succeed."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after_s: float | None = None, *, final: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.final = final
+
+
+# QStash retries a published callback itself, with the signature made at publishing: two
+# retries (after ~12 s and ~2.5 min) stay within the five minutes in which Standard
+# Webhooks receivers accept a signature's timestamp.
+QSTASH_CALLBACK_RETRIES = 2
 
 
 class Notifier:
@@ -214,6 +232,7 @@ class Notifier:
 
     @property
     def visibility_ms(self) -> int:
+        # Longer than any attempt can take (each is cut at CALLBACK_TIMEOUT_S).
         return int((self.settings.callback_timeout_s + 30) * 1000)
 
     async def _forever(self) -> None:
@@ -221,7 +240,9 @@ class Notifier:
         while True:
             self._wake.clear()
             try:
-                records, next_ms = await self.queue.callback_claim(BATCH, self.visibility_ms)
+                records, next_ms, expired = await self.queue.callback_claim(
+                    BATCH, self.visibility_ms
+                )
                 failures = 0
             except Exception as exc:
                 failures += 1
@@ -229,6 +250,13 @@ class Notifier:
                     log.warning("callback_outbox_unreachable", error=str(exc))
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
                 continue
+            if expired:
+                log.warning(
+                    "callbacks_expired",
+                    count=expired,
+                    hint="their task records expired first: keep RESULT_TTL_S above "
+                    "CALLBACK_DEADLINE_S",
+                )
             for fields in records:
                 task = asyncio.create_task(self._attempt(fields))
                 self._inflight.add(task)
@@ -249,37 +277,44 @@ class Notifier:
 
     async def _attempt_once(self, fields: dict[str, str]) -> None:
         task_id, url = fields["id"], fields.get("callback_url", "")
-        attempts = int(fields.get("cb_attempts") or 1)
+        attempt = fields.get("cb_attempts") or "1"
         try:
-            await self.deliver(fields)
+            async with asyncio.timeout(self.settings.callback_timeout_s):
+                await self.deliver(fields)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = str(exc)
-            retry_after = exc.retry_after_s if isinstance(exc, DeliveryFailed) else None
-            delay = retry_after if retry_after is not None else self._backoff(attempts)
-            delay = min(delay, BACKOFF_MAX_S)
-            finished_s = int(fields.get("finished_at") or 0) / 1000
-            give_up_at = finished_s + self.settings.callback_deadline_s
-            if time.time() + delay > give_up_at:
-                log.error(
-                    "callback_failed", task_id=task_id, url=url, attempts=attempts, error=error
-                )
-                await self.queue.callback_end(task_id, "failed", 0, error)
-            else:
-                log.warning(
-                    "callback_retry",
-                    task_id=task_id,
-                    attempts=attempts,
-                    delay_s=round(delay, 1),
-                    error=error,
-                )
-                await self.queue.callback_end(task_id, "retry", int(delay * 1000), error)
-                self._wake.set()  # the loop sleeps until the next due time: this one
+            failure = (
+                exc
+                if isinstance(exc, DeliveryFailed)
+                else DeliveryFailed(f"{url}: {type(exc).__name__}: {exc}")
+            )
+            await self._failed(fields, attempt, failure)
             return
-        self.delivered += 1
-        log.info("callback_delivered", task_id=task_id, attempts=attempts)
-        await self.queue.callback_end(task_id, "delivered")
+        outcome: Literal["delivered", "published"] = (
+            "published" if self.settings.callback_via == "qstash" else "delivered"
+        )
+        if await self.queue.callback_end(task_id, attempt, outcome):
+            self.delivered += 1
+            log.info("callback_" + outcome, task_id=task_id, attempts=int(attempt))
+
+    async def _failed(self, fields: dict[str, str], attempt: str, failure: DeliveryFailed) -> None:
+        task_id, error = fields["id"], str(failure)
+        # Not before the receiver's Retry-After, not sooner than the backoff, never
+        # later than the longest backoff.
+        delay = min(BACKOFF_MAX_S, max(failure.retry_after_s or 0.0, self._backoff(int(attempt))))
+        finished_s = int(fields.get("finished_at") or 0) / 1000
+        give_up_at = finished_s + self.settings.callback_deadline_s
+        if failure.final or time.time() + delay > give_up_at:
+            log.error("callback_failed", task_id=task_id, attempts=int(attempt), error=error)
+            await self.queue.callback_end(task_id, attempt, "failed", 0, error)
+            return
+        log.warning(
+            "callback_retry", task_id=task_id, attempts=int(attempt), delay_s=round(delay, 1),
+            error=error,
+        )  # fmt: skip
+        await self.queue.callback_end(task_id, attempt, "retry", int(delay * 1000), error)
+        self._wake.set()  # the loop sleeps until the next due time: this one may be sooner
 
     def _backoff(self, attempts: int) -> float:
         ceiling = min(BACKOFF_MAX_S, self.settings.callback_backoff_s * 2 ** (attempts - 1))
@@ -303,7 +338,10 @@ class Notifier:
     async def deliver(self, fields: dict[str, str]) -> None:
         """One attempt; raises on failure."""
         url = fields.get("callback_url", "")
-        check_callback_url(url, self.settings)  # the settings may have changed since
+        try:
+            check_callback_url(url, self.settings)  # the settings may have changed since
+        except InvalidField as exc:
+            raise DeliveryFailed(exc.message, final=True) from None
         body, headers = self.payload(fields)
         if self.settings.callback_via == "qstash":
             await self._publish(url, body, headers)
@@ -336,14 +374,20 @@ class Notifier:
         from qstash import AsyncQStash
 
         if self._qstash is None:
+            # No retries inside the SDK: each attempt is one publish, cut at
+            # CALLBACK_TIMEOUT_S, and retried here.
             self._qstash = AsyncQStash(
-                self.settings.qstash_token or "", base_url=self.settings.qstash_url
+                self.settings.qstash_token or "", retry=False, base_url=self.settings.qstash_url
             )
         forward = {k: v for k, v in headers.items() if k.startswith("webhook-")}
-        await self._qstash.message.publish(
-            url=url,
-            body=body,
-            content_type="application/json",
-            headers=forward,
-            deduplication_id=headers["webhook-id"],
-        )
+        try:
+            await self._qstash.message.publish(
+                url=url,
+                body=body,
+                content_type="application/json",
+                headers=forward,
+                retries=QSTASH_CALLBACK_RETRIES,
+                deduplication_id=headers["webhook-id"],
+            )
+        except Exception as exc:  # the SDK's errors and httpx's: QStash could not take it
+            raise DeliveryFailed(f"QStash did not take the callback: {exc}") from exc

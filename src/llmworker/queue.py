@@ -146,21 +146,25 @@ class Queue:
     async def release(self, task_id: str, token: str) -> None:
         await self._run("finish", task_id, token, "", "", "", "", 1)
 
-    async def callback_claim(self, n: int, visibility_ms: int) -> tuple[list[dict[str, str]], int]:
-        """Due callbacks (their task records) for one attempt each, and ms until the next
-        one is due (-1: the outbox is empty)."""
+    async def callback_claim(
+        self, n: int, visibility_ms: int
+    ) -> tuple[list[dict[str, str]], int, int]:
+        """Due callbacks (their task records) for one attempt each; ms until the next one
+        is due (-1: the outbox is empty); how many left because their record expired."""
         reply = await self._run("callback_claim", n, visibility_ms)
-        records = [dict(zip(r[::2], r[1::2], strict=True)) for r in reply[1:]]
-        return records, int(reply[0])
+        records = [dict(zip(r[::2], r[1::2], strict=True)) for r in reply[2:]]
+        return records, int(reply[0]), int(reply[1])
 
     async def callback_end(
         self,
         task_id: str,
-        outcome: Literal["delivered", "retry", "failed"],
+        attempt: str,
+        outcome: Literal["delivered", "published", "retry", "failed"],
         retry_ms: int = 0,
         error: str = "",
-    ) -> None:
-        await self._run("callback_end", task_id, outcome, retry_ms, error)
+    ) -> bool:
+        """Record one attempt's outcome; False when a newer attempt has taken over."""
+        return bool(await self._run("callback_end", task_id, attempt, outcome, retry_ms, error))
 
     async def handback(self, task_id: str, token: str) -> bool:
         return bool(await self._run("handback", task_id, token))

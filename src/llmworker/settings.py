@@ -459,6 +459,11 @@ def _check_edges(s: Settings, problems: list[str]) -> None:
             signing_key(s.callback_secret)
         except ValueError as exc:
             problems.append(f"CALLBACK_SECRET: {exc}")
+    if s.callback_deadline_s > s.result_ttl_s:
+        problems.append(
+            f"CALLBACK_DEADLINE_S={s.callback_deadline_s:g} is past RESULT_TTL_S={s.result_ttl_s}: "
+            "a callback still being retried would lose its task record"
+        )
     if s.callback_via == "qstash" and not s.qstash_token:
         problems.append("CALLBACK_VIA=qstash publishes callbacks through QStash: set QSTASH_TOKEN")
 

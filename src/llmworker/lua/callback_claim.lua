@@ -1,15 +1,19 @@
 -- Take up to n callbacks that are due, for one delivery attempt each: each stays in the
 -- outbox, due again after the visibility time, so an attempt whose replica dies is
--- retried by another. A callback whose task record expired leaves the outbox.
--- ARGV: n, visibility ms. Returns {ms until the next one is due (-1: none), records...},
--- each record a flat field/value list with cb_attempts already counted.
+-- retried by another. A callback whose task record expired, or that is no longer
+-- pending, leaves the outbox.
+-- ARGV: n, visibility ms.
+-- Returns {ms until the next one is due (-1: none), how many expired, records...}, each
+-- record a flat field/value list; its cb_attempts, counted here, names the attempt.
 local n, visibility_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
 local now = now_ms()
-local out = {-1}
+local out = {-1, 0}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'callbacks', '-inf', now, 'LIMIT', 0, n)) do
   local tk = task_key(id)
-  if redis.call('EXISTS', tk) == 0 then
+  local state = redis.call('HGET', tk, 'cb_status')
+  if state ~= 'pending' then
     redis.call('ZREM', P .. 'callbacks', id)
+    if not state then out[2] = out[2] + 1 end
   else
     redis.call('ZADD', P .. 'callbacks', now + visibility_ms, id)
     redis.call('HINCRBY', tk, 'cb_attempts', 1)
