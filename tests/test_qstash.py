@@ -215,8 +215,10 @@ async def test_a_bad_signature_gets_401_naming_the_check_and_queues_nothing(make
         assert sum((await worker.queue.depths()).values()) == 0
 
 
-async def test_without_public_url_the_request_url_is_what_must_be_signed(make_settings):
-    env = qstash_env(PUBLIC_URL="")
+async def test_without_public_url_in_development_the_request_url_is_what_must_be_signed(
+    make_settings,
+):
+    env = qstash_env(PUBLIC_URL="", LLMWORKER_ENV="development")
     async with serve_api(make_settings(**env), dispatch=False) as (client, _):
         own = f"{client.base_url}/v1/qstash".replace("//v1", "/v1")
         assert (await client.post("/v1/qstash", **delivery(url=own))).status_code == 202
@@ -233,3 +235,19 @@ async def test_unsigned_deliveries_are_accepted_only_in_development(make_setting
     async with serve_api(make_settings(**env), dispatch=False) as (client, _):
         r = await client.post("/v1/qstash", content=BODY, headers={"Upstash-Message-Id": "m"})
         assert r.status_code == 202
+
+
+async def test_a_replayed_signature_is_refused_even_with_another_message_id(make_settings):
+    async with serve_api(make_settings(**qstash_env()), dispatch=False) as (client, worker):
+        captured = delivery(message_id="msg_1")
+        assert (await client.post("/v1/qstash", **captured)).status_code == 202
+        captured["headers"]["Upstash-Message-Id"] = "msg_forged"
+        r = await client.post("/v1/qstash", **captured)
+        assert r.status_code == 401 and r.json()["error"] == "signature_replayed"
+        assert (await worker.queue.depths()).get("free") == 1
+
+
+async def test_a_message_id_that_cannot_be_an_idempotency_key_is_not_retried(make_settings):
+    async with serve_api(make_settings(**qstash_env()), dispatch=False) as (client, _):
+        r = await client.post("/v1/qstash", **delivery(message_id="m" * 300))
+        assert r.status_code == 489 and r.json()["field"] == "idempotency_key"

@@ -136,6 +136,7 @@ def test_redacted_settings_hide_secrets():
         "CALLBACK_SECRET": CALLBACK_SECRET,
         "QSTASH_TOKEN": "qstash-token",
         "QSTASH_CURRENT_SIGNING_KEY": "sig_current",
+        "PUBLIC_URL": "https://worker.example.com",
     }
     s = load_settings(env, env_file=None)
     shown = repr(s.redacted())
@@ -152,6 +153,8 @@ def test_redacted_settings_hide_secrets():
         ({"CALLBACK_SECRET": "whsec_c2hvcnQ="}, "CALLBACK_SECRET: is too short"),
         ({"CALLBACK_VIA": "qstash"}, "CALLBACK_VIA=qstash publishes callbacks through QStash"),
         ({"PUBLIC_URL": "worker.example.com"}, "PUBLIC_URL='worker.example.com' must be an http"),
+        ({"QSTASH_CURRENT_SIGNING_KEY": "k"}, "QSTASH_CURRENT_SIGNING_KEY is set but PUBLIC_URL"),
+        ({"CALLBACK_DEADLINE_S": "90000"}, "CALLBACK_DEADLINE_S=90000 is past RESULT_TTL_S"),
     ],
 )
 def test_qstash_and_callback_settings_that_cannot_work_stop_start_up(env, line):

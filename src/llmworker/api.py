@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 import structlog
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,7 +33,7 @@ from llmworker.errors import (
     SignatureInvalid,
     Unauthorized,
 )
-from llmworker.record import FINAL_STATES, TaskSpec, record_view
+from llmworker.record import FINAL_STATES, TaskSpec, invalid_field, record_view
 from llmworker.settings import Settings, load_settings
 from llmworker.worker import Worker
 
@@ -129,27 +131,21 @@ class Api:
         except BodyTooLarge as exc:
             return non_retryable_answer(exc)
         if not self.settings.qstash_skip_verify:
-            try:
-                signature.verify(
-                    request.headers.get("upstash-signature"),
-                    body,
-                    self._signed_url(request),
-                    keys,
-                    leeway_s=self.settings.qstash_clock_leeway_s,
-                )
-            except SignatureInvalid as exc:
-                log.warning(
-                    "qstash_refused", check=exc.code, reason=exc.message, message_id=message_id
-                )
-                raise
+            await self._verify(request, body, keys, message_id)
         try:
             spec = TaskSpec.parse(body)
             if spec.idempotency_key is None and message_id:
-                spec = spec.model_copy(update={"idempotency_key": message_id})
-            delivery = {"qstash_message_id": message_id or ""}
+                # Validated like a body field: it ends up in a key name.
+                data = {**spec.model_dump(exclude_unset=True), "idempotency_key": message_id}
+                spec = TaskSpec.model_validate(data)
             retried = request.headers.get("upstash-retried", "")
-            delivery["qstash_retried"] = retried if retried.isdigit() else "0"
+            delivery = {
+                "qstash_message_id": message_id or "",
+                "qstash_retried": retried if retried.isdigit() else "0",
+            }
             task_id, stored = await self.worker.admitter.submit(spec, delivery)
+        except ValidationError as exc:
+            return non_retryable_answer(invalid_field(exc))
         except (BadRequest, InvalidField) as exc:
             log.warning("qstash_invalid_task", error=exc.code, message_id=message_id)
             return non_retryable_answer(exc)
@@ -158,6 +154,31 @@ class Api:
             return JSON(record_view(stored), status_code=202, headers=headers)
         headers["Idempotent-Replayed"] = "true"
         return JSON(record_view(await self._record(task_id)), status_code=200, headers=headers)
+
+    async def _verify(
+        self, request: Request, body: bytes, keys: list[str], message_id: str | None
+    ) -> None:
+        leeway = self.settings.qstash_clock_leeway_s
+        try:
+            claims = signature.verify(
+                request.headers.get("upstash-signature"),
+                body,
+                self._signed_url(request),
+                keys,
+                leeway_s=leeway,
+            )
+            # QStash signs every attempt anew: a signature seen before is a replay (the
+            # message id beside it is not signed, so it could not stop a replay).
+            jti = str(claims.get("jti") or "")
+            if jti:
+                ttl_ms = int((float(claims["exp"]) + leeway - time.time()) * 1000)
+                if not await self.worker.queue.first_use(
+                    self.worker.keys.signature_seen(jti), ttl_ms
+                ):
+                    raise SignatureInvalid("replayed", "This signature was used before.")
+        except SignatureInvalid as exc:
+            log.warning("qstash_refused", check=exc.code, reason=exc.message, message_id=message_id)
+            raise
 
     def _signed_url(self, request: Request) -> str:
         """The URL QStash signed for: PUBLIC_URL and this request's path (behind a proxy

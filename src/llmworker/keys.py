@@ -30,6 +30,8 @@ key                                    type     lifetime
 ``replicas``                           zset     replica ids scored by heartbeat expiry (ms)
 ``idle``                               zset     replicas waiting for a wake, scored by when
                                                 they claim again anyway (ms)
+``jti:<id>``                            string   a QStash signature already used, until it
+                                                expires (replays are refused)
 ``callbacks``                          zset     the callback outbox: ids of finished tasks
                                                 with a callback_url, scored by when the
                                                 next attempt is due (ms); left once
@@ -79,6 +81,9 @@ class Keys:
     @property
     def running(self) -> str:
         return f"{self.base}running"
+
+    def signature_seen(self, jti: str) -> str:
+        return f"{self.base}jti:{jti}"
 
     @property
     def callbacks(self) -> str:

@@ -166,6 +166,10 @@ class Queue:
         """Record one attempt's outcome; False when a newer attempt has taken over."""
         return bool(await self._run("callback_end", task_id, attempt, outcome, retry_ms, error))
 
+    async def first_use(self, key: str, ttl_ms: int) -> bool:
+        """True the first time ``key`` is used within ``ttl_ms``."""
+        return bool(await self.scripts.command("SET", key, "1", "NX", "PX", max(1, ttl_ms)))
+
     async def handback(self, task_id: str, token: str) -> bool:
         return bool(await self._run("handback", task_id, token))
 

@@ -450,6 +450,11 @@ def _check_edges(s: Settings, problems: list[str]) -> None:
             "QSTASH_SKIP_VERIFY=true accepts unsigned deliveries: it is honoured only with "
             "LLMWORKER_ENV=development"
         )
+    if s.qstash_keys and not s.public_url and s.llmworker_env == "production":
+        problems.append(
+            "QSTASH_CURRENT_SIGNING_KEY is set but PUBLIC_URL is not: set it to the URL QStash "
+            "publishes to (its signatures name that URL; a request's Host header proves nothing)"
+        )
     if s.public_url is not None and not re.match(r"^https?://[^\s/]+", s.public_url):
         problems.append(f"PUBLIC_URL={s.public_url!r} must be an http:// or https:// URL")
     if s.callback_secret is not None:

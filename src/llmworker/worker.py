@@ -92,8 +92,8 @@ class Worker:
         elif s.qstash_keys and not s.public_url:
             log.warning(
                 "qstash_without_public_url",
-                hint="PUBLIC_URL is not set: signatures are checked against each request's "
-                "own URL, which differs behind a proxy such as Caddy",
+                hint="PUBLIC_URL is not set (development): signatures are checked against "
+                "each request's own URL, which differs behind a proxy and trusts its Host",
             )
 
     async def stop(self) -> None:
