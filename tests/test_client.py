@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
 
 from llmworker.client import ApiError, AsyncClient, Client
@@ -122,3 +123,27 @@ async def test_publishing_through_qstash_reaches_the_worker(make_settings):
             )
     assert [r["status"] for r in dev.messages[message_id].responses] == [202]
     assert '"user":"u7"' in dev.messages[message_id].responses[0]["body"]
+
+
+async def test_a_published_task_is_found_by_its_message_id_and_errors_carry_the_message(
+    make_settings,
+):
+    async with (
+        serve_api(make_settings(), dispatch=False) as (http, _),
+        AsyncClient(str(http.base_url)) as client,
+    ):
+        task = await client.submit("chat", {"messages": MESSAGES}, idempotency_key="msg_42")
+        assert (await client.find("msg_42"))["id"] == task["id"]
+        with pytest.raises(ApiError) as missing:
+            await client.find("msg_unknown")
+        assert missing.value.status == 404 and missing.value.message.startswith("No task")
+        assert str(missing.value).startswith("404 not_found: No task")
+        r = await http.get("/v1/tasks")
+        assert r.status_code == 400 and "idempotency_key" in r.json()["message"]
+
+
+async def test_following_events_gives_up_when_the_worker_stays_unreachable():
+    async with AsyncClient(f"http://127.0.0.1:{free_port()}", reconnects=1) as client:
+        with pytest.raises(httpx.TransportError):
+            async for _ in client.events("01ABC"):
+                pass

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
+import pytest
 from qstash import AsyncQStash
 from standardwebhooks import Webhook
 
@@ -149,3 +151,41 @@ async def test_callbacks_can_be_published_through_qstash(make_settings):
     record = Webhook(CALLBACK_SECRET).verify(payload, headers)
     assert record["status"] == "succeeded"
     assert any(m.destination == f"{hook_url}/done" for m in dev.messages.values())
+
+
+def test_delays_are_read_as_qstash_writes_them():
+    from llmworker.qstashdev import _duration_s
+
+    assert [_duration_s(d) for d in ("90", "30s", "5m", "1h30m", "1d")] == [
+        90,
+        30,
+        300,
+        5400,
+        86400,
+    ]
+    for bad in ("soon", "5x", "1h 30m", ""):
+        with pytest.raises(ValueError):
+            _duration_s(bad)
+
+
+async def test_destinations_raw_or_encoded_reach_the_same_url_and_bad_ones_dead_letter():
+    receiver = Receiver()
+    dev = QStashDev(TOKEN, CURRENT, NEXT, retry_scale=0.0001)
+    async with LoopbackServer(receiver) as url, LoopbackServer(dev.app()) as dev_url:
+        auth = {"Authorization": f"Bearer {TOKEN}", "Upstash-Retries": "0"}
+        async with httpx.AsyncClient(base_url=dev_url) as http:
+            target = f"{url}/hook%20a?x=1"
+            sent = [
+                (await http.post(f"/v2/publish/{target}", headers=auth, content=b"1")).json(),
+                (
+                    await http.post(
+                        f"/v2/publish/{quote(target, safe='')}", headers=auth, content=b"2"
+                    )
+                ).json(),
+                (await http.post("/v2/publish/http://[::1", headers=auth, content=b"3")).json(),
+            ]
+        messages = [dev.messages[s["messageId"]] for s in sent]
+        await wait_until(lambda: all(m.state in ("DELIVERED", "FAILED") for m in messages) or None)
+    assert [m.destination for m in messages[:2]] == [target, target]
+    assert [m.state for m in messages] == ["DELIVERED", "DELIVERED", "FAILED"]
+    assert messages[2] in dev.dlq

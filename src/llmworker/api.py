@@ -202,6 +202,18 @@ class Api:
         self.authorize(request)
         return JSON(record_view(await self._record(request.path_params["id"])))
 
+    async def find(self, request: Request) -> Response:
+        """``GET /v1/tasks?idempotency_key=K``: the task admitted with that key (for a task
+        published through QStash, its message id)."""
+        self.authorize(request)
+        key = request.query_params.get("idempotency_key")
+        if not key:
+            raise BadRequest("Name the task: GET /v1/tasks/{id}, or ?idempotency_key=...")
+        task_id = await self.worker.queue.find(key)
+        if task_id is None:
+            raise NotFound(f"No task with the idempotency key {key!r} (or its record expired).")
+        return JSON(record_view(await self._record(task_id)))
+
     async def cancel(self, request: Request) -> Response:
         self.authorize(request)
         task_id = request.path_params["id"]
@@ -311,6 +323,7 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
 
     routes = [
         Route("/v1/tasks", api.submit, methods=["POST"]),
+        Route("/v1/tasks", api.find, methods=["GET"]),
         Route("/v1/tasks/{id}", api.get, methods=["GET"]),
         Route("/v1/tasks/{id}", api.cancel, methods=["DELETE"]),
         Route("/v1/tasks/{id}/events", api.events, methods=["GET"]),

@@ -69,13 +69,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return 0
         print(f"task {record['id']}: {record['status']}", file=sys.stderr)
         final: dict[str, Any] = {}
+        text = False
         for event in client.events(record["id"]):
-            final = _show_event(event.type, event.data) or final
+            final = _show_event(event.type, event.data, text) or final
+            text = text or event.type == "tokens"
     _print_json(final)
     return 0 if final.get("status") == "succeeded" else 1
 
 
-def _show_event(event: str, data: dict[str, Any]) -> dict[str, Any] | None:
+def _show_event(event: str, data: dict[str, Any], after_text: bool) -> dict[str, Any] | None:
     """Print one event (tokens to stdout, the rest to stderr); the final record."""
     if event == "tokens":
         sys.stdout.write(data.get("text", ""))
@@ -84,8 +86,9 @@ def _show_event(event: str, data: dict[str, Any]) -> dict[str, Any] | None:
         return data
     elif event == "status":
         # Streamed text has no newline of its own: end its line before a status line.
-        sys.stdout.write("\n" if data.get("status") != "running" else "")
-        sys.stdout.flush()
+        if after_text:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         print(f"[{data.get('status')}] attempt {data.get('attempts')}", file=sys.stderr)
     elif event == "progress":
         print(f"[progress] {json.dumps(data)}", file=sys.stderr)

@@ -37,6 +37,9 @@ from llmworker.errors import LLMWorkerError
 from llmworker.record import FINAL_STATES
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+# A dropped event stream is resumed after 0.5, 1, 2, 4 and 8 s; then the error is raised
+# (the worker is down, or the URL is wrong).
+RECONNECTS = 5
 
 
 class ApiError(LLMWorkerError):
@@ -48,11 +51,14 @@ class ApiError(LLMWorkerError):
             code, message = str(body.get("error", "http_error")), str(body.get("message", body))
         else:
             code, message = "http_error", str(body)
-        super().__init__(f"{status} {code}: {message}")
+        super().__init__(message)
         self.status = status
         self.code = code
         self.body = body
         self.retry_after_s: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -136,10 +142,17 @@ class Client:
     """The worker's HTTP API, synchronously."""
 
     def __init__(
-        self, url: str | None = None, *, api_key: str | None = None, timeout_s: float = 30.0
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        reconnects: int = RECONNECTS,
     ) -> None:
+        self.reconnects = reconnects
         self.url, headers = _defaults(url, api_key)
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self._qstash: dict[tuple[str, str | None], Any] = {}
 
     def __enter__(self) -> Self:
         return self
@@ -164,10 +177,16 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return dict(_answer(self.http.get("/v1/stats")))
 
+    def find(self, idempotency_key: str) -> dict[str, Any]:
+        """The task admitted with this key (a QStash message id, for a published one)."""
+        params = {"idempotency_key": idempotency_key}
+        return dict(_answer(self.http.get("/v1/tasks", params=params)))
+
     def events(self, task_id: str, last_event_id: str | None = None) -> Iterator[Event]:
         """The task's events as they happen, ending with its final record; a dropped
         stream is resumed after the last event seen."""
         last = last_event_id or "0-0"
+        failures = 0
         while True:
             try:
                 with self.http.stream(
@@ -182,13 +201,17 @@ class Client:
                         event = parser.feed(line)
                         if event is None:
                             continue
+                        failures = 0
                         if event.id:
                             last = event.id
                         yield event
                         if event.type == "record":
                             return
             except httpx.TransportError:
-                time.sleep(0.5)
+                failures += 1
+                if failures > self.reconnects:
+                    raise
+                time.sleep(0.25 * 2**failures)
                 continue
             # The stream ended without the record (the task expired meanwhile).
             record = self.get(task_id)
@@ -234,10 +257,11 @@ class Client:
         task's idempotency key."""
         from qstash import QStash
 
-        qstash = QStash(
-            qstash_token or os.environ["QSTASH_TOKEN"],
-            base_url=qstash_url or os.environ.get("QSTASH_URL"),
-        )
+        token = qstash_token or os.environ["QSTASH_TOKEN"]
+        base_url = qstash_url or os.environ.get("QSTASH_URL")
+        qstash = self._qstash.get((token, base_url))
+        if qstash is None:
+            qstash = self._qstash[(token, base_url)] = QStash(token, base_url=base_url)
         target = (worker_url or os.environ.get("PUBLIC_URL") or self.url).rstrip("/")
         body = task_body(kind, input, **fields)
         sent = qstash.message.publish_json(**_publish_args(target, body, deduplication_id, delay))
@@ -248,10 +272,17 @@ class AsyncClient:
     """The worker's HTTP API, for asyncio apps."""
 
     def __init__(
-        self, url: str | None = None, *, api_key: str | None = None, timeout_s: float = 30.0
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        reconnects: int = RECONNECTS,
     ) -> None:
+        self.reconnects = reconnects
         self.url, headers = _defaults(url, api_key)
         self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout_s)
+        self._qstash: dict[tuple[str, str | None], Any] = {}
 
     async def __aenter__(self) -> Self:
         return self
@@ -280,8 +311,13 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         return dict(_answer(await self.http.get("/v1/stats")))
 
+    async def find(self, idempotency_key: str) -> dict[str, Any]:
+        params = {"idempotency_key": idempotency_key}
+        return dict(_answer(await self.http.get("/v1/tasks", params=params)))
+
     async def events(self, task_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
         last = last_event_id or "0-0"
+        failures = 0
         while True:
             try:
                 async with self.http.stream(
@@ -296,13 +332,17 @@ class AsyncClient:
                         event = parser.feed(line)
                         if event is None:
                             continue
+                        failures = 0
                         if event.id:
                             last = event.id
                         yield event
                         if event.type == "record":
                             return
             except httpx.TransportError:
-                await asyncio.sleep(0.5)
+                failures += 1
+                if failures > self.reconnects:
+                    raise
+                await asyncio.sleep(0.25 * 2**failures)
                 continue
             record = await self.get(task_id)
             if record.get("status") in FINAL_STATES:
@@ -339,10 +379,11 @@ class AsyncClient:
         """As :meth:`Client.publish`."""
         from qstash import AsyncQStash
 
-        qstash = AsyncQStash(
-            qstash_token or os.environ["QSTASH_TOKEN"],
-            base_url=qstash_url or os.environ.get("QSTASH_URL"),
-        )
+        token = qstash_token or os.environ["QSTASH_TOKEN"]
+        base_url = qstash_url or os.environ.get("QSTASH_URL")
+        qstash = self._qstash.get((token, base_url))
+        if qstash is None:
+            qstash = self._qstash[(token, base_url)] = AsyncQStash(token, base_url=base_url)
         target = (worker_url or os.environ.get("PUBLIC_URL") or self.url).rstrip("/")
         body = task_body(kind, input, **fields)
         sent = await qstash.message.publish_json(

@@ -49,7 +49,8 @@ log = structlog.get_logger("llmworker.qstashdev")
 
 DEFAULT_RETRIES = 3
 MAX_BACKOFF_S = 86400.0
-_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_DURATION_PART = re.compile(r"(\d+)([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def backoff_s(retry: int) -> float:
@@ -58,11 +59,14 @@ def backoff_s(retry: int) -> float:
 
 
 def _duration_s(raw: str) -> float:
-    match = _DURATION.match(raw.strip())
-    if not match:
-        raise ValueError(f"{raw!r} is not a duration such as 30s, 5m, 2h or 1d")
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return int(match.group(1)) * unit
+    """``90``, ``30s``, ``5m``, ``1h30m``, ``1d`` -> seconds."""
+    text = raw.strip()
+    if text.isdigit():
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{raw!r} is not a duration such as 30s, 5m, 1h30m or 1d")
+    return float(sum(int(n) * _UNITS[u] for n, u in parts))
 
 
 @dataclass
@@ -150,9 +154,7 @@ class QStashDev:
     async def publish(self, request: Request) -> Response:
         if not self._authorized(request):
             return _json({"error": "Unauthorized: send 'Authorization: Bearer <token>'"}, 401)
-        destination = unquote(request.path_params["destination"])
-        if request.url.query:
-            destination += "?" + request.url.query
+        destination = _destination(request)
         if not re.match(r"^https?://", destination):
             return _json({"error": f"invalid destination url: {destination!r}"}, 400)
         body = await request.body()
@@ -221,6 +223,17 @@ class QStashDev:
         task.add_done_callback(self._jobs.discard)
 
     async def _run(self, message: Message) -> None:
+        try:
+            await self._schedule(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an unusable destination: dead-letter it
+            log.exception("qstash_dev_failed", message_id=message.id)
+            message.responses.append({"status": 0, "body": "", "error": str(exc)})
+            message.state = "FAILED"
+            self.dlq.append(message)
+
+    async def _schedule(self, message: Message) -> None:
         await asyncio.sleep(max(0.0, message.not_before - time.time()))
         if message.queue is None:
             await self._deliver_until_done(message)
@@ -285,7 +298,7 @@ class QStashDev:
             r = await self.http.request(
                 message.method, message.destination, content=message.body, headers=headers
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             return 0, {}, b"", f"{type(exc).__name__}: {exc}"
         return r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content, None
 
@@ -318,6 +331,20 @@ class QStashDev:
         await asyncio.gather(*self._jobs, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
+
+
+def _destination(request: Request) -> str:
+    """The destination URL after ``/v2/publish/`` or ``/v2/enqueue/<queue>/``, as sent:
+    raw (``https://app/x?a=1``) or percent-encoded whole (``https%3A%2F%2Fapp...``),
+    decoded once."""
+    raw = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+    marker = "/v2/publish/" if raw.startswith("/v2/publish/") else "/v2/enqueue/"
+    rest = raw[len(marker) :]
+    if marker == "/v2/enqueue/":
+        rest = rest.split("/", 1)[1] if "/" in rest else ""
+    if request.url.query:
+        rest += "?" + request.url.query
+    return unquote(rest) if re.match(r"^https?%3A", rest, re.IGNORECASE) else rest
 
 
 def _json(data: Any, status: int = 200) -> Response:

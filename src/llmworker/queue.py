@@ -189,6 +189,11 @@ class Queue:
             flat += [task_id, token]
         return list(await self._run("renew", replica, lease_ms, *flat))
 
+    async def find(self, idempotency_key: str) -> str | None:
+        """The id of the task admitted with ``idempotency_key``, while it is kept."""
+        found = await self.scripts.command("GET", self.keys.idem(idempotency_key))
+        return str(found) if found else None
+
     async def get(self, task_id: str) -> dict[str, str] | None:
         fields: dict[str, str] = await self.redis.hgetall(self.keys.task(task_id))  # type: ignore[misc]
         return fields if fields and "id" in fields else None
