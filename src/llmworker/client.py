@@ -92,21 +92,33 @@ def _answer(response: httpx.Response) -> Any:
     return body
 
 
-class _SSE:
-    """Parses Server-Sent Events line by line."""
+class _Stream:
+    """Where one task's event stream stands: the SSE parser, the last event id (to resume
+    after), and how many reconnections failed in a row."""
 
-    def __init__(self) -> None:
+    def __init__(self, last_event_id: str | None, reconnects: int) -> None:
+        self.last = last_event_id or "0-0"
+        self.reconnects = reconnects
+        self.failures = 0
         self.id: str | None = None
         self.type = "message"
         self.data: list[str] = []
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Last-Event-ID": self.last}
+
     def feed(self, line: str) -> Event | None:
+        """One line of the stream; the event it completes, if any."""
         if not line:
             if not self.data:
                 self.type = "message"
                 return None
             event = Event(self.id, self.type, orjson.loads("\n".join(self.data)))
             self.type, self.data = "message", []
+            self.failures = 0
+            if event.id:
+                self.last = event.id
             return event
         if line.startswith(":"):
             return None  # a keep-alive comment
@@ -120,25 +132,52 @@ class _SSE:
             self.data.append(value)
         return None
 
-
-def _defaults(url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
-    url = (url or os.environ.get("LLMWORKER_URL") or DEFAULT_URL).rstrip("/")
-    key = api_key or os.environ.get("LLMWORKER_API_KEY")
-    return url, {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def _publish_args(
-    worker_url: str, body: dict[str, Any], deduplication_id: str | None, delay: str | int | None
-) -> dict[str, Any]:
-    args: dict[str, Any] = {"url": f"{worker_url}/v1/qstash", "body": body}
-    if deduplication_id is not None:
-        args["deduplication_id"] = deduplication_id
-    if delay is not None:
-        args["delay"] = delay
-    return args
+    def dropped(self) -> float | None:
+        """Seconds to wait before reconnecting, or None to give up."""
+        self.failures += 1
+        self.type, self.data = "message", []
+        return None if self.failures > self.reconnects else 0.25 * 2**self.failures
 
 
-class Client:
+class _Base:
+    def __init__(self, url: str | None, api_key: str | None, reconnects: int) -> None:
+        self.url = (url or os.environ.get("LLMWORKER_URL") or DEFAULT_URL).rstrip("/")
+        key = api_key or os.environ.get("LLMWORKER_API_KEY")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.reconnects = reconnects
+        self._qstash: dict[tuple[str, str | None], Any] = {}
+
+    def _publishing(
+        self,
+        factory: Any,
+        kind: str,
+        input: Any,
+        qstash_token: str | None,
+        qstash_url: str | None,
+        worker_url: str | None,
+        deduplication_id: str | None,
+        delay: str | int | None,
+        fields: dict[str, Any],
+    ) -> tuple[Any, dict[str, Any]]:
+        """The QStash client (one per token and URL) and the arguments of a publish."""
+        token = qstash_token or os.environ["QSTASH_TOKEN"]
+        base_url = qstash_url or os.environ.get("QSTASH_URL")
+        qstash = self._qstash.get((token, base_url))
+        if qstash is None:
+            qstash = self._qstash[(token, base_url)] = factory(token, base_url=base_url)
+        target = (worker_url or os.environ.get("PUBLIC_URL") or self.url).rstrip("/")
+        args: dict[str, Any] = {
+            "url": f"{target}/v1/qstash",
+            "body": task_body(kind, input, **fields),
+        }
+        if deduplication_id is not None:
+            args["deduplication_id"] = deduplication_id
+        if delay is not None:
+            args["delay"] = delay
+        return qstash, args
+
+
+class Client(_Base):
     """The worker's HTTP API, synchronously."""
 
     def __init__(
@@ -149,10 +188,8 @@ class Client:
         timeout_s: float = 30.0,
         reconnects: int = RECONNECTS,
     ) -> None:
-        self.reconnects = reconnects
-        self.url, headers = _defaults(url, api_key)
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
-        self._qstash: dict[tuple[str, str | None], Any] = {}
+        super().__init__(url, api_key, reconnects)
+        self.http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout_s)
 
     def __enter__(self) -> Self:
         return self
@@ -171,49 +208,42 @@ class Client:
     def get(self, task_id: str) -> dict[str, Any]:
         return dict(_answer(self.http.get(f"/v1/tasks/{task_id}")))
 
+    def find(self, idempotency_key: str) -> dict[str, Any]:
+        """The task admitted with this key (a QStash message id, for a published one)."""
+        params = {"idempotency_key": idempotency_key}
+        return dict(_answer(self.http.get("/v1/tasks", params=params)))
+
     def cancel(self, task_id: str) -> dict[str, Any]:
         return dict(_answer(self.http.delete(f"/v1/tasks/{task_id}")))
 
     def stats(self) -> dict[str, Any]:
         return dict(_answer(self.http.get("/v1/stats")))
 
-    def find(self, idempotency_key: str) -> dict[str, Any]:
-        """The task admitted with this key (a QStash message id, for a published one)."""
-        params = {"idempotency_key": idempotency_key}
-        return dict(_answer(self.http.get("/v1/tasks", params=params)))
-
     def events(self, task_id: str, last_event_id: str | None = None) -> Iterator[Event]:
         """The task's events as they happen, ending with its final record; a dropped
         stream is resumed after the last event seen."""
-        last = last_event_id or "0-0"
-        failures = 0
+        stream = _Stream(last_event_id, self.reconnects)
+        path = f"/v1/tasks/{task_id}/events"
         while True:
             try:
-                with self.http.stream(
-                    "GET", f"/v1/tasks/{task_id}/events",
-                    headers={"Last-Event-ID": last}, timeout=None,
-                ) as response:  # fmt: skip
-                    if response.status_code >= 400:
-                        response.read()
-                        _answer(response)
-                    parser = _SSE()
-                    for line in response.iter_lines():
-                        event = parser.feed(line)
-                        if event is None:
-                            continue
-                        failures = 0
-                        if event.id:
-                            last = event.id
-                        yield event
-                        if event.type == "record":
-                            return
+                with self.http.stream("GET", path, headers=stream.headers, timeout=None) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        _answer(r)
+                    for line in r.iter_lines():
+                        event = stream.feed(line)
+                        if event is not None:
+                            yield event
+                            if event.type == "record":
+                                return
             except httpx.TransportError:
-                failures += 1
-                if failures > self.reconnects:
+                wait = stream.dropped()
+                if wait is None:
                     raise
-                time.sleep(0.25 * 2**failures)
+                time.sleep(wait)
                 continue
-            # The stream ended without the record (the task expired meanwhile).
+            # The stream ended without the record: the task expired meanwhile, or the
+            # replica serving it stopped (then follow it on another one).
             record = self.get(task_id)
             if record.get("status") in FINAL_STATES:
                 yield Event(None, "record", record)
@@ -254,22 +284,18 @@ class Client:
     ) -> str:
         """Publish the task through QStash to the worker's ``/v1/qstash`` (``worker_url``,
         else PUBLIC_URL, else this client's URL); QStash's message id, which becomes the
-        task's idempotency key."""
+        task's idempotency key (see :meth:`find`)."""
         from qstash import QStash
 
-        token = qstash_token or os.environ["QSTASH_TOKEN"]
-        base_url = qstash_url or os.environ.get("QSTASH_URL")
-        qstash = self._qstash.get((token, base_url))
-        if qstash is None:
-            qstash = self._qstash[(token, base_url)] = QStash(token, base_url=base_url)
-        target = (worker_url or os.environ.get("PUBLIC_URL") or self.url).rstrip("/")
-        body = task_body(kind, input, **fields)
-        sent = qstash.message.publish_json(**_publish_args(target, body, deduplication_id, delay))
-        return str(sent.message_id)  # type: ignore[union-attr]
+        qstash, args = self._publishing(
+            QStash, kind, input, qstash_token, qstash_url, worker_url, deduplication_id, delay,
+            fields,
+        )  # fmt: skip
+        return str(qstash.message.publish_json(**args).message_id)
 
 
-class AsyncClient:
-    """The worker's HTTP API, for asyncio apps."""
+class AsyncClient(_Base):
+    """The worker's HTTP API, for asyncio apps; the methods of :class:`Client`, awaited."""
 
     def __init__(
         self,
@@ -279,10 +305,8 @@ class AsyncClient:
         timeout_s: float = 30.0,
         reconnects: int = RECONNECTS,
     ) -> None:
-        self.reconnects = reconnects
-        self.url, headers = _defaults(url, api_key)
-        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout_s)
-        self._qstash: dict[tuple[str, str | None], Any] = {}
+        super().__init__(url, api_key, reconnects)
+        self.http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout_s)
 
     async def __aenter__(self) -> Self:
         return self
@@ -305,44 +329,36 @@ class AsyncClient:
     async def get(self, task_id: str) -> dict[str, Any]:
         return dict(_answer(await self.http.get(f"/v1/tasks/{task_id}")))
 
+    async def find(self, idempotency_key: str) -> dict[str, Any]:
+        params = {"idempotency_key": idempotency_key}
+        return dict(_answer(await self.http.get("/v1/tasks", params=params)))
+
     async def cancel(self, task_id: str) -> dict[str, Any]:
         return dict(_answer(await self.http.delete(f"/v1/tasks/{task_id}")))
 
     async def stats(self) -> dict[str, Any]:
         return dict(_answer(await self.http.get("/v1/stats")))
 
-    async def find(self, idempotency_key: str) -> dict[str, Any]:
-        params = {"idempotency_key": idempotency_key}
-        return dict(_answer(await self.http.get("/v1/tasks", params=params)))
-
     async def events(self, task_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
-        last = last_event_id or "0-0"
-        failures = 0
+        stream = _Stream(last_event_id, self.reconnects)
+        path = f"/v1/tasks/{task_id}/events"
         while True:
             try:
-                async with self.http.stream(
-                    "GET", f"/v1/tasks/{task_id}/events",
-                    headers={"Last-Event-ID": last}, timeout=None,
-                ) as response:  # fmt: skip
-                    if response.status_code >= 400:
-                        await response.aread()
-                        _answer(response)
-                    parser = _SSE()
-                    async for line in response.aiter_lines():
-                        event = parser.feed(line)
-                        if event is None:
-                            continue
-                        failures = 0
-                        if event.id:
-                            last = event.id
-                        yield event
-                        if event.type == "record":
-                            return
+                async with self.http.stream("GET", path, headers=stream.headers, timeout=None) as r:
+                    if r.status_code >= 400:
+                        await r.aread()
+                        _answer(r)
+                    async for line in r.aiter_lines():
+                        event = stream.feed(line)
+                        if event is not None:
+                            yield event
+                            if event.type == "record":
+                                return
             except httpx.TransportError:
-                failures += 1
-                if failures > self.reconnects:
+                wait = stream.dropped()
+                if wait is None:
                     raise
-                await asyncio.sleep(0.25 * 2**failures)
+                await asyncio.sleep(wait)
                 continue
             record = await self.get(task_id)
             if record.get("status") in FINAL_STATES:
@@ -379,14 +395,8 @@ class AsyncClient:
         """As :meth:`Client.publish`."""
         from qstash import AsyncQStash
 
-        token = qstash_token or os.environ["QSTASH_TOKEN"]
-        base_url = qstash_url or os.environ.get("QSTASH_URL")
-        qstash = self._qstash.get((token, base_url))
-        if qstash is None:
-            qstash = self._qstash[(token, base_url)] = AsyncQStash(token, base_url=base_url)
-        target = (worker_url or os.environ.get("PUBLIC_URL") or self.url).rstrip("/")
-        body = task_body(kind, input, **fields)
-        sent = await qstash.message.publish_json(
-            **_publish_args(target, body, deduplication_id, delay)
-        )
-        return str(sent.message_id)  # type: ignore[union-attr]
+        qstash, args = self._publishing(
+            AsyncQStash, kind, input, qstash_token, qstash_url, worker_url, deduplication_id,
+            delay, fields,
+        )  # fmt: skip
+        return str((await qstash.message.publish_json(**args)).message_id)
