@@ -378,3 +378,22 @@ async def test_a_freed_slot_is_claimed_in_the_round_trip_that_frees_it(make_sett
     # One slot: each finish frees it, and the next claim travels behind it, not after it.
     riding = [b for b in finishes if "claim" in b[b.index("finish") :]]
     assert len(finishes) == 10 and len(riding) >= 9, finishes
+
+
+async def test_buffered_tokens_go_out_20_ms_after_the_first_even_when_the_model_pauses(
+    make_settings, start_worker
+):
+    async def pausing(ctx: TaskContext, input: Any) -> str:
+        ctx.events.token("thinking")
+        ctx.events.token(" aloud")
+        await asyncio.sleep(0.5)  # fewer than 5 tokens, then a long pause
+        return "done"
+
+    worker = await start_worker(make_settings(), tasks=tasks_with(("pausing", pausing)))
+    task_id, _ = await worker.admitter.submit(TaskSpec(kind="pausing"))
+    record = await final(worker, task_id)
+    entries = await worker.redis.xrange(worker.keys.events(task_id))
+    tokens = [(eid, e) for eid, e in entries if e["type"] == "tokens"]
+    assert [orjson.loads(e["data"])["text"] for _, e in tokens] == ["thinking aloud"]
+    written_ms = int(tokens[0][0].split("-")[0])
+    assert int(record["finished_at"]) - written_ms >= 400  # long before the run ended
