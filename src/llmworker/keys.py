@@ -29,7 +29,8 @@ key                                    type     lifetime
 ``g:u:<user>``                         zset     guardUser
 ``replicas``                           zset     replica ids scored by heartbeat expiry (ms)
 ``idle``                               zset     replicas waiting for a wake, scored by when
-                                                they claim again anyway (ms)
+                                                they claim again anyway (ms); lapsed
+                                                entries are pruned by the reaper
 ``jti:<id>``                            string   a QStash signature already used, until it
                                                 expires (replays are refused)
 ``callbacks``                          zset     the callback outbox: ids of finished tasks

@@ -63,9 +63,11 @@ end
 -- busy ones claim again on their own. So under load nobody publishes and nobody parses
 -- a message per task, and an idle replica still wakes at once.
 local function wake(reason, now)
-  local idle = P .. 'idle'
-  redis.call('ZREMRANGEBYSCORE', idle, '-inf', now)
-  if redis.call('ZCARD', idle) > 0 then redis.call('PUBLISH', P .. 'wake', reason) end
+  -- Entries past their time are replicas that stopped waiting (or died): not counted
+  -- here, and removed by the reaper.
+  if redis.call('ZCOUNT', P .. 'idle', '(' .. now, '+inf') > 0 then
+    redis.call('PUBLISH', P .. 'wake', reason)
+  end
 end
 
 local function release(guards, token)
@@ -76,16 +78,20 @@ end
 -- A final state: the record, its events and its idempotency key expire together. A task
 -- with a callback_url enters the callback outbox, due now, in the same step: a replica
 -- that dies right after cannot lose the callback.
-local function finalize(id, status, ttl_s, now)
+-- fields: more field, value pairs to store with the status (the outcome), or nil.
+local function finalize(id, status, ttl_s, now, fields)
   local tk = task_key(id)
-  redis.call('HSET', tk, 'status', status, 'finished_at', now)
+  local t = redis.call('HMGET', tk, 'idem', 'callback_url')
+  local changes = {'status', status, 'finished_at', now}
+  for _, v in ipairs(fields or {}) do changes[#changes + 1] = v end
+  if t[2] and t[2] ~= '' then
+    changes[#changes + 1] = 'cb_status'
+    changes[#changes + 1] = 'pending'
+    redis.call('ZADD', P .. 'callbacks', now, id)
+  end
+  redis.call('HSET', tk, unpack(changes))
   redis.call('ZREM', P .. 'running', id)
   redis.call('EXPIRE', tk, ttl_s)
   redis.call('EXPIRE', P .. 'ev:' .. id, ttl_s)
-  local t = redis.call('HMGET', tk, 'idem', 'callback_url')
   if t[1] and t[1] ~= '' then redis.call('EXPIRE', P .. 'idem:' .. t[1], ttl_s) end
-  if t[2] and t[2] ~= '' then
-    redis.call('HSET', tk, 'cb_status', 'pending')
-    redis.call('ZADD', P .. 'callbacks', now, id)
-  end
 end

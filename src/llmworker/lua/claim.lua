@@ -19,23 +19,32 @@ for i = 8, #ARGV, 2 do lim[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = now_ms()
 local expires = now + lease_ms
-local pruned = {}
+-- Every redis.call costs: what one call of this script reads once, it keeps here, and
+-- keeps current as it takes slots and tasks.
+local held = {}     -- guard key -> live leases
+local routes = {}   -- tier -> routes with waiting tasks (a stale entry only costs a look)
+local waiting = {}  -- depth field -> change, written once at the end
 
 local function room(key, limit)
   if limit == nil then return true end
-  if not pruned[key] then
+  if held[key] == nil then
     -- Expired leases belong to holders that died or stalled: their slots return here.
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    pruned[key] = true
+    held[key] = redis.call('ZCARD', key)
   end
-  return redis.call('ZCARD', key) < limit
+  return held[key] < limit
+end
+
+local function routes_of(tier)
+  if routes[tier] == nil then routes[tier] = redis.call('SMEMBERS', P .. 'lanes:' .. tier) end
+  return routes[tier]
 end
 
 -- The oldest waiting task of a tier that can run here now: {seq, route, model, user}.
 local function best_in_tier(tier)
   local user_limit = lim['u:' .. tier] or 0
   local best = nil
-  for _, route in ipairs(redis.call('SMEMBERS', P .. 'lanes:' .. tier)) do
+  for _, route in ipairs(routes_of(tier)) do
     local model, kind = string.match(route, '^(.-)|(.*)$')
     if (kinds[kind] or kinds['*'])
         and room(P .. 'g:m:' .. tier .. ':' .. model, lim['m:' .. tier .. ':' .. model] or 0)
@@ -65,7 +74,8 @@ local function take(tier, route, model, user)
   local uq = user_queue(tier, route, user)
   local id = redis.call('LPOP', uq)
   fix_head(tier, route, user, true)
-  count_waiting(tier, model, -1)
+  waiting[tier] = (waiting[tier] or 0) - 1
+  waiting[tier .. '|' .. model] = (waiting[tier .. '|' .. model] or 0) - 1
   local tk = task_key(id)
   local record = redis.call('HGETALL', tk)
   local at = {}
@@ -75,7 +85,10 @@ local function take(tier, route, model, user)
   local token = id .. ':' .. runs
   local guards = {P .. 'g:m:' .. tier .. ':' .. model, P .. 'g:u:' .. user}
   if lim['t:' .. model] then guards[#guards + 1] = P .. 'g:t:' .. model end
-  for _, g in ipairs(guards) do redis.call('ZADD', g, expires, token) end
+  for _, g in ipairs(guards) do
+    redis.call('ZADD', g, expires, token)
+    if held[g] then held[g] = held[g] + 1 end
+  end
   redis.call('ZADD', P .. 'running', expires, id)
   local changes = {status = 'running', token = token, holder = replica, started_at = now,
     guards = table.concat(guards, '\n'), attempts = attempts, runs = runs}
@@ -98,8 +111,10 @@ local function take(tier, route, model, user)
 end
 
 local claimed = {}
+-- The weighted round robin's position: read once, advanced once per turn taken.
+local turn = tonumber(redis.call('GET', P .. 'wrr') or '0')
 while #claimed < n do
-  local turn = redis.call('INCR', P .. 'wrr')
+  turn = turn + 1
   local preferred = schedule[(turn % #schedule) + 1]
   local found = nil
   local tier = preferred
@@ -115,6 +130,8 @@ while #claimed < n do
   if not found then break end
   claimed[#claimed + 1] = take(tier, found[2], found[3], found[4])
 end
+redis.call('SET', P .. 'wrr', turn)
+for field, delta in pairs(waiting) do redis.call('HINCRBY', P .. 'depth', field, delta) end
 if #claimed < n then
   redis.call('ZADD', P .. 'idle', now + idle_ms, replica)
 else

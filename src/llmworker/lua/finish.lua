@@ -14,7 +14,6 @@ local fields = {}
 if ARGV[4] ~= '' then fields[#fields + 1] = 'result'; fields[#fields + 1] = ARGV[4] end
 if ARGV[5] ~= '' then fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[5] end
 if ARGV[6] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = ARGV[6] end
-if #fields > 0 then redis.call('HSET', tk, unpack(fields)) end
-finalize(id, status, tonumber(ARGV[7]), now)
+finalize(id, status, tonumber(ARGV[7]), now, fields)
 status_event(id, status, current[4], ARGV[5] ~= '' and ARGV[5] or nil)
 return 1

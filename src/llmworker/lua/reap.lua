@@ -15,8 +15,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LI
       local err = cjson.encode({code = 'lease_expired', message =
         'The task was started ' .. t[7] .. ' times and each run stopped renewing its lease ' ..
         '(its worker died or stalled); raise MAX_ATTEMPTS or LEASE_TTL_S if runs block the event loop.'})
-      redis.call('HSET', tk, 'error', err)
-      finalize(id, 'failed', ttl_s, now)
+      finalize(id, 'failed', ttl_s, now, {'error', err})
       status_event(id, 'failed', t[7], err)
       failed = failed + 1
     else
@@ -29,6 +28,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LI
   end
 end
 if requeued + failed > 0 then redis.call('PUBLISH', P .. 'wake', 'reap') end
+-- Replicas listed as idle past their time have stopped waiting, or died.
+redis.call('ZREMRANGEBYSCORE', P .. 'idle', '-inf', now)
 local nxt = redis.call('ZRANGE', P .. 'running', 0, 0, 'WITHSCORES')
 local wait = -1
 if #nxt > 0 then wait = math.max(0, tonumber(nxt[2]) - now) end
