@@ -364,13 +364,13 @@ async def test_a_draining_replica_keeps_its_leases_until_its_runs_end(make_setti
 async def test_a_freed_slot_is_claimed_in_the_round_trip_that_frees_it(make_settings, start_worker):
     worker = await start_worker(make_settings(FAKE_LATENCY_MS=5, MAX_FAKE_FREE=1))
     batches: list[tuple[str, ...]] = []
-    pipeline = worker.queue.scripts._pipeline
+    pack = worker.queue.scripts._pack
 
-    async def spy(calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        batches.append(tuple(name for name, _ in calls))
-        return list(await pipeline(calls))
+    def spy(calls: list[Any]) -> bytes:
+        batches.append(tuple(call.name for call in calls))
+        return bytes(pack(calls))
 
-    worker.queue.scripts._pipeline = spy
+    worker.queue.scripts._pack = spy
     ids = [await submit(worker, user=f"u{i}") for i in range(10)]
     for task_id in ids:
         assert (await final(worker, task_id))["status"] == "succeeded"

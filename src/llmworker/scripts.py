@@ -1,27 +1,34 @@
 """The Lua scripts, and the one way they (and other writes on the hot path) are sent:
-batched.
+batched and pipelined on one connection.
 
-Concurrent calls (a thousand runs finishing, sixty-four clients submitting) are grouped:
-while one batch is on the wire, new calls queue up, and go out together as one pipeline
-of ``EVALSHA`` on one connection as soon as it returns. Commands are packed by hiredis
-(C), which costs a fraction of redis-py's own packing on this path. An idle process pays one round
-trip per call, as before; a busy one pays one round trip per batch instead of one
-connection checkout, write and read per call. Each script still runs atomically on its
+Concurrent calls (a thousand runs finishing, sixty-four clients submitting) are grouped
+into batches, each written as one pipeline of ``EVALSHA`` (commands packed by hiredis,
+in C). Up to ``MAX_INFLIGHT`` batches are on the wire at once, on one connection: Redis
+runs the next batch while this process reads the replies of the last, and, one
+connection being one ordered stream, every call runs in the order it was made (a claim
+queued after a finish sees the slots that finish freed). An idle process pays one round
+trip per call; a busy one a fraction of one. Each script still runs atomically on its
 own: batching changes how calls travel, not what they do.
 
-A Redis that restarted or was flushed forgets the scripts: on ``NOSCRIPT`` they are
-loaded again and the calls retried.
+A connection that breaks or stalls past ``REDIS_TIMEOUT_S`` fails the calls written and
+not yet answered (those answered keep their replies); calls not yet written go out on a
+new connection. A Redis that restarted or was flushed forgets the scripts: on
+``NOSCRIPT`` they are loaded again and the calls sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections import deque
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -39,11 +46,28 @@ NAMES = (
 
 # Past this many calls a batch is cut, so one reply never grows without bound.
 MAX_BATCH = 512
+# Batches written whose replies are not all read yet.
+MAX_INFLIGHT = 4
 
 
 def source(name: str) -> str:
     lua = resources.files("llmworker") / "lua"
     return (lua / "_common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+@dataclass
+class _Call:
+    name: str  # a script, or "" for a plain command
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class _Batch:
+    calls: list[_Call]
+    conn: AbstractConnection
+    answered: int = 0
+    noscript: list[_Call] = field(default_factory=list)
 
 
 class Scripts:
@@ -57,9 +81,12 @@ class Scripts:
         self.shas = {
             name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.sources.items()
         }
-        # (script name, or "" for a plain command; its arguments; who waits for it)
-        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._pending: list[_Call] = []
+        self._inflight: deque[_Batch] = deque()
+        self._conn: AbstractConnection | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._room: asyncio.Semaphore | None = None
 
     async def load(self) -> None:
         for _name, src in self.sources.items():
@@ -75,87 +102,142 @@ class Scripts:
 
     def _enqueue(self, name: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((name, args, future))
+        self._pending.append(_Call(name, args, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send())
         return future
 
+    def _pack(self, calls: list[_Call]) -> bytes:
+        return b"".join(
+            hiredis.pack_command(
+                ("EVALSHA", self.shas[c.name], 1, self.prefix_key, *c.args) if c.name else c.args
+            )
+            for c in calls
+        )
+
     async def _send(self) -> None:
-        batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
+        if self._room is None:
+            self._room = asyncio.Semaphore(MAX_INFLIGHT)
+        batch: list[_Call] = []
         try:
             while self._pending:
                 # One turn of the loop first: calls made by callbacks that are already
                 # due (a claim after a finish) join this batch instead of the next.
                 await asyncio.sleep(0)
+                await self._room.acquire()
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
                 try:
-                    replies = await self._execute([(n, a) for n, a, _ in batch])
-                except Exception as exc:  # Redis unreachable: every caller of the batch hears it
-                    replies = [exc] * len(batch)
-                for (_, _, future), reply in zip(batch, replies, strict=True):
-                    if future.done():
-                        continue
-                    if isinstance(reply, Exception):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
+                    conn = await self._connection()
+                    await conn.send_packed_command(self._pack(batch), check_health=False)
+                except Exception as exc:  # Redis unreachable: these calls hear it
+                    self._room.release()
+                    _fail(batch, exc)
+                    await self._drop(self._conn)
+                    continue
+                self._inflight.append(_Batch(batch, conn))
                 batch = []
+                if self._reader is None:
+                    self._reader = asyncio.create_task(self._read())
         except asyncio.CancelledError:
             # Nobody will answer these now: their callers must not wait forever.
-            for _, _, future in [*batch, *self._pending]:
-                future.cancel()
+            for call in [*batch, *self._pending]:
+                call.future.cancel()
             self._pending.clear()
             raise
         finally:
             self._sender = None
 
-    async def _execute(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        replies = await self._pipeline(calls)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:
-            await self.load()
-            retried = await self._pipeline([calls[i] for i in missing])
-            for i, reply in zip(missing, retried, strict=True):
-                replies[i] = reply
-        return replies
+    async def _connection(self) -> AbstractConnection:
+        if self._conn is None:
+            pool = self.redis.connection_pool
+            self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        return self._conn
 
-    async def _pipeline(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """Send the calls on one pooled connection and read every reply. An error reply
-        stands in its call's place; if the connection breaks or stalls past
-        ``timeout_s``, the calls already answered keep their replies and the rest get
-        the error (a claim that was answered must reach its caller)."""
-        packed = b"".join(
-            hiredis.pack_command(
-                ("EVALSHA", self.shas[name], 1, self.prefix_key, *args) if name else args
-            )
-            for name, args in calls
-        )
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        replies: list[Any] = []
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await conn.send_packed_command(packed, check_health=False)
-                for _ in calls:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-        except (Exception, asyncio.CancelledError) as exc:
-            # A half-read batch leaves replies on the wire: never reuse this connection.
+    async def _drop(self, conn: AbstractConnection | None) -> None:
+        """Never reuse a connection with replies left on it."""
+        if conn is None:
+            return
+        if self._conn is conn:
+            self._conn = None
+        with contextlib.suppress(Exception):
             await conn.disconnect()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            failure = (
-                RedisTimeoutError(f"Redis did not answer within {self.timeout_s:g} s")
-                if isinstance(exc, TimeoutError)
-                else exc
-            )
-            replies += [failure] * (len(calls) - len(replies))
+        with contextlib.suppress(Exception):
+            await self.redis.connection_pool.release(conn)
+
+    async def _read(self) -> None:
+        """Read the replies of the batches in flight, in order, and hand them out."""
+        try:
+            while self._inflight:
+                batch = self._inflight[0]
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        await self._read_batch(batch)
+                except Exception as exc:
+                    await self._lost(batch.conn, exc)
+                    continue
+                self._inflight.popleft()
+                self._release()
+                if batch.noscript:
+                    await self._resend(batch.noscript)
+        except asyncio.CancelledError:
+            for lost in self._inflight:
+                for call in lost.calls[lost.answered :]:
+                    call.future.cancel()
+            self._inflight.clear()
+            raise
         finally:
-            await pool.release(conn)
-        return [_noscript(r) for r in replies]
+            self._reader = None
+
+    async def _lost(self, conn: AbstractConnection, exc: Exception) -> None:
+        """The connection broke or stalled: what was written on it and not answered fails."""
+        failure = (
+            RedisTimeoutError(f"Redis did not answer within {self.timeout_s:g} s")
+            if isinstance(exc, TimeoutError)
+            else exc
+        )
+        while self._inflight and self._inflight[0].conn is conn:
+            lost = self._inflight.popleft()
+            _fail(lost.calls[lost.answered :], failure)
+            self._release()
+        await self._drop(conn)
+
+    async def _read_batch(self, batch: _Batch) -> None:
+        while batch.answered < len(batch.calls):
+            try:
+                reply = await batch.conn.read_response()
+            except ResponseError as exc:
+                reply = _noscript(exc)
+            call = batch.calls[batch.answered]
+            batch.answered += 1
+            if isinstance(reply, NoScriptError):
+                batch.noscript.append(call)
+            elif not call.future.done():
+                if isinstance(reply, Exception):
+                    call.future.set_exception(reply)
+                else:
+                    call.future.set_result(reply)
+
+    async def _resend(self, calls: list[_Call]) -> None:
+        """Load the scripts Redis forgot, then send these calls again, first."""
+        try:
+            await self.load()
+        except Exception as exc:
+            _fail(calls, exc)
+            return
+        self._pending[:0] = calls
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send())
+
+    def _release(self) -> None:
+        if self._room is not None:
+            self._room.release()
+
+
+def _fail(calls: list[_Call], exc: BaseException) -> None:
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(exc)
 
 
 def _noscript(reply: Any) -> Any:
