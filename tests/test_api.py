@@ -300,3 +300,21 @@ async def test_events_of_a_finished_task_end_even_after_the_last_event(make_sett
         last_id = [i for i, kind in everything if i][-1]
         rest = await asyncio.wait_for(_read_events(client, task["id"], last_id=last_id), 5)
         assert rest == [("", "record")]
+
+
+async def test_with_cors_origins_submissions_answer_preflights_and_carry_cors_headers(
+    make_settings,
+):
+    settings = make_settings(CORS_ORIGIN="https://app.example.com")
+    async with api(settings, dispatch=False) as (client, _):
+        origin = {"Origin": "https://app.example.com"}
+        preflight = await client.options(
+            "/v1/tasks", headers={**origin, "Access-Control-Request-Method": "POST"}
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+        r = await client.post("/v1/tasks", json=CHAT, headers=origin)
+        assert r.status_code == 202
+        assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+        other = await client.post("/v1/tasks", json=CHAT, headers={"Origin": "https://evil.test"})
+        assert "access-control-allow-origin" not in other.headers
