@@ -189,3 +189,27 @@ async def test_destinations_raw_or_encoded_reach_the_same_url_and_bad_ones_dead_
     assert [m.destination for m in messages[:2]] == [target, target]
     assert [m.state for m in messages] == ["DELIVERED", "DELIVERED", "FAILED"]
     assert messages[2] in dev.dlq
+
+
+async def test_qstash_dev_calls_the_callback_after_delivery_and_the_failure_callback_after_the_last_retry():
+    receiver = Receiver(answers=[(200, {}), (500, {}), (500, {})])
+    hooks = Receiver()
+    dev = QStashDev(TOKEN, CURRENT, NEXT, retry_scale=0.0001)
+    async with (
+        LoopbackServer(receiver) as url,
+        LoopbackServer(hooks) as hooks_url,
+        LoopbackServer(dev.app()) as dev_url,
+    ):
+        qstash = AsyncQStash(TOKEN, base_url=dev_url)
+        ok = await qstash.message.publish(url=f"{url}/a", body="one", callback=f"{hooks_url}/ok")
+        bad = await qstash.message.publish(
+            url=f"{url}/b", body="two", retries=1, failure_callback=f"{hooks_url}/failed"
+        )
+        await wait_until(lambda: len(hooks.received) == 2 or None)
+    calls = {orjson.loads(body)["sourceMessageId"]: (h, body) for h, body in hooks.received}
+    headers, body = calls[ok.message_id]  # type: ignore[union-attr]
+    done = orjson.loads(body)
+    assert done["status"] == 200 and done["url"] == f"{url}/a"
+    signature.verify(headers["upstash-signature"], body, f"{hooks_url}/ok", [CURRENT], leeway_s=5)
+    failed = orjson.loads(calls[bad.message_id][1])  # type: ignore[union-attr]
+    assert failed["status"] == 500 and failed["retried"] == 1
