@@ -4,6 +4,7 @@ broken and stalled connections, on a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -67,3 +68,84 @@ async def test_an_error_reply_fails_its_own_call_only(client, prefix):
     ok, wrong, after = replies
     assert ok == "OK" and after == "x"
     assert "not an integer" in str(wrong)
+
+
+async def test_a_bad_argument_fails_its_own_call_and_not_its_batch(client, prefix):
+    scripts = Scripts(client, Keys(prefix).base)
+    key = Keys(prefix).base + "k"
+    before = scripts.command("SET", key, "1")
+    bad = scripts.command("SET", key, None)
+    after = scripts.command("GET", key)
+    with pytest.raises(TypeError):
+        await bad
+    assert (await before, await after) == ("OK", "1")
+
+
+async def test_calls_that_found_their_script_missing_still_resolve_when_the_link_fails(
+    client, prefix, redis_url
+):
+    scripts = Scripts(client, Keys(prefix).base, timeout_s=0.5)
+    assert await scripts.command("PING") == "PONG"  # connected, scripts loaded
+    other = connect(redis_url)
+    await other.script_flush()
+    await other.aclose()
+    renew = scripts.call("renew", "replica", 1000)  # NOSCRIPT, to be sent again ...
+    stalled = scripts.command("BLPOP", Keys(prefix).base + "never", 0)  # ... behind this
+    for future in (renew, stalled):
+        with pytest.raises(RedisTimeoutError):
+            await asyncio.wait_for(future, 5)
+    assert await scripts.call("renew", "replica", 1000) == []
+
+
+class Proxy:
+    """A TCP proxy to Redis that can stop forwarding, as a half-open link does."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    await self.flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_link_that_stops_carrying_writes_fails_its_calls_in_time(redis_url, prefix):
+    url = redis.asyncio.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    proxy = Proxy(url.get("host", "127.0.0.1"), int(url.get("port", 6379)))
+    port = await proxy.start()
+    through = connect(f"redis://127.0.0.1:{port}/{url.get('db', 0)}")
+    scripts = Scripts(through, Keys(prefix).base, timeout_s=1.0)
+    try:
+        assert await scripts.command("PING") == "PONG"
+        proxy.flowing.clear()  # nothing gets through any more, in either direction
+        big = "x" * 20_000
+        calls = [scripts.command("SET", Keys(prefix).base + f"k{i}", big) for i in range(400)]
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results[:3]
+        assert asyncio.get_running_loop().time() - started < 5
+        proxy.flowing.set()
+        assert await scripts.command("PING") == "PONG"  # on a new connection
+    finally:
+        proxy.flowing.set()
+        await through.aclose()
+        await proxy.close()

@@ -3,17 +3,20 @@ batched and pipelined on one connection.
 
 Concurrent calls (a thousand runs finishing, sixty-four clients submitting) are grouped
 into batches, each written as one pipeline of ``EVALSHA`` (commands packed by hiredis,
-in C). Up to ``MAX_INFLIGHT`` batches are on the wire at once, on one connection: Redis
-runs the next batch while this process reads the replies of the last, and, one
-connection being one ordered stream, every call runs in the order it was made (a claim
-queued after a finish sees the slots that finish freed). An idle process pays one round
-trip per call; a busy one a fraction of one. Each script still runs atomically on its
-own: batching changes how calls travel, not what they do.
+in C, when the call is made, so a bad argument fails its own call only). Up to
+``MAX_INFLIGHT`` batches are on the wire at once, on one connection: Redis runs the next
+batch while this process reads the replies of the last, and, one connection being one
+ordered stream, calls run in the order they were made (a claim queued after a finish
+sees the slots that finish freed). An idle process pays one round trip per call; a busy
+one a fraction of one. Each script still runs atomically on its own: batching changes
+how calls travel, not what they do.
 
-A connection that breaks or stalls past ``REDIS_TIMEOUT_S`` fails the calls written and
-not yet answered (those answered keep their replies); calls not yet written go out on a
-new connection. A Redis that restarted or was flushed forgets the scripts: on
-``NOSCRIPT`` they are loaded again and the calls sent again.
+A connection that breaks, or stalls past ``REDIS_TIMEOUT_S`` while writing or reading,
+fails the calls written on it and not yet answered (those answered keep their replies);
+later calls go out on a new connection. Every new connection loads the scripts first, so
+a Redis that restarted knows them before the first call. One that forgot them while
+connected (``SCRIPT FLUSH``) answers ``NOSCRIPT``: the scripts are loaded again and
+those calls sent again, after the calls already on the wire behind them.
 """
 
 from __future__ import annotations
@@ -59,15 +62,28 @@ def source(name: str) -> str:
 class _Call:
     name: str  # a script, or "" for a plain command
     args: tuple[Any, ...]
+    packed: bytes
     future: asyncio.Future[Any]
+
+
+@dataclass
+class _Link:
+    """One connection, and whether it may still carry new batches."""
+
+    conn: AbstractConnection
+    broken: bool = False
+    released: bool = False
 
 
 @dataclass
 class _Batch:
     calls: list[_Call]
-    conn: AbstractConnection
+    link: _Link
     answered: int = 0
     noscript: list[_Call] = field(default_factory=list)
+
+    def unanswered(self) -> list[_Call]:
+        return [*self.noscript, *self.calls[self.answered :]]
 
 
 class Scripts:
@@ -83,7 +99,7 @@ class Scripts:
         }
         self._pending: list[_Call] = []
         self._inflight: deque[_Batch] = deque()
-        self._conn: AbstractConnection | None = None
+        self._link: _Link | None = None
         self._sender: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._room: asyncio.Semaphore | None = None
@@ -94,26 +110,26 @@ class Scripts:
 
     def call(self, name: str, *args: Any) -> asyncio.Future[Any]:
         """Run script ``name`` with ``args``; the future resolves to its reply."""
-        return self._enqueue(name, args)
+        return self._enqueue(name, ("EVALSHA", self.shas[name], 1, self.prefix_key, *args))
 
     def command(self, *args: Any) -> asyncio.Future[Any]:
         """Send a plain command (``XADD ...``) in the next batch."""
         return self._enqueue("", args)
 
-    def _enqueue(self, name: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def _enqueue(self, name: str, command: tuple[Any, ...]) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Call(name, args, future))
+        try:
+            packed = _packed(command)
+        except (TypeError, ValueError) as exc:  # a bad argument: this call alone fails
+            future.set_exception(exc)
+            return future
+        self._pending.append(_Call(name, command, packed, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send())
         return future
 
     def _pack(self, calls: list[_Call]) -> bytes:
-        return b"".join(
-            hiredis.pack_command(
-                ("EVALSHA", self.shas[c.name], 1, self.prefix_key, *c.args) if c.name else c.args
-            )
-            for c in calls
-        )
+        return b"".join(call.packed for call in calls)
 
     async def _send(self) -> None:
         if self._room is None:
@@ -127,15 +143,19 @@ class Scripts:
                 await self._room.acquire()
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
+                link = None
                 try:
-                    conn = await self._connection()
-                    await conn.send_packed_command(self._pack(batch), check_health=False)
-                except Exception as exc:  # Redis unreachable: these calls hear it
+                    async with asyncio.timeout(self.timeout_s):
+                        link = await self._connection()
+                        await link.conn.send_packed_command(self._pack(batch), check_health=False)
+                except Exception as exc:  # Redis unreachable, or the write stalled
                     self._room.release()
-                    _fail(batch, exc)
-                    await self._drop(self._conn)
+                    _fail(batch, _timeout(exc, self.timeout_s))
+                    batch = []
+                    if link is not None:
+                        await self._broke(link)
                     continue
-                self._inflight.append(_Batch(batch, conn))
+                self._inflight.append(_Batch(batch, link))
                 batch = []
                 if self._reader is None:
                     self._reader = asyncio.create_task(self._read())
@@ -144,26 +164,45 @@ class Scripts:
             for call in [*batch, *self._pending]:
                 call.future.cancel()
             self._pending.clear()
+            if self._link is not None:
+                await asyncio.shield(self._broke(self._link))
             raise
         finally:
             self._sender = None
 
-    async def _connection(self) -> AbstractConnection:
-        if self._conn is None:
-            pool = self.redis.connection_pool
-            self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        return self._conn
+    async def _connection(self) -> _Link:
+        if self._link is None:
+            conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            link = _Link(conn)
+            try:
+                # A Redis that restarted forgot the scripts: teach it before any call.
+                loads = [_packed(("SCRIPT", "LOAD", src)) for src in self.sources.values()]
+                await conn.send_packed_command(b"".join(loads), check_health=False)
+                for _ in self.sources:
+                    await conn.read_response()
+            except BaseException:
+                await self._release(link)
+                raise
+            self._link = link
+        return self._link
 
-    async def _drop(self, conn: AbstractConnection | None) -> None:
-        """Never reuse a connection with replies left on it."""
-        if conn is None:
+    async def _broke(self, link: _Link) -> None:
+        """The link carries no new batches; it is closed once nothing in flight uses it."""
+        link.broken = True
+        if self._link is link:
+            self._link = None
+        if not any(b.link is link for b in self._inflight):
+            await self._release(link)
+
+    async def _release(self, link: _Link) -> None:
+        """Close and give back a connection, once: it may hold replies nobody will read."""
+        if link.released:
             return
-        if self._conn is conn:
-            self._conn = None
+        link.released = True
         with contextlib.suppress(Exception):
-            await conn.disconnect()
+            await link.conn.disconnect()
         with contextlib.suppress(Exception):
-            await self.redis.connection_pool.release(conn)
+            await self.redis.connection_pool.release(link.conn)
 
     async def _read(self) -> None:
         """Read the replies of the batches in flight, in order, and hand them out."""
@@ -174,42 +213,43 @@ class Scripts:
                     async with asyncio.timeout(self.timeout_s):
                         await self._read_batch(batch)
                 except Exception as exc:
-                    await self._lost(batch.conn, exc)
+                    await self._lost(batch.link, _timeout(exc, self.timeout_s))
                     continue
                 self._inflight.popleft()
-                self._release()
+                self._release_room()
+                if batch.link.broken and not any(b.link is batch.link for b in self._inflight):
+                    await self._release(batch.link)
                 if batch.noscript:
                     await self._resend(batch.noscript)
         except asyncio.CancelledError:
             for lost in self._inflight:
-                for call in lost.calls[lost.answered :]:
+                for call in lost.unanswered():
                     call.future.cancel()
+                self._release_room()
+                await asyncio.shield(self._release(lost.link))
             self._inflight.clear()
             raise
         finally:
             self._reader = None
 
-    async def _lost(self, conn: AbstractConnection, exc: Exception) -> None:
+    async def _lost(self, link: _Link, failure: Exception) -> None:
         """The connection broke or stalled: what was written on it and not answered fails."""
-        failure = (
-            RedisTimeoutError(f"Redis did not answer within {self.timeout_s:g} s")
-            if isinstance(exc, TimeoutError)
-            else exc
-        )
-        while self._inflight and self._inflight[0].conn is conn:
+        link.broken = True
+        if self._link is link:
+            self._link = None
+        while self._inflight and self._inflight[0].link is link:
             lost = self._inflight.popleft()
-            _fail(lost.calls[lost.answered :], failure)
-            self._release()
-        await self._drop(conn)
+            _fail(lost.unanswered(), failure)
+            self._release_room()
+        await self._release(link)
 
     async def _read_batch(self, batch: _Batch) -> None:
         while batch.answered < len(batch.calls):
             try:
-                reply = await batch.conn.read_response()
+                reply = await batch.link.conn.read_response()
             except ResponseError as exc:
                 reply = _noscript(exc)
             call = batch.calls[batch.answered]
-            batch.answered += 1
             if isinstance(reply, NoScriptError):
                 batch.noscript.append(call)
             elif not call.future.done():
@@ -217,6 +257,7 @@ class Scripts:
                     call.future.set_exception(reply)
                 else:
                     call.future.set_result(reply)
+            batch.answered += 1
 
     async def _resend(self, calls: list[_Call]) -> None:
         """Load the scripts Redis forgot, then send these calls again, first."""
@@ -229,9 +270,20 @@ class Scripts:
         if self._sender is None:
             self._sender = asyncio.create_task(self._send())
 
-    def _release(self) -> None:
+    def _release_room(self) -> None:
         if self._room is not None:
             self._room.release()
+
+
+def _packed(command: tuple[Any, ...]) -> bytes:
+    packed: bytes = hiredis.pack_command(command)
+    return packed
+
+
+def _timeout(exc: Exception, timeout_s: float) -> Exception:
+    if isinstance(exc, TimeoutError):
+        return RedisTimeoutError(f"Redis did not answer within {timeout_s:g} s")
+    return exc
 
 
 def _fail(calls: list[_Call], exc: BaseException) -> None:
