@@ -124,8 +124,12 @@ class Dispatcher:
         if self._next_claim is not None:
             # Queued by a wake just before the drain: what it took goes straight back.
             pending, self._next_claim = self._next_claim[0], None
+            taken: list[Claimed] = []
             with contextlib.suppress(Exception):
-                for task in claimed_tasks(await pending):
+                taken = claimed_tasks(await pending)
+            for task in taken:
+                # One that cannot go back now goes back when its lease lapses.
+                with contextlib.suppress(Exception):
                     await self.queue.handback(task.id, task.token)
         jobs = [run.job for run in self.runs.values() if run.job is not None]
         if jobs and grace_s > 0:
