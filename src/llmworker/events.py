@@ -138,6 +138,7 @@ class EventHub:
         self.redis = redis  # the shared pool, for catching up
         self.scripts = scripts  # the batcher, for CLIENT UNBLOCK
         self._watches: dict[str, _Watch] = {}
+        self._wanted = asyncio.Event()  # some stream is followed
         self._loop: asyncio.Task[None] | None = None
         self._client_id: int | None = None
         self._reading: frozenset[str] = frozenset()
@@ -149,6 +150,7 @@ class EventHub:
         if watch is None:
             watch = self._watches[key] = _Watch(after)
             watch.subs.add(sub)
+            self._wanted.set()
             self._ensure_loop()
             await self._interrupt(key)
         else:
@@ -182,10 +184,15 @@ class EventHub:
             await asyncio.sleep(0.005)
 
     async def _read_forever(self) -> None:
+        """Runs until the hub closes; waits without reading while nothing is followed."""
         client = connect(self.url, retries=0, single=True)
         failures = 0
         try:
-            while self._watches:
+            while True:
+                if not self._watches:
+                    self._wanted.clear()
+                    await self._wanted.wait()
+                    continue
                 try:
                     self._client_id = int(await client.client_id())
                     while self._watches:
@@ -206,7 +213,8 @@ class EventHub:
                 await client.aclose()
 
     async def _read_once(self, client: Redis) -> None:
-        streams = {key: w.cursor for key, w in self._watches.items()}
+        reading = dict(self._watches)
+        streams = {key: w.cursor for key, w in reading.items()}
         self._reading = frozenset(streams)
         try:
             reply = await client.xread(streams, count=HUB_BATCH, block=HUB_BLOCK_MS)  # type: ignore[arg-type]
@@ -214,7 +222,8 @@ class EventHub:
             self._reading = frozenset()
         for key, entries in reply or ():
             watch = self._watches.get(key)
-            if watch is None or not entries:
+            # A stream dropped and followed again meanwhile starts from its new cursor.
+            if watch is None or watch is not reading.get(key) or not entries:
                 continue
             watch.cursor = entries[-1][0]
             for sub in watch.subs:
