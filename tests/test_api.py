@@ -321,37 +321,6 @@ async def test_with_cors_origins_submissions_answer_preflights_and_carry_cors_he
         assert "access-control-allow-origin" not in other.headers
 
 
-async def test_event_readers_of_many_tasks_share_one_redis_connection(make_settings):
-    async def slow(ctx: Any, input: Any) -> str:
-        for i in range(3):
-            await ctx.progress(i / 3)
-            await asyncio.sleep(0.4)
-        return "done"
-
-    settings = make_settings(MAX_FAKE_FREE=50, MAX_USER_FREE=50)
-    async with api(settings, tasks=tasks_with(("slow", slow))) as (client, worker):
-        ids = [
-            (await client.post("/v1/tasks", json={"kind": "slow", "user": f"u{i}"})).json()["id"]
-            for i in range(30)
-        ]
-
-        async def follow(task_id: str) -> list[str]:
-            kinds = []
-            async with client.stream("GET", f"/v1/tasks/{task_id}/events") as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("event: "):
-                        kinds.append(line[7:])
-            return kinds
-
-        readers = [asyncio.create_task(follow(task_id)) for task_id in ids]
-        await asyncio.sleep(0.6)  # every reader is waiting for its task's next event
-        blocked = [c for c in await worker.redis.client_list() if c.get("cmd") == "xread"]
-        assert len(blocked) <= 1, blocked
-        streams = await asyncio.gather(*readers)
-    for kinds in streams:
-        assert kinds.count("progress") == 3 and kinds[-2:] == ["status", "record"]
-
-
 async def test_a_late_reader_of_a_followed_task_still_gets_every_event_in_order(make_settings):
     async def steps(ctx: Any, input: Any) -> str:
         for i in range(6):
@@ -375,3 +344,11 @@ async def test_a_late_reader_of_a_followed_task_still_gets_every_event_in_order(
         await asyncio.sleep(0.35)  # the first reader has seen a few steps
         late = await follow()
         assert await early == late == [f"step {i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("given", ["garbage", "12-x", "-1", "1-2-3"])
+async def test_a_malformed_last_event_id_is_refused_with_its_name(make_settings, given):
+    async with api(make_settings(), dispatch=False) as (client, _):
+        task_id = (await client.post("/v1/tasks", json=CHAT)).json()["id"]
+        r = await client.get(f"/v1/tasks/{task_id}/events", headers={"Last-Event-ID": given})
+        assert r.status_code == 400 and "Last-Event-ID" in r.json()["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +42,7 @@ from llmworker.worker import Worker
 log = structlog.get_logger("llmworker.api")
 
 SSE_PING_S = 15.0
+EVENT_ID_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 
 
 class JSON(Response):
@@ -229,6 +231,10 @@ class Api:
         task_id = request.path_params["id"]
         await self._record(task_id)
         last_id = request.headers.get("last-event-id") or request.query_params.get("after") or "0-0"
+        if not EVENT_ID_RE.match(last_id):
+            raise BadRequest(
+                f"Last-Event-ID {last_id[:60]!r} is not an event id such as 1764352630545-0."
+            )
         return StreamingResponse(
             self._stream(task_id, last_id),
             media_type="text/event-stream",
@@ -236,49 +242,33 @@ class Api:
         )
 
     async def _stream(self, task_id: str, last_id: str) -> AsyncIterator[bytes]:
+        redis = self.worker.redis
         key = self.worker.keys.events(task_id)
+        block_ms = int(SSE_PING_S * 1000)
         fields = await self.worker.queue.get(task_id)
-        if fields is None or fields.get("status") in FINAL_STATES:
-            # A finished task has nothing more to wait for: what is left, then the record.
-            async for chunk in self._rest(key, last_id, fields):
-                yield chunk
-            return
-        async with self.worker.events.subscribe(key, last_id) as sub:
-            while True:
-                entries = await sub.next(SSE_PING_S)
-                if not entries:
-                    yield b": ping\n\n"
-                    # Quiet for a while: has the task ended or expired meanwhile?
+        while True:
+            final = fields is None or fields.get("status") in FINAL_STATES
+            # A finished task has nothing more to wait for: read what is left and end,
+            # even when the reader resumes after the last event.
+            reply = await redis.xread({key: last_id}, count=100, block=None if final else block_ms)
+            if not reply:
+                if final:
+                    if fields is not None:
+                        yield self._record_event(fields)
+                    return
+                yield b": ping\n\n"
+                # Quiet for a while: has the task ended or expired meanwhile?
+                fields = await self.worker.queue.get(task_id)
+                continue
+            for entry_id, entry in reply[0][1]:
+                last_id = entry_id
+                etype, data = entry.get("type", "message"), entry.get("data", "{}")
+                yield f"id: {entry_id}\nevent: {etype}\ndata: {data}\n\n".encode()
+                if etype == "status" and orjson.loads(data).get("status") in FINAL_STATES:
                     fields = await self.worker.queue.get(task_id)
-                    if fields is None or fields.get("status") in FINAL_STATES:
-                        async for chunk in self._rest(key, sub.cursor, fields):
-                            yield chunk
-                        return
-                    continue
-                for entry_id, entry in entries:
-                    chunk, final = self._event(entry_id, entry)
-                    yield chunk
-                    if final:
-                        fields = await self.worker.queue.get(task_id)
-                        if fields is not None:
-                            yield self._record_event(fields)
-                        return
-
-    async def _rest(
-        self, key: str, last_id: str, fields: dict[str, str] | None
-    ) -> AsyncIterator[bytes]:
-        """The entries after ``last_id`` of a stream that gets no more, then the record."""
-        for entry_id, entry in await self.worker.redis.xrange(key, f"({last_id}", "+"):
-            yield self._event(entry_id, entry)[0]
-        if fields is not None:
-            yield self._record_event(fields)
-
-    @staticmethod
-    def _event(entry_id: str, entry: dict[str, str]) -> tuple[bytes, bool]:
-        """One SSE event, and whether it reports a final state."""
-        etype, data = entry.get("type", "message"), entry.get("data", "{}")
-        final = etype == "status" and orjson.loads(data).get("status") in FINAL_STATES
-        return f"id: {entry_id}\nevent: {etype}\ndata: {data}\n\n".encode(), final
+                    if fields is not None:
+                        yield self._record_event(fields)
+                    return
 
     @staticmethod
     def _record_event(fields: dict[str, str]) -> bytes:

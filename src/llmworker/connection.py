@@ -15,13 +15,10 @@ from redis.exceptions import RedisError
 log = structlog.get_logger("llmworker.connection")
 
 
-def connect(url: str, retries: int | None = None, *, single: bool = False) -> Redis:
+def connect(url: str, retries: int | None = None) -> Redis:
     """A client for ``url``. ``retries=0``: errors reach the caller at once, for loops
-    that must know when their connection was lost (Pub/Sub). ``single``: one connection
-    for every command (a loop that blocks on it, and is unblocked by its id)."""
+    that must know when their connection was lost (Pub/Sub)."""
     options: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
-    if single:
-        options["single_connection_client"] = True
     if not url.startswith("unix://"):
         # Notice a Redis that vanished behind a NAT or load balancer.
         options["socket_keepalive"] = True

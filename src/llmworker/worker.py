@@ -15,7 +15,6 @@ from llmworker import __version__
 from llmworker.admission import Admitter
 from llmworker.connection import connect, wait_for_redis
 from llmworker.dispatcher import Dispatcher
-from llmworker.events import EventHub
 from llmworker.executor import Executor
 from llmworker.guards import guard_usage
 from llmworker.handlers import Registry, import_task_modules, registry
@@ -56,7 +55,6 @@ class Worker:
             settings, self.redis, self.keys, self.queue, self.executor, self.replica_id
         )
         self.notifier = Notifier(settings, self.queue)
-        self.events = EventHub(settings.redis_url, self.redis, self.queue.scripts)
         self.executor.on_callback = self.notifier.wake
         self.started = False
 
@@ -103,7 +101,6 @@ class Worker:
             await self.dispatcher.stop(self.settings.shutdown_grace_s)
             await self.notifier.stop()
         self.started = False
-        await self.events.aclose()
         await self.providers.aclose()
         await self.redis.aclose()
         log.info("worker_stopped", replica=self.replica_id)
