@@ -163,10 +163,12 @@ async def test_a_callback_left_by_a_dead_replica_is_delivered_by_another(
         await first.notifier.stop()
         task_id = await submit(first, f"{url}/cb")
         await wait_until(lambda: _pending(first, task_id))
+        assert (await first.stats())["callbacks_waiting"] == 1
         second = await start_worker(settings)
         second.notifier.wake()
         await wait_until(lambda: _delivered(second, task_id), timeout_s=60)
         assert len(receiver.received) == 1
+        assert (await second.stats())["callbacks_waiting"] == 0
 
 
 async def _pending(worker: Any, task_id: str) -> bool | None:

@@ -107,7 +107,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(stats)
         return 0
-    print(f"replicas alive: {stats['replicas_alive']}   running: {stats['running']}")
+    print(
+        f"replicas alive: {stats['replicas_alive']}   running: {stats['running']}"
+        f"   callbacks waiting: {stats.get('callbacks_waiting', 0)}"
+    )
     for tier, q in stats["queues"].items():
         per_model = ", ".join(f"{m}={n}" for m, n in q["models"].items()) or "-"
         print(

@@ -209,3 +209,7 @@ class Queue:
 
     async def running_count(self) -> int:
         return int(await self.redis.zcard(self.keys.running))
+
+    async def callbacks_waiting(self) -> int:
+        """Callbacks in the outbox: due, being attempted, or waiting for a retry."""
+        return int(await self.redis.zcard(self.keys.callbacks))

@@ -131,6 +131,7 @@ class Worker:
         return {
             "queues": queues,
             "running": await self.queue.running_count(),
+            "callbacks_waiting": await self.queue.callbacks_waiting(),
             "guards": await guard_usage(self.redis, self.keys, self.settings),
             "user_limits": users,
             "replicas_alive": await self.queue.replicas_alive(),
