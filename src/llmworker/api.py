@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 import structlog
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -35,7 +34,7 @@ from llmworker.errors import (
     SignatureInvalid,
     Unauthorized,
 )
-from llmworker.record import FINAL_STATES, TaskSpec, invalid_field, record_view
+from llmworker.record import FINAL_STATES, TaskSpec, record_view
 from llmworker.settings import Settings, load_settings
 from llmworker.worker import Worker
 
@@ -58,8 +57,11 @@ def error_answer(exc: RequestError) -> JSON:
         headers["Retry-After"] = str(exc.extra().get("retry_after", 1))
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    body = {"error": exc.code, "message": exc.message, **exc.extra()}
-    return JSON(body, status_code=exc.status, headers=headers)
+    return JSON(_error_body(exc), status_code=exc.status, headers=headers)
+
+
+def _error_body(exc: RequestError) -> dict[str, Any]:
+    return {"error": exc.code, "message": exc.message, **exc.extra()}
 
 
 # QStash moves a delivery answered with this status and header to its dead-letter queue
@@ -68,9 +70,10 @@ NON_RETRYABLE_STATUS = 489
 
 
 def non_retryable_answer(exc: RequestError) -> JSON:
-    body = {"error": exc.code, "message": exc.message, **exc.extra()}
     return JSON(
-        body, status_code=NON_RETRYABLE_STATUS, headers={"Upstash-NonRetryable-Error": "true"}
+        _error_body(exc),
+        status_code=NON_RETRYABLE_STATUS,
+        headers={"Upstash-NonRetryable-Error": "true"},
     )
 
 
@@ -111,7 +114,10 @@ class Api:
         self.authorize(request)
         body = await read_body(request, self.settings.max_body_bytes)
         spec = TaskSpec.parse(body)
-        task_id, stored = await self.worker.admitter.submit(spec)
+        return await self._admitted(*await self.worker.admitter.submit(spec))
+
+    async def _admitted(self, task_id: str, stored: dict[str, str] | None) -> Response:
+        """202 with a new task's record; 200 with the existing one for a repeat."""
         headers = {"Location": f"/v1/tasks/{task_id}"}
         if stored is not None:
             return JSON(record_view(stored), status_code=202, headers=headers)
@@ -135,28 +141,20 @@ class Api:
             return non_retryable_answer(exc)
         if not self.settings.qstash_skip_verify:
             await self._verify(request, body, keys, message_id)
+        retried = request.headers.get("upstash-retried", "")
+        delivery = {
+            "qstash_message_id": message_id or "",
+            "qstash_retried": retried if retried.isdigit() else "0",
+        }
         try:
-            spec = TaskSpec.parse(body)
-            if spec.idempotency_key is None and message_id:
-                # Validated like a body field: it ends up in a key name.
-                data = {**spec.model_dump(exclude_unset=True), "idempotency_key": message_id}
-                spec = TaskSpec.model_validate(data)
-            retried = request.headers.get("upstash-retried", "")
-            delivery = {
-                "qstash_message_id": message_id or "",
-                "qstash_retried": retried if retried.isdigit() else "0",
-            }
-            task_id, stored = await self.worker.admitter.submit(spec, delivery)
-        except ValidationError as exc:
-            return non_retryable_answer(invalid_field(exc))
+            # The message id is the idempotency key unless the body names one; it is
+            # validated like a body field (it ends up in a key name).
+            spec = TaskSpec.parse(body, idempotency_key=message_id)
+            admitted = await self.worker.admitter.submit(spec, delivery)
         except (BadRequest, InvalidField) as exc:
             log.warning("qstash_invalid_task", error=exc.code, message_id=message_id)
             return non_retryable_answer(exc)
-        headers = {"Location": f"/v1/tasks/{task_id}"}
-        if stored is not None:
-            return JSON(record_view(stored), status_code=202, headers=headers)
-        headers["Idempotent-Replayed"] = "true"
-        return JSON(record_view(await self._record(task_id)), status_code=200, headers=headers)
+        return await self._admitted(*admitted)
 
     async def _verify(
         self, request: Request, body: bytes, keys: list[str], message_id: str | None

@@ -188,13 +188,14 @@ class Dispatcher:
     async def _claim_forever(self) -> None:
         idle_wait_s = self.settings.lease_ttl_s / 3
         while not self._draining.is_set():
-            if self._want() <= 0:
+            want = self._want()
+            if want <= 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
             # Clear before claiming: a wake that arrives during the claim is kept.
             self._wake.clear()
-            pending, want = self._next_claim or (self._claim_soon(self._want()), self._want())
+            pending, want = self._next_claim or (self._claim_soon(want), want)
             self._next_claim = None
             claimed = claimed_tasks(await pending)
             for task in claimed:

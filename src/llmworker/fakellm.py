@@ -59,7 +59,10 @@ async def _send_json(
     await send({"type": "http.response.body", "body": orjson.dumps(content)})
 
 
-def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON answer, for the development servers (fake-llm, qstash-dev)."""
     return Response(orjson.dumps(content), status, headers, media_type="application/json")
 
 
@@ -241,12 +244,12 @@ class FakeLLM:
         await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": False})
 
     async def models(self, request: Request) -> Response:
-        return _json(
+        return json_response(
             {"object": "list", "data": [{"id": m, "object": "model"} for m in sorted(self.calls)]}
         )
 
     async def stats(self, request: Request) -> Response:
-        return _json(
+        return json_response(
             {
                 "calls": dict(self.calls),
                 "inflight": dict(self.inflight),
@@ -258,22 +261,24 @@ class FakeLLM:
 
     async def reset_endpoint(self, request: Request) -> Response:
         self.reset()
-        return _json({"ok": True})
+        return json_response({"ok": True})
 
     async def configure(self, request: Request) -> Response:
         changes = orjson.loads(await request.body() or b"{}")
         known = {f.name for f in fields(FakeConfig)}
         unknown = set(changes) - known
         if unknown:
-            return _json({"error": {"message": f"unknown settings: {sorted(unknown)}"}}, 400)
+            return json_response(
+                {"error": {"message": f"unknown settings: {sorted(unknown)}"}}, 400
+            )
         for name, value in changes.items():
             setattr(self.config, name, value)
         if "seed" in changes:
             self.random.seed(changes["seed"])
-        return _json(asdict(self.config))
+        return json_response(asdict(self.config))
 
     async def timeline_endpoint(self, request: Request) -> Response:
-        return _json(self.timeline)
+        return json_response(self.timeline)
 
     def app(self) -> FakeLLM:
         return self

@@ -43,6 +43,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llmworker import signature
+from llmworker.fakellm import json_response
 from llmworker.llm import retry_after_s
 
 log = structlog.get_logger("llmworker.qstashdev")
@@ -153,27 +154,29 @@ class QStashDev:
 
     async def publish(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _json({"error": "Unauthorized: send 'Authorization: Bearer <token>'"}, 401)
+            return json_response(
+                {"error": "Unauthorized: send 'Authorization: Bearer <token>'"}, 401
+            )
         destination = _destination(request)
         if not re.match(r"^https?://", destination):
-            return _json({"error": f"invalid destination url: {destination!r}"}, 400)
+            return json_response({"error": f"invalid destination url: {destination!r}"}, 400)
         body = await request.body()
         h = request.headers
         try:
             message = self._message(destination, body, h, request.path_params.get("queue"))
         except ValueError as exc:
-            return _json({"error": str(exc)}, 400)
+            return json_response({"error": str(exc)}, 400)
         dedup = h.get("upstash-deduplication-id")
         if dedup is None and h.get("upstash-content-based-deduplication", "").lower() == "true":
             dedup = hashlib.sha256(destination.encode() + b"\0" + body).hexdigest()
         if dedup is not None:
             seen = self._dedup.get(dedup)
             if seen is not None:
-                return _json({"messageId": seen, "deduplicated": True})
+                return json_response({"messageId": seen, "deduplicated": True})
             self._dedup[dedup] = message.id
         self.messages[message.id] = message
         self._spawn(self._run(message))
-        return _json({"messageId": message.id})
+        return json_response({"messageId": message.id})
 
     def _message(self, destination: str, body: bytes, h: Any, queue: str | None) -> Message:
         forwarded = {
@@ -204,16 +207,16 @@ class QStashDev:
 
     async def message(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _json({"error": "Unauthorized"}, 401)
+            return json_response({"error": "Unauthorized"}, 401)
         found = self.messages.get(request.path_params["id"])
         if found is None:
-            return _json({"error": "message not found"}, 404)
-        return _json(found.view())
+            return json_response({"error": "message not found"}, 404)
+        return json_response(found.view())
 
     async def dead_letters(self, request: Request) -> Response:
         if not self._authorized(request):
-            return _json({"error": "Unauthorized"}, 401)
-        return _json({"messages": [m.view() | {"dlqId": m.id} for m in self.dlq]})
+            return json_response({"error": "Unauthorized"}, 401)
+        return json_response({"messages": [m.view() | {"dlqId": m.id} for m in self.dlq]})
 
     # -- delivery -----------------------------------------------------------------------
 
@@ -345,7 +348,3 @@ def _destination(request: Request) -> str:
     if request.url.query:
         rest += "?" + request.url.query
     return unquote(rest) if re.match(r"^https?%3A", rest, re.IGNORECASE) else rest
-
-
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")

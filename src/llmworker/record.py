@@ -71,14 +71,17 @@ class TaskSpec(BaseModel):
         return value
 
     @classmethod
-    def parse(cls, body: bytes) -> TaskSpec:
-        """Parse a raw JSON body; raise :class:`BadRequest` or :class:`InvalidField`."""
+    def parse(cls, body: bytes, *, idempotency_key: str | None = None) -> TaskSpec:
+        """Parse a raw JSON body; raise :class:`BadRequest` or :class:`InvalidField`.
+        ``idempotency_key``: the key when the body names none."""
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"The body is not valid JSON: {exc}.") from None
         if not isinstance(data, dict):
             raise BadRequest("The body must be a JSON object with at least a 'kind' field.")
+        if idempotency_key and data.get("idempotency_key") is None:
+            data["idempotency_key"] = idempotency_key
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
