@@ -211,7 +211,6 @@ class Notifier:
         self._qstash: Any = None
         self._loop: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
-        self.delivered = 0
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._forever(), name="llmworker-notify")
@@ -295,7 +294,6 @@ class Notifier:
             "published" if self.settings.callback_via == "qstash" else "delivered"
         )
         if await self.queue.callback_end(task_id, attempt, outcome):
-            self.delivered += 1
             log.info("callback_" + outcome, task_id=task_id, attempts=int(attempt))
 
     async def _failed(self, fields: dict[str, str], attempt: str, failure: DeliveryFailed) -> None:

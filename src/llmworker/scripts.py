@@ -61,7 +61,6 @@ def source(name: str) -> str:
 @dataclass
 class _Call:
     name: str  # a script, or "" for a plain command
-    args: tuple[Any, ...]
     packed: bytes
     future: asyncio.Future[Any]
 
@@ -123,7 +122,7 @@ class Scripts:
         except (TypeError, ValueError) as exc:  # a bad argument: this call alone fails
             future.set_exception(exc)
             return future
-        self._pending.append(_Call(name, command, packed, future))
+        self._pending.append(_Call(name, packed, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send())
         return future
