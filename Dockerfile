@@ -13,9 +13,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /build
 RUN python -m venv /opt/venv
 # Dependencies first, from pyproject.toml alone: this layer is reused until they change.
+# The server's, without the "embedded" extra: containers use the compose file's Redis.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > requirements.txt \
     && pip install -r requirements.txt
 COPY README.md ./
 COPY src ./src
@@ -34,6 +35,7 @@ RUN groupadd --system --gid 10001 llmworker \
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    HOST=0.0.0.0 \
     PORT=8080 \
     LOG_FORMAT=json
 WORKDIR /app

@@ -591,7 +591,7 @@ def transport(bench: Bench) -> None:
 async def _transport_cost(port: int, name: str) -> tuple[float, float]:
     import aiohttp
 
-    from llmworker.llm import Providers
+    from llmworker.providers import Providers
     from llmworker.settings import load_settings
 
     base = f"http://127.0.0.1:{port}/v1"

@@ -138,11 +138,14 @@ async def start_worker() -> AsyncIterator[Callable[..., Any]]:
 
 
 class LoopbackServer:
-    """An ASGI app served by uvicorn on 127.0.0.1 in this event loop."""
+    """An ASGI app served by uvicorn on 127.0.0.1 in this event loop (with ``http``, the
+    protocol class ``serve`` uses)."""
 
-    def __init__(self, app: Any, port: int = 0) -> None:
+    def __init__(self, app: Any, port: int = 0, http: Any = "auto") -> None:
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+            uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=http
+            )
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -168,10 +171,12 @@ async def serve_api(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Worker]]:
     """A worker and its HTTP API on loopback, and a client for it."""
     from llmworker.api import create_app
+    from llmworker.protocol import BoundedHttpProtocol
 
+    BoundedHttpProtocol.configure(settings)
     worker = Worker(settings, **worker_kwargs)
     async with (
-        LoopbackServer(create_app(settings, worker), port) as url,
+        LoopbackServer(create_app(settings, worker), port, BoundedHttpProtocol) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as client,
     ):
         yield client, worker

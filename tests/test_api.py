@@ -15,6 +15,7 @@ from llmworker.worker import Worker
 from .conftest import CALLBACK_SECRET, tasks_with, wait_until
 from .conftest import serve_api as api
 
+KEY_1, KEY_2 = "key-one-0123456789abcdef", "key-two-0123456789abcdef"
 CHAT: dict[str, Any] = {
     "kind": "chat",
     "input": {"messages": [{"role": "user", "content": "hello"}]},
@@ -137,10 +138,10 @@ async def test_full_tier_queue_answers_429_with_retry_after(make_settings):
             "invalid",
         ),
         (
-            b'{"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}], "temprature": 1}}',
+            b'{"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}], "temperature": "1"}}',
             422,
-            "input.temprature",
-            "not a task field",
+            "input.temperature",
+            "The chat parameter 'temperature' is invalid",
         ),
         (b'{"kind": "chat", "tire": "paid"}', 422, "tire", "not a task field"),
         (b'{"kind": "chat", "id": "has space"}', 422, "id", "invalid"),
@@ -173,12 +174,14 @@ async def test_body_over_max_body_bytes_is_413(make_settings):
 
 
 async def test_api_keys_are_required_when_set(make_settings):
-    async with api(make_settings(API_KEYS="k1,k2"), dispatch=False) as (client, _worker):
+    keys = f"{KEY_1},{KEY_2}"
+    async with api(make_settings(API_KEYS=keys), dispatch=False) as (client, _worker):
         assert (await client.post("/v1/tasks", json=CHAT)).status_code == 401
-        wrong = await client.post("/v1/tasks", json=CHAT, headers={"Authorization": "Bearer k3"})
+        other = "Bearer " + "k" * 20
+        wrong = await client.post("/v1/tasks", json=CHAT, headers={"Authorization": other})
         assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
         assert (await client.get("/v1/stats")).status_code == 401
-        ok = await client.post("/v1/tasks", json=CHAT, headers={"Authorization": "Bearer k2"})
+        ok = await client.post("/v1/tasks", json=CHAT, headers={"Authorization": f"Bearer {KEY_2}"})
         assert ok.status_code == 202
         # Probes need no key.
         assert (await client.get("/health")).status_code == 200

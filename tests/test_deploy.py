@@ -192,7 +192,7 @@ def test_caddy_balances_over_replicas_drops_a_stopped_one_and_streams_events(
             seen: set[str] = set()
             deadline = time.monotonic() + 15
             while len(seen) < 2 and time.monotonic() < deadline:
-                seen |= {client.get("/ready").json()["replica"] for _ in range(10)}
+                seen |= {client.get("/v1/stats").json()["replica"]["id"] for _ in range(10)}
                 time.sleep(0.2)
             assert len(seen) == 2, "requests reach both replicas"
 
@@ -211,9 +211,9 @@ def test_caddy_balances_over_replicas_drops_a_stopped_one_and_streams_events(
             second.terminate()
             second.wait(timeout=30)
             time.sleep(2.5)  # the active health check (every 1 s) notices
-            answers = [client.get("/ready") for _ in range(20)]
+            answers = [client.get("/v1/stats") for _ in range(20)]
             assert all(r.status_code == 200 for r in answers)
-            assert {r.json()["replica"] for r in answers} < seen
+            assert {r.json()["replica"]["id"] for r in answers} < seen
 
 
 @pytest.mark.parametrize("doc", ["deploy.md", "deploy.zh.md"])

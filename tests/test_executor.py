@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from llmworker.executor import TaskContext
+from llmworker.context import TaskContext
 from llmworker.record import TaskSpec
 from llmworker.worker import Worker
 

@@ -131,7 +131,7 @@ def test_dotenv_file_is_read_and_the_environment_wins(tmp_path: Path):
 
 def test_redacted_settings_hide_secrets():
     env = {
-        "API_KEYS": "a,b",
+        "API_KEYS": "a" * 16 + ",appB:" + "b" * 16,
         "DEEPSEEK_API_KEY": "sk-secret",
         "CALLBACK_SECRET": CALLBACK_SECRET,
         "QSTASH_TOKEN": "qstash-token",

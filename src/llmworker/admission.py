@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from llmworker.auth import DEFAULT_TENANT, idem_ref, public_id, task_ref
 from llmworker.errors import InvalidField, QueueFull
 from llmworker.handlers import Registry
 from llmworker.notify import check_callback_url
@@ -65,19 +66,25 @@ class Admitter:
             try:
                 value = handler.input_model.model_validate(value).model_dump(exclude_none=True)
             except ValidationError as exc:
-                raise invalid_field(exc, "input.") from None
+                raise invalid_field(exc, "input.", handler.input_noun) from None
         return tier, model, value
 
     async def submit(
-        self, spec: TaskSpec, extra: dict[str, str] | None = None
+        self,
+        spec: TaskSpec,
+        tenant: str = DEFAULT_TENANT,
+        extra: dict[str, str] | None = None,
     ) -> tuple[str, dict[str, str] | None]:
-        """Queue a task. Returns its id and, when it is new, its stored fields (None: an
-        existing task with the same id or idempotency key was found instead). Raises
-        :class:`QueueFull` at the tier's cap. ``extra``: more fields to store (how it
-        was delivered)."""
+        """Queue a task of ``tenant``. Returns its stored id (see auth.py) and, when it is
+        new, its stored fields (None: the tenant's task with the same id or idempotency
+        key was found instead). Raises :class:`QueueFull` at the tier's cap. ``extra``:
+        more fields to store (how it was delivered)."""
         tier, model, value = self.resolve(spec)
-        task_id = spec.id or new_task_id()
+        task_id = task_ref(tenant, spec.id or new_task_id())
+        idem = idem_ref(tenant, spec.idempotency_key) if spec.idempotency_key else ""
         fields = {"input": orjson.dumps(value).decode(), **(extra or {})}
+        if tenant != DEFAULT_TENANT:
+            fields["tenant"] = tenant
         if spec.callback_url:
             fields["callback_url"] = spec.callback_url
         if spec.timeout_s is not None:
@@ -87,7 +94,7 @@ class Admitter:
         cap = self.settings.queue_caps[tier]
         admission = await self.queue.admit(
             task_id=task_id,
-            idempotency_key=spec.idempotency_key,
+            idempotency_key=idem,
             kind=spec.kind,
             tier=tier,
             model=model,
@@ -109,18 +116,18 @@ class Admitter:
             "tier": tier,
             "model": model,
             "user": spec.user,
-            "idem": spec.idempotency_key or "",
+            "idem": idem,
             "status": "queued",
             "attempts": "0",
             "created_at": str(admission.created_at_ms),
         }
         return task_id, stored
 
-    async def submit_json(self, body: dict[str, Any]) -> str:
-        """Queue a task from a dict (follow-up tasks from handlers)."""
+    async def submit_json(self, body: dict[str, Any], tenant: str = DEFAULT_TENANT) -> str:
+        """Queue a task from a dict (follow-up tasks from handlers); its id."""
         try:
             spec = TaskSpec.model_validate(body)
         except ValidationError as exc:
             raise invalid_field(exc) from None
-        task_id, _ = await self.submit(spec)
-        return task_id
+        task_id, _ = await self.submit(spec, tenant)
+        return public_id(task_id)

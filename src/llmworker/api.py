@@ -1,15 +1,13 @@
-"""The HTTP edge: routes, authentication, and the one place errors become answers."""
+"""The HTTP API: routes, who may call them (auth.py), and the app with its worker."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import orjson
 import structlog
@@ -21,12 +19,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from llmworker import signature
+from llmworker.auth import TENANT_RE, Caller, KeyRing
 from llmworker.errors import (
     BadRequest,
     BodyTooLarge,
+    Forbidden,
     InvalidField,
     NotConfigured,
     NotFound,
@@ -34,100 +33,99 @@ from llmworker.errors import (
     SignatureInvalid,
     Unauthorized,
 )
-from llmworker.record import FINAL_STATES, TaskSpec, record_view
+from llmworker.httpapp import (
+    JSON,
+    App,
+    http_error,
+    non_retryable_answer,
+    read_body,
+    redis_error,
+    request_error,
+    require_json,
+)
+from llmworker.record import ID_RE, TaskSpec, record_view
 from llmworker.settings import Settings, load_settings
+from llmworker.states import FINAL_STATES
 from llmworker.worker import Worker
 
 log = structlog.get_logger("llmworker.api")
 
 SSE_PING_S = 15.0
-EVENT_ID_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+# A stream entry id: milliseconds and a sequence number, each an unsigned 64-bit integer
+# in ASCII digits (Python's \d would also take other scripts' digits, which Redis refuses
+# once the stream has started).
+EVENT_ID_RE = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?", re.ASCII)
+MAX_U64 = 2**64 - 1
 
 
-class JSON(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-def error_answer(exc: RequestError) -> JSON:
-    headers = {}
-    if exc.status == 429:
-        headers["Retry-After"] = str(exc.extra().get("retry_after", 1))
-    if exc.status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSON(_error_body(exc), status_code=exc.status, headers=headers)
-
-
-def _error_body(exc: RequestError) -> dict[str, Any]:
-    return {"error": exc.code, "message": exc.message, **exc.extra()}
-
-
-# QStash moves a delivery answered with this status and header to its dead-letter queue
-# instead of retrying it: for tasks that can never be admitted.
-NON_RETRYABLE_STATUS = 489
-
-
-def non_retryable_answer(exc: RequestError) -> JSON:
-    return JSON(
-        _error_body(exc),
-        status_code=NON_RETRYABLE_STATUS,
-        headers={"Upstash-NonRetryable-Error": "true"},
-    )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"The body is {declared} bytes; the limit is {limit} (MAX_BODY_BYTES).")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"The body is over the limit of {limit} bytes (MAX_BODY_BYTES).")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def event_cursor(raw: str) -> str:
+    """A ``Last-Event-ID`` or ``after`` value Redis will take; BadRequest otherwise, so a
+    stream is refused before its 200 rather than cut after it."""
+    match = EVENT_ID_RE.fullmatch(raw)
+    if match is None or any(int(p) > MAX_U64 for p in match.groups() if p is not None):
+        raise BadRequest(
+            f"Last-Event-ID (or ?after=) {raw[:60]!r} is not an event id such as "
+            "1764352630545-0 (the id: field of an event)."
+        )
+    return raw
 
 
 class Api:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.settings = worker.settings
-        self._keys = [k.encode() for k in self.settings.api_key_list]
+        self.keys, _ = KeyRing.parse(self.settings.api_keys, self.settings.admin_keys)
+        self._open = Caller(admin=True)
 
-    def authorize(self, request: Request) -> None:
-        if not self._keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
-        # Compare with every key in constant time, so timing reveals nothing.
-        ok = False
-        for key in self._keys:
-            ok |= hmac.compare_digest(given, key)
-        if scheme.lower() != "bearer" or not ok:
-            raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'.")
+    def authorize(self, request: Request) -> Caller:
+        """The caller of a request, and the tenant it acts for: its key's, or for an admin
+        key the one ``?tenant=`` names."""
+        if self.keys.open:
+            caller = self._open
+        else:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            found = self.keys.caller(token.strip()) if scheme.lower() == "bearer" else None
+            if found is None:
+                raise Unauthorized(
+                    "A valid API key is required: send 'Authorization: Bearer <key>'."
+                )
+            caller = found
+        tenant = request.query_params.get("tenant")
+        if tenant is None or tenant == caller.tenant:
+            return caller
+        if not caller.admin:
+            raise Forbidden("Only admin keys (ADMIN_KEYS) may act for another tenant.")
+        if not TENANT_RE.match(tenant):
+            raise BadRequest(f"?tenant={tenant[:60]!r} is not a tenant name.")
+        return Caller(tenant, admin=True)
+
+    def _admin(self, request: Request) -> Caller:
+        caller = self.authorize(request)
+        if not caller.admin:
+            raise Forbidden("This needs an admin key (ADMIN_KEYS): it shows every tenant.")
+        return caller
 
     async def submit(self, request: Request) -> Response:
-        self.authorize(request)
+        caller = self.authorize(request)
+        require_json(request)
         body = await read_body(request, self.settings.max_body_bytes)
         spec = TaskSpec.parse(body)
-        return await self._admitted(*await self.worker.admitter.submit(spec))
+        return await self._admitted(*await self.worker.admitter.submit(spec, caller.tenant))
 
-    async def _admitted(self, task_id: str, stored: dict[str, str] | None) -> Response:
+    async def _admitted(self, ref: str, stored: dict[str, str] | None) -> Response:
         """202 with a new task's record; 200 with the existing one for a repeat."""
-        headers = {"Location": f"/v1/tasks/{task_id}"}
+        view = record_view(stored if stored is not None else await self._record(ref))
+        headers = {"Location": f"/v1/tasks/{view['id']}"}
         if stored is not None:
-            return JSON(record_view(stored), status_code=202, headers=headers)
+            return JSON(view, status_code=202, headers=headers)
         headers["Idempotent-Replayed"] = "true"
-        return JSON(record_view(await self._record(task_id)), status_code=200, headers=headers)
+        return JSON(view, status_code=200, headers=headers)
 
     async def qstash(self, request: Request) -> Response:
-        """A QStash delivery: verified on the raw bytes, then admitted like a submission.
-        2xx frees QStash's slot at once; 429 is retried after Retry-After; 489 sends a task
-        that can never be admitted to the dead-letter queue; 5xx only for real faults."""
+        """A QStash delivery: verified on the raw bytes, then admitted like a submission
+        of ``QSTASH_TENANT``. 2xx frees QStash's slot at once; 429 is retried after
+        Retry-After; 489 sends a task that can never be admitted to the dead-letter
+        queue; 5xx only for real faults."""
         keys = self.settings.qstash_keys
         if not keys and not self.settings.qstash_skip_verify:
             raise NotConfigured(
@@ -144,13 +142,15 @@ class Api:
         retried = request.headers.get("upstash-retried", "")
         delivery = {
             "qstash_message_id": message_id or "",
-            "qstash_retried": retried if retried.isdigit() else "0",
+            "qstash_retried": retried if retried.isascii() and retried.isdigit() else "0",
         }
         try:
             # The message id is the idempotency key unless the body names one; it is
             # validated like a body field (it ends up in a key name).
             spec = TaskSpec.parse(body, idempotency_key=message_id)
-            admitted = await self.worker.admitter.submit(spec, delivery)
+            admitted = await self.worker.admitter.submit(
+                spec, self.settings.qstash_tenant, delivery
+            )
         except (BadRequest, InvalidField) as exc:
             log.warning("qstash_invalid_task", error=exc.code, message_id=message_id)
             return non_retryable_answer(exc)
@@ -191,59 +191,72 @@ class Api:
             self.settings.public_url.rstrip("/") + request.url.path + (f"?{query}" if query else "")
         )
 
-    async def _record(self, task_id: str) -> dict[str, str]:
-        fields = await self.worker.queue.get(task_id)
+    async def _record(self, ref: str) -> dict[str, str]:
+        fields = await self.worker.queue.get(ref) if ID_RE.match(ref.rpartition("/")[2]) else None
         if fields is None:
+            shown = ref.rpartition("/")[2][:130]
             raise NotFound(
-                f"No task {task_id!r}: it never existed or its record expired (RESULT_TTL_S)."
+                f"No task {shown!r}: it never existed or its record expired (RESULT_TTL_S)."
             )
         return fields
 
+    def _task_ref(self, request: Request) -> str:
+        """The stored id of the task the path names, in the caller's tenant."""
+        return self.authorize(request).task_ref(request.path_params["id"])
+
     async def get(self, request: Request) -> Response:
-        self.authorize(request)
-        return JSON(record_view(await self._record(request.path_params["id"])))
+        return JSON(record_view(await self._record(self._task_ref(request))))
 
     async def find(self, request: Request) -> Response:
-        """``GET /v1/tasks?idempotency_key=K``: the task admitted with that key (for a task
-        published through QStash, its message id)."""
-        self.authorize(request)
+        """``GET /v1/tasks?idempotency_key=K``: the caller's task admitted with that key
+        (for a task published through QStash, its message id)."""
+        caller = self.authorize(request)
         key = request.query_params.get("idempotency_key")
         if not key:
             raise BadRequest("Name the task: GET /v1/tasks/{id}, or ?idempotency_key=...")
-        task_id = await self.worker.queue.find(key)
-        if task_id is None:
-            raise NotFound(f"No task with the idempotency key {key!r} (or its record expired).")
-        return JSON(record_view(await self._record(task_id)))
+        ref = await self.worker.queue.find(caller.idem_ref(key))
+        if ref is None:
+            raise NotFound(
+                f"No task with the idempotency key {key[:200]!r} (or its record expired)."
+            )
+        return JSON(record_view(await self._record(ref)))
 
     async def cancel(self, request: Request) -> Response:
-        self.authorize(request)
-        task_id = request.path_params["id"]
-        before = await self.worker.queue.cancel(task_id, self.settings.result_ttl_s)
+        ref = self._task_ref(request)
+        await self._record(ref)
+        before = await self.worker.queue.cancel(ref, self.settings.result_ttl_s)
         if before is None:
-            raise NotFound(f"No task {task_id!r}: it never existed or its record expired.")
+            raise NotFound("No such task: its record expired.")
         self.worker.notifier.wake()
-        return JSON(record_view(await self._record(task_id)))
+        return JSON(record_view(await self._record(ref)))
 
     async def events(self, request: Request) -> Response:
-        self.authorize(request)
-        task_id = request.path_params["id"]
-        await self._record(task_id)
-        last_id = request.headers.get("last-event-id") or request.query_params.get("after") or "0-0"
-        if not EVENT_ID_RE.match(last_id):
-            raise BadRequest(
-                f"Last-Event-ID {last_id[:60]!r} is not an event id such as 1764352630545-0."
-            )
+        ref = self._task_ref(request)
+        raw = request.headers.get("last-event-id") or request.query_params.get("after")
+        last_id = event_cursor(raw) if raw else "0-0"
+        fields = await self._record(ref)
         return StreamingResponse(
-            self._stream(task_id, last_id),
+            self._stream(ref, last_id, fields),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _stream(self, task_id: str, last_id: str) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, ref: str, last_id: str, fields: dict[str, str] | None
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._entries(ref, last_id, fields):
+                yield chunk
+        except (RedisError, OSError) as exc:
+            # The stream ends cleanly; the reader resumes with its Last-Event-ID.
+            log.warning("event_stream_interrupted", task_id=ref, error=str(exc))
+
+    async def _entries(
+        self, ref: str, last_id: str, fields: dict[str, str] | None
+    ) -> AsyncIterator[bytes]:
         redis = self.worker.redis
-        key = self.worker.keys.events(task_id)
+        key = self.worker.keys.events(ref)
         block_ms = int(SSE_PING_S * 1000)
-        fields = await self.worker.queue.get(task_id)
         while True:
             final = fields is None or fields.get("status") in FINAL_STATES
             # A finished task has nothing more to wait for: read what is left and end,
@@ -256,14 +269,14 @@ class Api:
                     return
                 yield b": ping\n\n"
                 # Quiet for a while: has the task ended or expired meanwhile?
-                fields = await self.worker.queue.get(task_id)
+                fields = await self.worker.queue.get(ref)
                 continue
             for entry_id, entry in reply[0][1]:
                 last_id = entry_id
                 etype, data = entry.get("type", "message"), entry.get("data", "{}")
                 yield f"id: {entry_id}\nevent: {etype}\ndata: {data}\n\n".encode()
                 if etype == "status" and orjson.loads(data).get("status") in FINAL_STATES:
-                    fields = await self.worker.queue.get(task_id)
+                    fields = await self.worker.queue.get(ref)
                     if fields is not None:
                         yield self._record_event(fields)
                     return
@@ -276,63 +289,15 @@ class Api:
         return JSON({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
+        # Anyone may ask (load balancers carry no key): the answer names no host or pid.
         if await self.worker.ready():
-            return JSON({"status": "ready", "replica": self.worker.replica_id})
+            return JSON({"status": "ready"})
         reason = "draining" if self.worker.dispatcher.draining else "redis_unavailable"
         return JSON({"status": "not_ready", "reason": reason}, status_code=503)
 
     async def stats(self, request: Request) -> Response:
-        self.authorize(request)
+        self._admin(request)
         return JSON(await self.worker.stats())
-
-
-async def _request_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestError)
-    return error_answer(exc)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSON(
-        {"error": code, "message": f"{request.method} {request.url.path}: {exc.detail}."},
-        exc.status_code,
-    )
-
-
-async def _redis_error(request: Request, exc: Exception) -> Response:
-    log.error("redis_unavailable", error=str(exc), path=request.url.path)
-    return JSON(
-        {"error": "unavailable", "message": "The queue's Redis is unreachable; retry shortly."},
-        status_code=503,
-        headers={"Retry-After": "2"},
-    )
-
-
-class App(Starlette):
-    """Starlette, with one shortcut: ``POST /v1/tasks``, the busiest route, goes straight
-    to its handler, past the router and the middleware stack (about a quarter of the CPU
-    of a submission). Its errors become the same answers the exception handlers give."""
-
-    api: Api | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.api is not None
-            and scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"] == "/v1/tasks"
-        ):
-            request = Request(scope, receive)
-            try:
-                response = await self.api.submit(request)
-            except RequestError as exc:
-                response = error_answer(exc)
-            except RedisError as exc:
-                response = await _redis_error(request, exc)
-            await response(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, worker: Worker | None = None) -> Starlette:
@@ -379,21 +344,24 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
-            RequestError: _request_error,
-            HTTPException: _http_error,
-            RedisError: _redis_error,
+            RequestError: request_error,
+            HTTPException: http_error,
+            RedisError: redis_error,
         },
     )
     app.state.worker = worker
+    app.access_log = settings.access_log
     if not middleware:  # with CORS, every request goes through its middleware
-        app.api = api
+        app.fast = api.submit
     return app
 
 
 def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory`` and for ``serve --workers N`` child processes."""
     from llmworker.logs import configure_logging
+    from llmworker.protocol import BoundedHttpProtocol
 
     settings = load_settings()
     configure_logging(settings)
+    BoundedHttpProtocol.configure(settings)
     return create_app(settings)

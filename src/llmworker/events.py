@@ -1,8 +1,11 @@
 """A task's events: one Redis stream per task, read back as Server-Sent Events.
 
 Status events are written by the Lua scripts in the same step as the change they
-report; progress and token events are written here by the running task. Entries are
-``type`` (status | progress | tokens | log) and ``data`` (JSON).
+report; progress, token and reasoning events are written here by the running task.
+Entries are ``type`` (status | progress | tokens | reasoning) and ``data`` (JSON):
+``tokens`` and ``reasoning`` carry ``{"text", "n"}``, a batch of the answer's text or of
+the model's reasoning (DeepSeek's ``reasoning_content``), in the order the model said
+them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ TOKEN_FLUSH_S = 0.020
 
 
 class EventWriter:
-    """Writes one task's progress and token events, in order.
+    """Writes one task's progress, token and reasoning events, in order.
 
     Writes join the process's shared batch (scripts.py), which sends in submission
     order: a token batch queued before the run's final status is stored before it,
@@ -35,6 +38,8 @@ class EventWriter:
         self.scripts = scripts
         self.key = keys.events(task_id)
         self._tokens: list[str] = []
+        # What the buffered text is: the answer ("tokens") or the reasoning.
+        self._kind = "tokens"
         self._timer: asyncio.TimerHandle | None = None
         self._lost = 0
 
@@ -50,6 +55,17 @@ class EventWriter:
     def token(self, text: str) -> None:
         """Buffer a token; queue the batch when it is full, or TOKEN_FLUSH_S after its first
         token (a model that pauses mid-answer still shows what it has said)."""
+        self._buffer("tokens", text)
+
+    def reasoning(self, text: str) -> None:
+        """Buffer a piece of the model's reasoning, batched as tokens are."""
+        self._buffer("reasoning", text)
+
+    def _buffer(self, kind: str, text: str) -> None:
+        if kind != self._kind:
+            # A batch holds one kind: what came before goes out first.
+            self.flush()
+            self._kind = kind
         self._tokens.append(text)
         if len(self._tokens) >= TOKEN_BATCH:
             self.flush()
@@ -64,7 +80,7 @@ class EventWriter:
         if not self._tokens:
             return
         batch, self._tokens = self._tokens, []
-        batch_written = self._xadd("tokens", {"text": "".join(batch), "n": len(batch)})
+        batch_written = self._xadd(self._kind, {"text": "".join(batch), "n": len(batch)})
         batch_written.add_done_callback(self._failed)
 
     def _failed(self, future: asyncio.Future[Any]) -> None:

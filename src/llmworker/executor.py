@@ -17,81 +17,23 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import orjson
 import structlog
 from redis.exceptions import RedisError
 
+from llmworker.context import SubmitFn, TaskContext
 from llmworker.errors import HandlerError, TaskError, TaskTimeout
 from llmworker.events import EventWriter
 from llmworker.handlers import Registry
-from llmworker.llm import LLMClient, Providers
+from llmworker.providers import Providers
 from llmworker.queue import Claimed, Queue
 from llmworker.settings import Settings
-
-if TYPE_CHECKING:
-    import openai
 
 log = structlog.get_logger("llmworker.executor")
 
 StopReason = Literal["cancelled", "lease_lost", "shutdown"]
-
-
-class TaskContext:
-    """What a handler gets besides its input."""
-
-    def __init__(
-        self,
-        claimed: Claimed,
-        llm: LLMClient,
-        events: EventWriter,
-        submit: Any,
-        providers: Providers | None = None,
-    ) -> None:
-        f = claimed.fields
-        self.id = f["id"]
-        self.kind = f.get("kind", "")
-        self.user = f.get("user", "")
-        self.tier = f.get("tier", "")
-        self.model = f.get("model", "")
-        self.attempt = int(f.get("attempts", 1))
-        self.metadata: dict[str, Any] = orjson.loads(f["metadata"]) if f.get("metadata") else {}
-        self.llm = llm
-        self.events = events
-        self._submit = submit
-        self._providers = providers
-        self.usage: dict[str, int] = {}
-
-    @property
-    def openai(self) -> openai.AsyncOpenAI:
-        """The official ``openai`` SDK's client for the task's provider (its base URL and
-        key), for what :attr:`llm` does not cover; name ``ctx.llm.alias.model`` as the
-        model. Its calls are not retried by llmworker, and they run inside the task's
-        slots like any other."""
-        if self._providers is None:
-            raise HandlerError("ctx.openai is not available outside a worker.")
-        return self._providers.openai(self.model)
-
-    async def progress(
-        self, fraction: float | None = None, message: str | None = None, **data: Any
-    ) -> None:
-        """Report progress (0..1 and/or a message) to the task's event stream."""
-        body: dict[str, Any] = dict(data)
-        if fraction is not None:
-            body["progress"] = max(0.0, min(1.0, fraction))
-        if message is not None:
-            body["message"] = message
-        await self.events.emit("progress", body)
-
-    async def submit(self, kind: str, input: Any, **fields: Any) -> str:
-        """Queue a follow-up task for the same user and tier; returns its id."""
-        body = {"kind": kind, "input": input, "user": self.user, "tier": self.tier, **fields}
-        return str(await self._submit(body))
-
-    def add_usage(self, usage: dict[str, int]) -> None:
-        for key, value in usage.items():
-            self.usage[key] = self.usage.get(key, 0) + value
 
 
 @dataclass
@@ -111,7 +53,7 @@ class Executor:
         queue: Queue,
         registry: Registry,
         providers: Providers,
-        submit: Any,
+        submit: SubmitFn,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -205,7 +147,7 @@ class Executor:
         ctx = TaskContext(claimed, llm, events, self.submit, self.providers)
         llm.on_usage = ctx.add_usage
         llm.deadline = deadline
-        llm.on_token = events.token
+        llm.sink = events
         return ctx
 
     async def _call(self, ctx: TaskContext, claimed: Claimed) -> Any:

@@ -28,7 +28,7 @@ from llmworker.errors import ConfigError
 from llmworker.record import KIND_RE
 
 if TYPE_CHECKING:
-    from llmworker.executor import TaskContext
+    from llmworker.context import TaskContext
 
 HandlerFn = Callable[["TaskContext", Any], Awaitable[Any]]
 
@@ -40,6 +40,8 @@ class Handler:
     input_model: type[BaseModel] | None = None
     model: str | None = None
     routes: dict[str, str] = field(default_factory=dict)
+    # What the fields of its input are called in error messages.
+    input_noun: str = "input field"
 
     def model_for(self, tier: str) -> str | None:
         """The model alias this kind uses for a tier when the task names none."""
@@ -71,9 +73,13 @@ class Registry:
         input_model: type[BaseModel] | None = None,
         model: str | None = None,
         routes: dict[str, str] | None = None,
+        input_noun: str = "input field",
     ) -> Callable[[HandlerFn], HandlerFn]:
         def register(fn: HandlerFn) -> HandlerFn:
-            self.add(Handler(name or fn.__name__, fn, input_model, model, dict(routes or {})))
+            handler = Handler(
+                name or fn.__name__, fn, input_model, model, dict(routes or {}), input_noun
+            )
+            self.add(handler)
             return fn
 
         return register
@@ -102,32 +108,55 @@ def import_task_modules(spec: str) -> None:
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
     content: str | list[Any] | None = None
 
 
 class ChatInput(BaseModel):
-    """The ``chat`` kind's input: OpenAI's chat completion parameters."""
+    """The ``chat`` kind's input: OpenAI's chat completion parameters. The ones llmworker
+    knows are checked here (strictly: a number is never read from a string); any other is
+    passed to the provider as given, and the provider's refusal reported as its own.
+    ``stream`` and ``stream_options`` are llmworker's: it always streams."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=128)
     response_format: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, int | float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = Field(None, min_length=1, max_length=32)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
 
 
-@registry.task("chat", input_model=ChatInput)
+@registry.task("chat", input_model=ChatInput, input_noun="chat parameter")
 async def chat(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
-    """One chat completion on the task's model, its tokens streamed to the task's events."""
+    """One chat completion on the task's model, its text and reasoning streamed to the
+    task's events."""
     params = dict(input)
     messages = params.pop("messages")
+    # Always streamed (stream_body); what the caller said about it changes nothing.
+    params.pop("stream", None)
+    params.pop("stream_options", None)
     reply = await ctx.llm.chat(messages, **params)
     return reply.to_json()

@@ -94,6 +94,10 @@ class Keys:
     def replicas(self) -> str:
         return f"{self.base}replicas"
 
+    @property
+    def idle(self) -> str:
+        return f"{self.base}idle"
+
     def guard_model(self, model: str, tier: str) -> str:
         return f"{self.base}g:m:{tier}:{model}"
 

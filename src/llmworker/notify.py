@@ -26,13 +26,10 @@ which then does the retrying.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import hashlib
-import hmac
 import ipaddress
 import random
+import re
 import socket
 import time
 from typing import Any, Literal
@@ -45,10 +42,11 @@ from yarl import URL
 
 from llmworker import __version__
 from llmworker.errors import InvalidField
-from llmworker.llm import retry_after_s
+from llmworker.providers.errors import retry_after_s
 from llmworker.queue import Queue
 from llmworker.record import record_view
 from llmworker.settings import Settings
+from llmworker.webhooks import sign, signing_key, webhook_id
 
 log = structlog.get_logger("llmworker.notify")
 
@@ -57,32 +55,6 @@ BACKOFF_MAX_S = 600.0
 # Nothing due: look at the outbox again after this long anyway (a callback left behind by
 # a replica that died during its attempt becomes due again while this one sleeps).
 IDLE_WAIT_S = 30.0
-
-
-def signing_key(secret: str) -> bytes:
-    """The HMAC key of a Standard Webhooks secret, derived as the ``standardwebhooks``
-    library does, so receivers pass the same string to it."""
-    raw = secret.removeprefix("whsec_").rstrip("=")
-    try:
-        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(
-            "must be a Standard Webhooks secret, 'whsec_' and base64 (make one with: "
-            "python -c \"import base64,os;print('whsec_'+base64.b64encode(os.urandom(32)).decode())\")"
-        ) from None
-    if len(key) < 16:
-        raise ValueError("is too short: use at least 16 random bytes (24 base64 characters)")
-    return key
-
-
-def webhook_id(task_id: str, status: str) -> str:
-    """One per final state: the same on every attempt, so receivers can dedupe."""
-    return f"task_{task_id}_{status}"
-
-
-def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode()
 
 
 # -- where callbacks may go ------------------------------------------------------------
@@ -113,46 +85,71 @@ def _is_public(address: str) -> bool:
         return False
 
 
+# Anything a URL must not carry raw: whitespace and control characters (yarl would drop a
+# NUL from a host silently, so the URL connected to would not be the one checked).
+_RAW_FORBIDDEN_RE = re.compile(r"[\s\x00-\x1f\x7f]")
+# WHATWG URLs read a host whose last label is a number as an IPv4 address, in any of
+# inet_aton's forms (0x7f000001, 2130706433, 127.1, 0177.0.0.1): so do resolvers.
+_NUMERIC_LABEL_RE = re.compile(r"(?:[0-9]+|0[xX][0-9a-fA-F]*)", re.ASCII)
+
+
+def _bad_url(message: str) -> InvalidField:
+    return InvalidField("callback_url", message)
+
+
 def check_callback_url(url: str, settings: Settings) -> None:
     """Refuse a callback this worker must never deliver (at admission, and again before
-    each attempt: the settings may have changed)."""
-    if not settings.callback_secret and settings.callback_via != "qstash":
-        raise InvalidField(
-            "callback_url",
-            "This worker sends no callbacks: set CALLBACK_SECRET (callbacks are signed).",
-        )
+    each attempt: the settings may have changed). The URL is read as the HTTP client will
+    read it."""
+    if _RAW_FORBIDDEN_RE.search(url):
+        raise _bad_url("The callback URL must not contain spaces or control characters.")
     try:
         # The host as the HTTP client will connect to it: yarl folds Unicode digits and
         # full stops ("①②⑦。0。0。1") into ASCII, which urlsplit would leave alone.
         parsed = URL(url)
         host = (parsed.host or "").lower().rstrip(".")
         port = parsed.explicit_port
-    except ValueError:
-        raise InvalidField(
-            "callback_url", f"The callback URL {url!r} is not a valid URL."
-        ) from None
+    except ValueError as exc:
+        raise _bad_url(f"The callback URL {url[:200]!r} is not a valid URL: {exc}.") from None
     if parsed.scheme not in ("http", "https") or not host:
-        raise InvalidField("callback_url", "The callback URL must be an http:// or https:// URL.")
+        raise _bad_url("The callback URL must be an http:// or https:// URL.")
+    if port == 0:
+        raise _bad_url("The callback URL's port must be 1-65535.")
+    if _NUMERIC_LABEL_RE.fullmatch(host.rsplit(".", 1)[-1]):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise _bad_url(
+                f"The callback host {host!r} is not a canonical IPv4 address: write it as "
+                "four decimal numbers (a.b.c.d) or use a name."
+            ) from None
+    if not settings.callback_secret and settings.callback_via != "qstash":
+        raise _bad_url(
+            "This worker sends no callbacks: set CALLBACK_SECRET (callbacks are signed)."
+        )
     where = f"{host}:{port}" if port is not None else host
     allowed = settings.callback_hosts
     if allowed:
         if not _host_allowed(host, port, allowed):
-            raise InvalidField(
-                "callback_url",
-                f"Callbacks may not go to {where!r}: it is not in CALLBACK_ALLOWED_HOSTS.",
+            raise _bad_url(
+                f"Callbacks may not go to {where!r}: it is not in CALLBACK_ALLOWED_HOSTS."
             )
         return
     if not host.isascii():
-        raise InvalidField("callback_url", f"The callback host {host!r} is not ASCII.")
+        raise _bad_url(f"The callback host {host!r} is not ASCII.")
     internal = host == "localhost" or host.endswith((".localhost", ".internal", ".local"))
     with contextlib.suppress(ValueError):
         internal = internal or not ipaddress.ip_address(host).is_global
     if internal:
-        raise InvalidField(
-            "callback_url",
+        raise _bad_url(
             f"Callbacks may not go to the internal address {where!r}; list it in "
-            "CALLBACK_ALLOWED_HOSTS to allow it.",
+            "CALLBACK_ALLOWED_HOSTS to allow it."
         )
+
+
+class InternalAddress(OSError):
+    """A callback host resolved only to addresses callbacks may not go to: no later
+    attempt can succeed."""
 
 
 class _PublicOnlyResolver(AbstractResolver):
@@ -171,7 +168,9 @@ class _PublicOnlyResolver(AbstractResolver):
             return found
         public = [r for r in found if _is_public(r["host"])]
         if not public:
-            raise OSError(f"{host} resolves only to internal addresses; callbacks may not go there")
+            raise InternalAddress(
+                f"{host} resolves only to internal addresses; callbacks may not go there"
+            )
         return public
 
     async def close(self) -> None:
@@ -363,8 +362,11 @@ class Notifier:
                     retry_after_s(response.headers),
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            refused = isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+                exc.os_error, InternalAddress
+            )
             raise DeliveryFailed(
-                f"{url} could not be reached: {exc or type(exc).__name__}"
+                f"{url} could not be reached: {exc or type(exc).__name__}", final=refused
             ) from exc
 
     async def _publish(self, url: str, body: bytes, headers: dict[str, str]) -> None:

@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from llmworker import signature
 from llmworker.fakellm import json_response
-from llmworker.llm import retry_after_s
+from llmworker.providers.errors import retry_after_s
 
 log = structlog.get_logger("llmworker.qstashdev")
 

@@ -207,6 +207,13 @@ class Queue:
         now_ms = now_s * 1000 + now_us // 1000
         return int(await self.redis.zcount(self.keys.replicas, f"({now_ms}", "+inf"))
 
+    async def leave(self, replica: str) -> None:
+        """A replica that stops: out of the replica and idle lists."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.replicas, replica)
+        pipe.zrem(self.keys.idle, replica)
+        await pipe.execute()
+
     async def running_count(self) -> int:
         return int(await self.redis.zcard(self.keys.running))
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from llmworker.auth import DEFAULT_TENANT, public_id, public_idem
 from llmworker.errors import BadRequest, InvalidField
-
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # No ':' in kinds: queue keys are uq:<tier>:<model>|<kind>:<user>, and a user may contain
@@ -39,10 +37,11 @@ def new_task_id() -> str:
 
 
 class TaskSpec(BaseModel):
-    """A submission (``POST /v1/tasks`` body). Checked here for shape; the kind, model and
-    tier are checked against the configuration by admission."""
+    """A submission (``POST /v1/tasks`` body). Checked here for shape, strictly (a number
+    is never read from a string, nor a boolean from a number); the kind, model, tier and
+    callback URL are checked against the configuration by admission."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     id: str | None = Field(None, pattern=ID_RE.pattern)
     kind: str = Field(pattern=KIND_RE.pattern)
@@ -63,13 +62,6 @@ class TaskSpec(BaseModel):
             raise ValueError("must not contain control characters")
         return value
 
-    @field_validator("callback_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
-
     @classmethod
     def parse(cls, body: bytes, *, idempotency_key: str | None = None) -> TaskSpec:
         """Parse a raw JSON body; raise :class:`BadRequest` or :class:`InvalidField`.
@@ -88,25 +80,27 @@ class TaskSpec(BaseModel):
             raise invalid_field(exc) from None
 
 
-def invalid_field(exc: ValidationError, prefix: str = "") -> InvalidField:
-    """The first problem of a pydantic error, as an :class:`InvalidField` naming its field."""
+TASK_FIELDS = tuple(TaskSpec.model_fields)
+
+
+def invalid_field(exc: ValidationError, prefix: str = "", noun: str = "field") -> InvalidField:
+    """The first problem of a pydantic error, as an :class:`InvalidField` naming its field
+    (``field`` is its whole path, ``input.temperature``; the message calls it by ``noun``
+    and its path below ``prefix``: "The chat parameter 'temperature' ...")."""
     err = exc.errors()[0]
-    field = ".".join(
-        [prefix.rstrip("."), *(str(p) for p in err["loc"])]
-        if prefix
-        else [str(p) for p in err["loc"]]
-    )
+    name = ".".join(str(p) for p in err["loc"])
+    field = prefix + name
     # pydantic prefixes custom checks with "Value error, " and names its models: people
     # want the rule, not the machinery.
     rule = err["msg"].removeprefix("Value error, ")
     if err["type"] in ("model_type", "dict_type", "model_attributes_type"):
         rule = "it must be a JSON object"
     if err["type"] == "missing":
-        message = f"The field {field!r} is required."
+        message = f"The {noun} {name!r} is required."
     elif err["type"] == "extra_forbidden":
-        message = f"The field {field!r} is not a task field."
+        message = f"{name!r} is not a task field; task fields are: {', '.join(TASK_FIELDS)}."
     else:
-        message = f"The field {field!r} is invalid: {rule}."
+        message = f"The {noun} {name!r} is invalid: {rule}."
     return InvalidField(field, message)
 
 
@@ -124,7 +118,8 @@ def _json(raw: str | None) -> Any:
 
 
 def record_view(h: dict[str, str]) -> dict[str, Any]:
-    """The public task record (DESIGN.md "Shapes") from its Redis hash."""
+    """The public task record (DESIGN.md "Shapes") from its Redis hash: ids and keys as
+    the task's tenant knows them."""
     created, started, finished = h.get("created_at"), h.get("started_at"), h.get("finished_at")
     queue_s = run_s = None
     if created and started:
@@ -132,7 +127,7 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
     if started and finished:
         run_s = round((int(finished) - int(started)) / 1000, 3)
     return {
-        "id": h["id"],
+        "id": public_id(h["id"]),
         "kind": h.get("kind"),
         "status": h.get("status"),
         "user": h.get("user"),
@@ -147,7 +142,8 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
         "finished_at": iso_ms(finished),
         "queue_s": queue_s,
         "run_s": run_s,
-        "idempotency_key": h.get("idem") or None,
+        "idempotency_key": public_idem(h["idem"]) if h.get("idem") else None,
+        "tenant": h.get("tenant") or DEFAULT_TENANT,
         "callback_url": h.get("callback_url") or None,
         "metadata": _json(h.get("metadata")),
         **_delivery(h),

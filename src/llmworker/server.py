@@ -1,22 +1,39 @@
-"""``llmworker serve``: settings, the embedded Redis when needed, and uvicorn."""
+"""``llmworker serve``: settings, the port, Redis (embedded when needed), then uvicorn.
+
+The order is the point: everything that can refuse to start is tried before the replica
+joins the queue. The port is bound first (a replica that cannot serve never claims a
+task), then Redis must answer, and only then does the app start its dispatcher.
+
+SIGTERM and SIGINT (Ctrl+C, which a terminal sends to the whole foreground process
+group) both drain: no new claims, running tasks get ``SHUTDOWN_GRACE_S`` to finish and
+record their outcomes, the rest go back to the queue; then the embedded Redis is
+released last (embedded.py), and the process exits 0 without a traceback.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import os
 import resource
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
 import structlog
 import uvicorn
+from uvicorn.supervisors import ChangeReload, Multiprocess
 
 from llmworker.api import create_app
+from llmworker.connection import check_redis
 from llmworker.embedded import EmbeddedRedis
+from llmworker.errors import StartupError
 from llmworker.handlers import import_task_modules
 from llmworker.logs import configure_logging
-from llmworker.settings import load_settings
+from llmworker.protocol import BoundedHttpProtocol
+from llmworker.settings import Settings, load_settings, redacted_url
 
 log = structlog.get_logger("llmworker.server")
 
@@ -35,71 +52,100 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, or :class:`StartupError` naming what to change."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"Port {port} on {host} is in use: stop what listens there, or set PORT "
+                "(or --port) to another port."
+            ) from None
+        raise StartupError(
+            f"Cannot listen on {host}:{port} (HOST, PORT): {exc.strerror}."
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(*, workers: int = 1, reload: bool = False, **overrides: Any) -> int:
     settings = load_settings(**overrides)
     configure_logging(settings)
+    BoundedHttpProtocol.configure(settings)
     # Before the server starts, so a broken module is one line, not a traceback.
     import_task_modules(settings.task_modules)
     raise_open_files_limit()
+    sock = bind(settings.host, settings.port)
     embedded = None
-    if settings.redis_url is None:
-        embedded = EmbeddedRedis(settings.embedded_redis_dir)
-        url = embedded.start()
-        settings = settings.model_copy(update={"redis_url": url})
-        # Worker processes (--workers, --reload) read their settings from the environment.
-        os.environ["REDIS_URL"] = url
-    log.info(
-        "serving",
-        host=settings.host,
-        port=settings.port,
-        workers=workers,
-        redis=_where(settings.redis_url),
-    )
+    # uvicorn re-raises SIGTERM / SIGINT once it has shut down; with the default handlers
+    # that would end the process there (SIGINT with a KeyboardInterrupt traceback) and
+    # skip releasing the embedded Redis below.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
+    try:
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(settings.embedded_redis_dir)
+            url = embedded.start()
+            settings = settings.model_copy(update={"redis_url": url})
+            # Worker processes (--workers, --reload) read their settings from the environment.
+            os.environ["REDIS_URL"] = url
+        asyncio.run(check_redis(settings.redis_url or "", settings.redis_connect_timeout_s))
+        log.info(
+            "serving",
+            host=settings.host,
+            port=settings.port,
+            workers=workers,
+            redis=redacted_url(settings.redis_url or "-"),
+        )
+        _run(settings, sock, workers, reload)
+    finally:
+        sock.close()
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _run(settings: Settings, sock: socket.socket, workers: int, reload: bool) -> None:
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
+        "http": BoundedHttpProtocol,
         "log_config": None,
         "access_log": False,
         "timeout_graceful_shutdown": HTTP_GRACE_S,
         "proxy_headers": True,
         "forwarded_allow_ips": "*",
     }
-    # uvicorn re-raises SIGTERM once it has shut down; with the default handler that
-    # would end the process here and skip stopping the embedded Redis below.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    try:
-        if workers > 1 or reload:
-            os.environ["PORT"] = str(settings.port)
-            # Reload on changes to llmworker's own source (and the task modules in the
-            # working folder), not on everything under it (.venv).
-            reload_dirs = [str(Path(__file__).parent), os.getcwd()] if reload else None
-            uvicorn.run(
-                "llmworker.api:app_from_env",
-                factory=True,
-                workers=workers,
-                reload=reload,
-                reload_dirs=reload_dirs,
-                reload_excludes=[".venv/*", ".llmworker/*"] if reload else None,
-                **common,
-            )
-        else:
-            config = uvicorn.Config(create_app(settings), **common)
-            uvicorn.Server(config).run()
-    finally:
-        if embedded is not None:
-            embedded.stop()
-    return 0
+    if workers <= 1 and not reload:
+        config = uvicorn.Config(create_app(settings), **common)
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+        if not server.started:
+            raise StartupError("The server did not start; see the lines above.")
+        return
+    # Worker processes and the reloader build the app in each process from the environment.
+    os.environ["PORT"] = str(settings.port)
+    config = uvicorn.Config(
+        "llmworker.api:app_from_env",
+        factory=True,
+        workers=workers,
+        reload=reload,
+        # Reload on changes to llmworker's own source (and the task modules in the
+        # working folder), not on everything under it (.venv).
+        reload_dirs=[str(Path(__file__).parent), os.getcwd()] if reload else None,
+        reload_excludes=[".venv/*", ".llmworker/*"] if reload else None,
+        **common,
+    )
+    if reload:
+        ChangeReload(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    else:
+        Multiprocess(config, sockets=[sock]).run()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
-
-
-def _where(url: str | None) -> str:
-    """A Redis URL without its password, for the log."""
-    if not url:
-        return "-"
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"

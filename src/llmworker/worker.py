@@ -19,8 +19,8 @@ from llmworker.executor import Executor
 from llmworker.guards import guard_usage
 from llmworker.handlers import Registry, import_task_modules, registry
 from llmworker.keys import Keys
-from llmworker.llm import Providers
 from llmworker.notify import Notifier
+from llmworker.providers import Providers
 from llmworker.queue import Queue
 from llmworker.settings import Settings
 
@@ -60,7 +60,9 @@ class Worker:
 
     async def start(self) -> None:
         import_task_modules(self.settings.task_modules)
-        await wait_for_redis(self.redis, self.settings.redis_connect_timeout_s)
+        await wait_for_redis(
+            self.redis, self.settings.redis_url or "", self.settings.redis_connect_timeout_s
+        )
         await self.queue.scripts.load()
         if self.dispatch:
             self.dispatcher.start()
@@ -83,6 +85,13 @@ class Worker:
 
     def _warn_about_edges(self) -> None:
         s = self.settings
+        if s.allow_anonymous and not s.api_keys.strip() and not s.admin_keys.strip():
+            log.warning(
+                "anonymous_access",
+                host=s.host,
+                hint="ALLOW_ANONYMOUS=true: anyone who reaches this worker may submit tasks "
+                "and read every task; set API_KEYS",
+            )
         if s.qstash_skip_verify:
             log.warning(
                 "qstash_unverified",
@@ -100,6 +109,11 @@ class Worker:
         if self.started and self.dispatch:
             await self.dispatcher.stop(self.settings.shutdown_grace_s)
             await self.notifier.stop()
+            # Out of the replica count at once, not when its heartbeat lapses.
+            try:
+                await self.queue.leave(self.replica_id)
+            except (RedisError, OSError) as exc:
+                log.warning("replica_not_removed", error=str(exc))
         self.started = False
         await self.providers.aclose()
         await self.redis.aclose()

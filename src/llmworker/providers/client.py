@@ -1,0 +1,93 @@
+"""What ``ctx.llm`` is: chat completions on the task's model, with retries.
+
+Retryable failures (429, 5xx, timeouts, refused or dropped connections) are retried with
+exponential backoff and full jitter; a provider's ``Retry-After`` wins over the backoff;
+no attempt starts after the task's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from llmworker.errors import ProviderError
+from llmworker.providers.base import ChatBackend
+from llmworker.providers.errors import translate
+from llmworker.providers.stream import ChatResult, Sink
+from llmworker.settings import ModelAlias, Provider
+
+log = structlog.get_logger("llmworker.providers")
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+MAX_TRIES = 8  # per call, even when the deadline is far
+
+
+class LLMClient:
+    def __init__(
+        self,
+        alias: ModelAlias,
+        provider: Provider,
+        backend: ChatBackend,
+        on_usage: Callable[[dict[str, Any]], None] | None = None,
+        deadline: float | None = None,
+        sink: Sink | None = None,
+    ) -> None:
+        self.alias = alias
+        self.provider = provider
+        self.backend = backend
+        self.on_usage = on_usage
+        self.deadline = deadline
+        self.sink = sink
+        self.attempts = 0
+
+    async def chat(
+        self, messages: list[dict[str, Any]], *, stream_tokens: bool = True, **params: Any
+    ) -> ChatResult:
+        """A chat completion. Its text and reasoning stream to the task's events unless
+        ``stream_tokens`` is False; ``params`` are OpenAI's chat parameters (temperature,
+        max_tokens, tools, response_format ...), passed to the provider as given."""
+        request = {"messages": messages, **{k: v for k, v in params.items() if v is not None}}
+        sink = self.sink if stream_tokens else None
+        tries = 0
+        while True:
+            tries += 1
+            self.attempts += 1
+            try:
+                result = await self.backend.complete(request, sink)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                err = translate(exc, self.alias, self.provider)
+                delay = self._delay(err, tries)
+                if delay is None:
+                    if err.retryable and tries > 1:
+                        err.message = f"{err.message} (gave up after {tries} tries)"
+                    raise err from exc
+                log.warning(
+                    "provider_retry",
+                    model=self.alias.alias,
+                    code=err.code,
+                    tries=tries,
+                    delay_s=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+                continue
+            if self.on_usage and result.usage:
+                self.on_usage(result.usage)
+            return result
+
+    def _delay(self, err: ProviderError, tries: int) -> float | None:
+        """Seconds to wait before the next try, or None to give up."""
+        if not err.retryable or tries >= MAX_TRIES:
+            return None
+        backoff = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (tries - 1)))
+        delay = err.retry_after_s if err.retry_after_s is not None else backoff
+        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+            return None
+        return delay
