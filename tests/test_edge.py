@@ -1,0 +1,268 @@
+"""What a newcomer and a hostile client meet at the edge: closed by default, strict
+input, bounded connections, no tracebacks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import structlog
+
+from llmworker.errors import ConfigError
+from llmworker.settings import load_settings
+from llmworker.worker import Worker
+
+from .conftest import CALLBACK_SECRET, serve_api
+
+CHAT: dict[str, Any] = {
+    "kind": "chat",
+    "input": {"messages": [{"role": "user", "content": "hello"}]},
+}
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+async def waiting(worker: Worker) -> int:
+    return sum(n for key, n in (await worker.queue.depths()).items() if "|" not in key)
+
+
+# -- closed by default -----------------------------------------------------------------
+
+
+def test_the_default_host_is_loopback():
+    assert load_settings({}, env_file=None).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])
+def test_listening_beyond_loopback_without_keys_is_refused_in_one_line(host: str):
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"HOST": host}, env_file=None)
+    (line,) = refused.value.problems
+    assert "API_KEYS" in line and f"HOST={host}" in line and "ALLOW_ANONYMOUS" in line
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HOST": "0.0.0.0", "API_KEYS": "k" * 20},
+        {"HOST": "0.0.0.0", "ADMIN_KEYS": "k" * 20},
+        {"HOST": "localhost"},
+        {"HOST": "::1"},
+        {"HOST": "127.0.0.2"},
+    ],
+)
+def test_keys_or_loopback_may_serve(env: dict[str, str]):
+    load_settings(env, env_file=None)
+
+
+async def test_allow_anonymous_serves_beyond_loopback_and_warns_at_every_start(
+    make_settings, start_worker
+):
+    settings = make_settings(HOST="0.0.0.0", ALLOW_ANONYMOUS="true")
+    for _ in range(2):
+        with structlog.testing.capture_logs() as logs:
+            worker = await start_worker(settings, dispatch=False)
+            await worker.stop()
+        assert [e for e in logs if e["event"] == "anonymous_access"]
+
+
+# -- strict input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x", "json"],
+)
+async def test_a_submission_not_declared_as_json_is_415_and_queues_nothing(
+    make_settings, content_type: str | None
+):
+    async with serve_api(make_settings(), dispatch=False) as (client, worker):
+        headers = {"content-type": content_type} if content_type else {}
+        body = b'{"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}'
+        r = await client.post("/v1/tasks", content=body, headers=headers)
+        assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
+        assert await waiting(worker) == 0
+        ok = await client.post(
+            "/v1/tasks", content=body, headers={"content-type": "Application/JSON; charset=utf-8"}
+        )
+        assert ok.status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"timeout_s": "5"}, "timeout_s"),
+        ({"timeout_s": True}, "timeout_s"),
+        ({"user": 5}, "user"),
+        ({"id": 7}, "id"),
+        ({"tier": False}, "tier"),
+        ({"metadata": "{}"}, "metadata"),
+        ({"input": {**CHAT["input"], "temperature": "0.5"}}, "input.temperature"),
+        ({"input": {**CHAT["input"], "temperature": True}}, "input.temperature"),
+        ({"input": {**CHAT["input"], "max_tokens": "10"}}, "input.max_tokens"),
+        ({"input": {**CHAT["input"], "max_tokens": 10.0}}, "input.max_tokens"),
+        ({"input": {**CHAT["input"], "n": True}}, "input.n"),
+        ({"input": {**CHAT["input"], "logprobs": 1}}, "input.logprobs"),
+        ({"input": {**CHAT["input"], "stream": "yes"}}, "input.stream"),
+    ],
+)
+async def test_numbers_and_booleans_are_never_coerced(make_settings, change, field):
+    async with serve_api(make_settings(), dispatch=False) as (client, worker):
+        r = await client.post("/v1/tasks", json={**CHAT, **change})
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == field
+        if field.startswith("input."):
+            assert "chat parameter" in r.json()["message"]
+        assert await waiting(worker) == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://0x7f000001/cb", "canonical IPv4"),
+        ("http://2130706433/cb", "canonical IPv4"),
+        ("http://127.1/cb", "canonical IPv4"),
+        ("http://0/cb", "canonical IPv4"),
+        ("http://0177.0.0.1/cb", "canonical IPv4"),
+        ("http://10.0.0.010/cb", "canonical IPv4"),
+        ("http://app.example.com:0/cb", "port"),
+        ("http://app.example.com:99999/cb", "not a valid URL"),
+        ("http://exa mple.com/cb", "spaces"),
+        ("http://app.example.com/c b", "spaces"),
+        ("http://app\x00.example.com/cb", "control"),
+        ("ftp://app.example.com/cb", "http"),
+        ("http:///cb", "http"),
+        ("http://127.0.0.1/cb", "internal"),
+        ("http://①②⑦。0。0。1/cb", "internal"),
+    ],
+)
+async def test_callback_urls_are_read_as_the_http_client_reads_them(make_settings, url, words):
+    settings = make_settings(CALLBACK_SECRET=CALLBACK_SECRET)
+    async with serve_api(settings, dispatch=False) as (client, worker):
+        r = await client.post("/v1/tasks", json={**CHAT, "callback_url": url})
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == "callback_url" and words in r.json()["message"]
+        assert await waiting(worker) == 0
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "١٢٣",  # Arabic-Indic digits: Python's \d takes them, Redis does not
+        "123-٤",
+        "1" * 21,
+        str(2**64),
+        f"1-{2**64}",
+        "-1",
+        "1-2-3",
+        " 1",
+        "1 ",
+        "0x10",
+        "$",
+        "+",
+    ],
+)
+async def test_an_event_cursor_redis_would_refuse_is_400_before_the_stream(
+    make_settings, cursor: str
+):
+    async with serve_api(make_settings(), dispatch=False) as (client, _):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        path = f"/v1/tasks/{task['id']}/events"
+        by_query = await client.get(path, params={"after": cursor})
+        assert by_query.status_code == 400 and "Last-Event-ID" in by_query.json()["message"]
+        if cursor.isascii() and cursor == cursor.strip():  # as a header can carry it
+            by_header = await client.get(path, headers={"last-event-id": cursor})
+            assert by_header.status_code == 400
+
+
+async def test_the_largest_event_cursor_is_taken(make_settings):
+    async with serve_api(make_settings(), dispatch=False) as (client, _):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        await client.delete(f"/v1/tasks/{task['id']}")
+        top = f"{2**64 - 1}-{2**64 - 1}"
+        r = await client.get(f"/v1/tasks/{task['id']}/events", params={"after": top})
+        assert r.status_code == 200 and r.text.startswith("event: record")
+
+
+async def test_ready_tells_anonymous_callers_nothing_about_hosts(make_settings):
+    async with serve_api(make_settings(API_KEYS="k" * 20), dispatch=False) as (client, _):
+        r = await client.get("/ready")
+        assert r.status_code == 200 and r.json() == {"status": "ready"}
+
+
+# -- bounded connections ---------------------------------------------------------------
+
+
+async def _raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    parts = urlsplit(url)
+    return await asyncio.open_connection(parts.hostname, parts.port)
+
+
+async def test_a_client_that_disconnects_mid_upload_is_a_debug_line_not_a_traceback(
+    make_settings, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    async with serve_api(make_settings(), dispatch=False) as (client, worker):
+        reader, writer = await _raw(str(client.base_url))
+        writer.write(
+            b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n" + b'{"kind": "chat", "input": '
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        await asyncio.sleep(0.3)
+        assert (await client.get("/health")).status_code == 200
+        assert await waiting(worker) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_too_many_headers_or_header_bytes_get_431(make_settings):
+    settings = make_settings(HTTP_MAX_HEADERS=20, HTTP_MAX_HEADER_BYTES=4096)
+    async with serve_api(settings, dispatch=False) as (client, _):
+        url = str(client.base_url)
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(40))
+        big = b"X-Big: " + b"v" * 8000 + b"\r\n"
+        for extra in (many, big):
+            reader, writer = await _raw(url)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+            writer.close()
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_connection_that_sends_nothing_is_closed(make_settings):
+    async with serve_api(make_settings(HTTP_IDLE_TIMEOUT_S=0.3), dispatch=False) as (client, _):
+        url = str(client.base_url)
+        # Silent from the start.
+        reader, writer = await _raw(url)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        # Headers trickled, then silence.
+        reader, writer = await _raw(url)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        # A body that stops halfway.
+        reader, writer = await _raw(url)
+        writer.write(
+            b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        # An open event stream is not idle: the client owes nothing while it reads.
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        async with client.stream("GET", f"/v1/tasks/{task['id']}/events") as stream:
+            lines = stream.aiter_lines()
+            assert (await lines.__anext__()).startswith("id:")
+            await asyncio.sleep(0.8)
+            await client.delete(f"/v1/tasks/{task['id']}")
+            rest = [line async for line in lines]
+        assert "event: record" in rest
