@@ -148,7 +148,7 @@ async def test_expired_running_task_is_requeued_then_runs_once(make_settings, st
     (task_id,) = await submit(worker)
     assert await claim(worker, lease_ms=100, replica="dead") == [task_id]
     await asyncio.sleep(0.2)
-    reaped = await worker.queue.reap(max_attempts=3, ttl_s=60)
+    reaped = await worker.queue.reap(max_attempts=3, ttl_s=60, lease_ms=30_000)
     assert (reaped.requeued, reaped.failed) == (1, 0)
     claimed = await worker.queue.claim("alive", 1, 30_000, GuardPlan.from_settings(worker.settings))
     assert [c.id for c in claimed] == [task_id]
@@ -169,7 +169,7 @@ async def test_task_fails_after_max_attempts_of_lapsed_leases(make_settings, sta
     for _ in range(2):
         assert await claim(worker, lease_ms=50, replica="dead") == [task_id]
         await asyncio.sleep(0.1)
-        await worker.queue.reap(max_attempts=2, ttl_s=60)
+        await worker.queue.reap(max_attempts=2, ttl_s=60, lease_ms=30_000)
     fields = await worker.queue.get(task_id)
     assert fields is not None
     assert fields["status"] == "failed"

@@ -4,6 +4,7 @@ unless allowed."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,10 @@ class Receiver:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.received.append((headers, body))
         status, extra = self.answers.pop(0) if self.answers else (200, {})
+        if status == 0:  # never answers (a receiver that hangs until the caller leaves)
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            return
         await send(
             {
                 "type": "http.response.start",
@@ -282,3 +287,59 @@ async def test_a_callback_whose_host_is_no_longer_allowed_fails_at_once(
         state = await wait_until(failed)
         assert state["cb_attempts"] == "1" and "CALLBACK_ALLOWED_HOSTS" in state["cb_error"]
         assert receiver.received == []
+
+
+def _die(notifier: Any) -> None:
+    """The notifier's process dies: its loops and attempts end, and nothing is recorded."""
+    for loop in (notifier._loop, notifier._renewer):
+        loop.cancel()
+    for _attempt, task in notifier._inflight.values():
+        task.cancel()
+
+
+async def test_a_callback_attempt_cut_off_by_a_dead_replica_is_retried_within_seconds(
+    make_settings, start_worker
+):
+    receiver = Receiver(answers=[(0, {})])  # the first attempt hangs
+    async with LoopbackServer(receiver) as url:
+        settings = make_settings(**callback_env(CALLBACK_TIMEOUT_S=300))
+        first = await start_worker(settings)
+        task_id = await submit(first, f"{url}/cb")
+        await wait_until(lambda: receiver.received or None)
+        _die(first.notifier)
+        second = await start_worker(settings)
+        # Not after CALLBACK_TIMEOUT_S: the dead replica's attempt stopped being renewed.
+        state = await wait_until(lambda: _delivered(second, task_id), timeout_s=20)
+        assert state["cb_attempts"] == "2"
+        ids = {headers["webhook-id"] for headers, _ in receiver.received}
+        assert len(receiver.received) == 2 and len(ids) == 1
+
+
+async def test_a_callback_refused_for_its_address_at_delivery_fails_at_once(
+    make_settings, start_worker
+):
+    """A name that passes admission but resolves to an internal address (here the
+    machine's own name) is refused when connecting, and never retried."""
+    import socket
+
+    name = socket.gethostname()
+    try:
+        internal = not any(
+            ipaddress.ip_address(info[4][0]).is_global
+            for info in socket.getaddrinfo(name, 80, proto=socket.IPPROTO_TCP)
+        )
+    except OSError:
+        internal = False
+    if not internal:
+        pytest.skip(f"{name} does not resolve to an internal address here")
+    worker = await start_worker(
+        make_settings(CALLBACK_SECRET=CALLBACK_SECRET, CALLBACK_BACKOFF_S=0.1, FAKE_LATENCY_MS=5)
+    )
+    task_id = await submit(worker, f"http://{name}:9/cb")
+
+    async def failed() -> dict[str, Any] | None:
+        state = await callback_state(worker, task_id)
+        return state if state["cb_status"] == "failed" else None
+
+    state = await wait_until(failed, timeout_s=10)
+    assert state["cb_attempts"] == "1" and "internal addresses" in state["cb_error"]

@@ -503,3 +503,43 @@ def test_qstash_dev_and_serve_processes_carry_a_published_task_end_to_end(
             time.sleep(0.1)
             record = httpx.get(f"http://127.0.0.1:{port}/v1/tasks/{task_id}").json()
         assert record["status"] == "succeeded" and record["qstash"]["message_id"] == message_id
+
+
+def test_outcomes_finished_while_redis_was_down_longer_than_the_lease_are_kept(tmp_path: Path):
+    """Redis goes away for longer than LEASE_TTL_S while two tasks run; their provider
+    calls end during the outage. Once Redis is back (from its append-only file), both
+    outcomes are recorded from the runs that computed them: no task runs a second time."""
+    redis_port, port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "LOG_LEVEL": "WARNING",
+        "MAX_FAKE_FREE": "2",
+        "MAX_USER_FREE": "2",
+        "FAKE_LATENCY_MS": "2000",
+        "LEASE_TTL_S": "1.5",
+    }
+    redis_proc = _redis_server(redis_port, tmp_path)
+    serve = llmworker_command("serve", "--host", "127.0.0.1", "--port", str(port))
+    try:
+        with (
+            process(serve, env, tmp_path / "w.log"),
+            httpx.Client(base_url=url, timeout=10) as client,
+        ):
+            wait_ready(url)
+            body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+            ids = [client.post("/v1/tasks", json=body).json()["id"] for _ in range(2)]
+            wait_until_sync(
+                lambda: all(client.get(f"/v1/tasks/{i}").json()["status"] == "running" for i in ids)
+            )
+            redis_proc.terminate()
+            redis_proc.wait()
+            time.sleep(4.5)  # three leases; the calls end meanwhile
+            redis_proc = _redis_server(redis_port, tmp_path)
+            records = _wait_final(url, ids, timeout_s=40)
+            assert [r["status"] for r in records] == ["succeeded", "succeeded"]
+            # A second run would have been a second claim, and a second attempt.
+            assert [r["attempts"] for r in records] == [1, 1]
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait()

@@ -40,6 +40,8 @@ IDLE_MARGIN_S = 5.0
 # A failing loop retries after 0.1 s, doubling up to 2 s.
 RETRY_AFTER_ERROR_S = 0.1
 RETRY_MAX_S = 2.0
+# On stop, outcomes still waiting for Redis get at least this long to be stored.
+SETTLE_MIN_S = 5.0
 
 
 class Dispatcher:
@@ -143,6 +145,9 @@ class Dispatcher:
         if leftover:
             await asyncio.gather(*(r.job for r in leftover if r.job), return_exceptions=True)
             log.info("handed_back", tasks=len(leftover))
+        # Outcomes computed but not yet stored (Redis away) get their own grace, while
+        # the leases are still renewed.
+        await self.executor.settle(max(grace_s, SETTLE_MIN_S))
         self._closing.set()
         for loop in self._loops:
             loop.cancel()
@@ -274,7 +279,9 @@ class Dispatcher:
     async def _reap_forever(self) -> None:
         every_s = self.settings.lease_ttl_s / 3
         while not self._closing.is_set():
-            result = await self.queue.reap(self.settings.max_attempts, self.settings.result_ttl_s)
+            result = await self.queue.reap(
+                self.settings.max_attempts, self.settings.result_ttl_s, self.lease_ms
+            )
             if result.requeued or result.failed:
                 log.warning("reaped", requeued=result.requeued, failed=result.failed)
             wait_s = every_s

@@ -8,6 +8,9 @@ A run ends in exactly one of these ways:
   frees its slots;
 - its lease was lost (its process stalled past ``LEASE_TTL_S``): it frees its slots and
   the reaper requeues the task;
+- its outcome cannot be stored (Redis away): it is kept and stored when Redis answers
+  again, and wins over a requeue as long as no other run of the task started
+  (``finish.lua``); a replica that stops waits for such outcomes (:meth:`settle`);
 - the replica stops: the task goes back to the queue (:meth:`Queue.handback`).
 """
 
@@ -32,6 +35,10 @@ from llmworker.queue import Claimed, Queue
 from llmworker.settings import Settings
 
 log = structlog.get_logger("llmworker.executor")
+
+# While Redis is away, an outcome is offered again at most this long apart, so it lands
+# within a second of Redis's return.
+RECORD_RETRY_MAX_S = 1.0
 
 StopReason = Literal["cancelled", "lease_lost", "shutdown"]
 
@@ -63,6 +70,8 @@ class Executor:
         self.on_release: Callable[[], None] = lambda: None
         # A final state with a callback_url was recorded: the notifier may deliver now.
         self.on_callback: Callable[[], None] = lambda: None
+        # Outcomes being stored, each until Redis has taken it.
+        self._recording: dict[str, asyncio.Task[bool]] = {}
 
     async def run(self, claimed: Claimed, run: Run) -> None:
         structlog.contextvars.bind_contextvars(task_id=claimed.id, kind=claimed.fields.get("kind"))
@@ -98,7 +107,10 @@ class Executor:
             error = _err(HandlerError(f"The handler raised {type(exc).__name__}: {exc}"))
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
         outcome = {"result": result, "error": error, "usage": usage}
-        recorded = await asyncio.shield(self._record(claimed, status, outcome))
+        recording = asyncio.ensure_future(self._record(claimed, status, outcome))
+        self._recording[claimed.token] = recording
+        recording.add_done_callback(lambda _: self._recording.pop(claimed.token, None))
+        recorded = await asyncio.shield(recording)
         if recorded and claimed.fields.get("callback_url"):
             self.on_callback()
         log.info(
@@ -108,11 +120,11 @@ class Executor:
         )
 
     async def _record(self, claimed: Claimed, status: str, outcome: dict[str, str]) -> bool:
-        """Store the outcome. While Redis is unreachable, keep trying for as long as the
-        run's lease would last: a result that makes it is not paid for twice; one that
-        does not is recomputed when the reaper requeues the task."""
-        give_up = time.monotonic() + self.settings.lease_ttl_s
+        """Store the outcome, for as long as Redis stays away: the result was computed,
+        and paid for, once. True once recorded; False when another run had taken the
+        task over (only this run's slots were freed)."""
         delay = 0.1
+        failures = 0
         while True:
             pending = self.queue.finish_soon(
                 claimed.id, claimed.token, status, ttl_s=self.settings.result_ttl_s, **outcome
@@ -123,14 +135,29 @@ class Executor:
             try:
                 return bool(await pending)
             except (RedisError, OSError) as exc:
-                if time.monotonic() + delay > give_up:
-                    log.error(
-                        "outcome_not_recorded", error=str(exc), hint="the task will run again"
-                    )
-                    return False
-                log.warning("outcome_retry", error=str(exc), delay_s=delay)
+                failures += 1
+                if failures == 1 or failures % 30 == 0:
+                    log.warning("outcome_waiting_for_redis", error=str(exc), tries=failures)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, RECORD_RETRY_MAX_S)
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for outcomes still being stored; give up on the rest,
+        saying which (their tasks run again once their leases lapse)."""
+        waiting = list(self._recording.values())
+        if not waiting:
+            return
+        log.info("outcomes_settling", count=len(waiting), timeout_s=timeout_s)
+        _done, left = await asyncio.wait(waiting, timeout=timeout_s)
+        if left:
+            lost = sorted(token for token, task in self._recording.items() if task in left)
+            for task in left:
+                task.cancel()
+            log.error(
+                "outcomes_not_recorded",
+                runs=lost,
+                hint="Redis stayed unreachable through the shutdown: these tasks run again",
+            )
 
     @staticmethod
     def _serialise(value: Any) -> tuple[str, str, str]:

@@ -52,6 +52,10 @@ log = structlog.get_logger("llmworker.notify")
 
 BATCH = 32
 BACKOFF_MAX_S = 600.0
+# A callback being attempted stays invisible to other replicas this long, renewed every
+# third of it while the attempt runs: one cut off by a dead replica is due again within
+# seconds.
+VISIBILITY_S = 6.0
 # Nothing due: look at the outbox again after this long anyway (a callback left behind by
 # a replica that died during its attempt becomes due again while this one sleeps).
 IDLE_WAIT_S = 30.0
@@ -209,29 +213,49 @@ class Notifier:
         self._session: aiohttp.ClientSession | None = None
         self._qstash: Any = None
         self._loop: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        # Attempts running here: task id -> (the attempt, its asyncio task).
+        self._inflight: dict[str, tuple[str, asyncio.Task[None]]] = {}
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._forever(), name="llmworker-notify")
+        self._renewer = asyncio.create_task(self._renew_forever(), name="llmworker-notify-renew")
 
     def wake(self) -> None:
         self._wake.set()
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-        # An attempt cut short here is due again after its visibility time.
-        for task in list(self._inflight):
+        for loop in (self._loop, self._renewer):
+            if loop is not None:
+                loop.cancel()
+                await asyncio.gather(loop, return_exceptions=True)
+        cut = dict(self._inflight)
+        for _attempt, task in cut.values():
             task.cancel()
-        await asyncio.gather(*self._inflight, return_exceptions=True)
+        await asyncio.gather(*(task for _, task in cut.values()), return_exceptions=True)
+        # Attempts cut short here are due again now, for another replica.
+        for task_id, (attempt, _task) in cut.items():
+            with contextlib.suppress(Exception):
+                await self.queue.callback_end(
+                    task_id, attempt, "retry", 0, "the replica stopped during the attempt"
+                )
         if self._session is not None:
             await self._session.close()
 
     @property
     def visibility_ms(self) -> int:
-        # Longer than any attempt can take (each is cut at CALLBACK_TIMEOUT_S).
-        return int((self.settings.callback_timeout_s + 30) * 1000)
+        return int(VISIBILITY_S * 1000)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(VISIBILITY_S / 3)
+            attempts = {task_id: attempt for task_id, (attempt, _) in self._inflight.items()}
+            if not attempts:
+                continue
+            try:
+                await self.queue.callback_renew(self.visibility_ms, attempts)
+            except Exception as exc:  # Redis away: the attempts may be taken over; dedupe
+                log.warning("callback_renew_failed", error=str(exc))
 
     async def _forever(self) -> None:
         failures = 0
@@ -256,14 +280,19 @@ class Notifier:
                     "CALLBACK_DEADLINE_S",
                 )
             for fields in records:
+                task_id = fields["id"]
                 task = asyncio.create_task(self._attempt(fields))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                self._inflight[task_id] = (fields.get("cb_attempts") or "1", task)
+                task.add_done_callback(lambda done, k=task_id: self._forget(k, done))
             if len(records) == BATCH:
                 continue
             wait_s = IDLE_WAIT_S if next_ms < 0 else min(IDLE_WAIT_S, next_ms / 1000 + 0.005)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait_s)
+
+    def _forget(self, task_id: str, done: asyncio.Task[None]) -> None:
+        if self._inflight.get(task_id, ("", None))[1] is done:
+            del self._inflight[task_id]
 
     async def _attempt(self, fields: dict[str, str]) -> None:
         try:
@@ -362,11 +391,12 @@ class Notifier:
                     retry_after_s(response.headers),
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            refused = isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+            if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
                 exc.os_error, InternalAddress
-            )
+            ):
+                raise DeliveryFailed(f"{url}: {exc.os_error}", final=True) from exc
             raise DeliveryFailed(
-                f"{url} could not be reached: {exc or type(exc).__name__}", final=refused
+                f"{url} could not be reached: {exc or type(exc).__name__}"
             ) from exc
 
     async def _publish(self, url: str, body: bytes, headers: dict[str, str]) -> None:

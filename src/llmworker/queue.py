@@ -166,6 +166,13 @@ class Queue:
         """Record one attempt's outcome; False when a newer attempt has taken over."""
         return bool(await self._run("callback_end", task_id, attempt, outcome, retry_ms, error))
 
+    async def callback_renew(self, visibility_ms: int, attempts: dict[str, str]) -> None:
+        """Extend the visibility of callbacks being attempted (task id -> attempt)."""
+        flat: list[str] = []
+        for task_id, attempt in attempts.items():
+            flat += [task_id, attempt]
+        await self._run("callback_renew", visibility_ms, *flat)
+
     async def first_use(self, key: str, ttl_ms: int) -> bool:
         """True the first time ``key`` is used within ``ttl_ms``."""
         return bool(await self.scripts.command("SET", key, "1", "NX", "PX", max(1, ttl_ms)))
@@ -173,8 +180,10 @@ class Queue:
     async def handback(self, task_id: str, token: str) -> bool:
         return bool(await self._run("handback", task_id, token))
 
-    async def reap(self, max_attempts: int, ttl_s: int, limit: int = 100) -> ReapResult:
-        requeued, failed, wait = await self._run("reap", max_attempts, ttl_s, limit)
+    async def reap(
+        self, max_attempts: int, ttl_s: int, lease_ms: int, limit: int = 100
+    ) -> ReapResult:
+        requeued, failed, wait = await self._run("reap", max_attempts, ttl_s, limit, lease_ms)
         return ReapResult(int(requeued), int(failed), None if int(wait) < 0 else int(wait))
 
     async def cancel(self, task_id: str, ttl_s: int) -> str | None:

@@ -45,6 +45,7 @@ NAMES = (
     "renew",
     "callback_claim",
     "callback_end",
+    "callback_renew",
 )
 
 # Past this many calls a batch is cut, so one reply never grows without bound.

@@ -9,6 +9,32 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Leases count only time in which Redis could be reached. Every claim, renewal and reap
+-- notes the time in 'clock'; a gap of more than half a lease means nobody reached Redis
+-- meanwhile (it was down, restarting from its file, or cut off from every replica), so
+-- no holder could renew. Then a pause opens ('pause' = "<from> <until>"): until every
+-- holder has had one whole lease to renew, only leases that lapsed before the gap count
+-- as lapsed. Returns the time up to which leases have lapsed, and the pause's end (or
+-- nil).
+local function lapse_cutoff(now, lease_ms)
+  local last = tonumber(redis.call('GET', P .. 'clock') or now)
+  redis.call('SET', P .. 'clock', now)
+  local pause = redis.call('GET', P .. 'pause')
+  local from, till
+  if pause then
+    from, till = string.match(pause, '^(%d+) (%d+)$')
+    from, till = tonumber(from), tonumber(till)
+  end
+  if now - last > lease_ms / 2 then
+    from = math.min(from or last, last)
+    till = now + lease_ms
+    redis.call('SET', P .. 'pause', from .. ' ' .. till)
+  end
+  if till and now < till then return from, till end
+  if pause then redis.call('DEL', P .. 'pause') end
+  return now, nil
+end
+
 local function task_key(id) return P .. 'task:' .. id end
 -- A route is '<model>|<kind>': tasks wait per tier and route, so a replica claims only
 -- the kinds it has handlers for, while the guards stay per model.

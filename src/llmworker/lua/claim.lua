@@ -19,6 +19,7 @@ for i = 8, #ARGV, 2 do lim[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = now_ms()
 local expires = now + lease_ms
+local cutoff = lapse_cutoff(now, lease_ms)
 -- Every redis.call costs: what one call of this script reads once, it keeps here, and
 -- keeps current as it takes slots and tasks.
 local held = {}     -- guard key -> live leases
@@ -29,7 +30,7 @@ local function room(key, limit)
   if limit == nil then return true end
   if held[key] == nil then
     -- Expired leases belong to holders that died or stalled: their slots return here.
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
     held[key] = redis.call('ZCARD', key)
   end
   return held[key] < limit

@@ -1,11 +1,13 @@
 -- Requeue running tasks whose lease lapsed (their replica died or stalled), or fail
--- them once they have used MAX_ATTEMPTS.
--- ARGV: max attempts, ttl s, how many at most.
+-- them once they have used MAX_ATTEMPTS. The run token stays on a requeued task until
+-- a claim starts it again: an outcome its run records meanwhile still counts (finish).
+-- ARGV: max attempts, ttl s, how many at most, lease ms.
 -- Returns {requeued, failed, ms until the next lease lapses (-1: none)}.
 local max_attempts, ttl_s, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
+local cutoff, paused_till = lapse_cutoff(now, tonumber(ARGV[4]))
 local requeued, failed = 0, 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', cutoff, 'LIMIT', 0, limit)) do
   local tk = task_key(id)
   local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'attempts', 'kind')
   redis.call('ZREM', P .. 'running', id)
@@ -32,5 +34,9 @@ if requeued + failed > 0 then redis.call('PUBLISH', P .. 'wake', 'reap') end
 redis.call('ZREMRANGEBYSCORE', P .. 'idle', '-inf', now)
 local nxt = redis.call('ZRANGE', P .. 'running', 0, 0, 'WITHSCORES')
 local wait = -1
-if #nxt > 0 then wait = math.max(0, tonumber(nxt[2]) - now) end
+if #nxt > 0 then
+  wait = math.max(0, tonumber(nxt[2]) - now)
+  -- Leases that lapsed during the gap wait for the pause to end, not for nothing.
+  if paused_till then wait = math.max(wait, paused_till - now) end
+end
 return {requeued, failed, wait}

@@ -6,6 +6,7 @@
 local replica, lease_ms = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local expires = now + lease_ms
+lapse_cutoff(now, lease_ms)
 redis.call('ZADD', P .. 'replicas', expires, replica)
 redis.call('ZREMRANGEBYSCORE', P .. 'replicas', '-inf', now)
 local lost = {}
