@@ -205,7 +205,7 @@ async def test_a_client_that_disconnects_mid_upload_is_a_debug_line_not_a_traceb
 ):
     caplog.set_level(logging.DEBUG)
     async with serve_api(make_settings(), dispatch=False) as (client, worker):
-        reader, writer = await _raw(str(client.base_url))
+        _reader, writer = await _raw(str(client.base_url))
         writer.write(
             b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 5000\r\n\r\n" + b'{"kind": "chat", "input": '

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import re
@@ -283,7 +284,7 @@ class Notifier:
                 task_id = fields["id"]
                 task = asyncio.create_task(self._attempt(fields))
                 self._inflight[task_id] = (fields.get("cb_attempts") or "1", task)
-                task.add_done_callback(lambda done, k=task_id: self._forget(k, done))
+                task.add_done_callback(functools.partial(self._forget, task_id))
             if len(records) == BATCH:
                 continue
             wait_s = IDLE_WAIT_S if next_ms < 0 else min(IDLE_WAIT_S, next_ms / 1000 + 0.005)
