@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -543,3 +544,80 @@ def test_outcomes_finished_while_redis_was_down_longer_than_the_lease_are_kept(t
     finally:
         redis_proc.terminate()
         redis_proc.wait()
+
+
+def _embedded_env(port: int, **extra: str) -> dict[str, str]:
+    return {"REDIS_URL": "", "PORT": str(port), "LOG_LEVEL": "INFO", **extra}
+
+
+def _embedded_answers(folder: Path) -> bool:
+    from llmworker.embedded import _answers, socket_path
+
+    return _answers(socket_path((folder / ".llmworker" / "redis").resolve()))
+
+
+def test_ctrl_c_drains_records_the_outcome_and_stops_the_embedded_redis_last(tmp_path: Path):
+    """Ctrl+C in a terminal sends SIGINT to the whole foreground process group. The
+    running task finishes and is recorded, the embedded Redis outlives serve's drain,
+    and no traceback is printed; the next start finds the task done, not run again."""
+    port = free_port()
+    env = _embedded_env(port, FAKE_LATENCY_MS="2500", SHUTDOWN_GRACE_S="20")
+    url = f"http://127.0.0.1:{port}"
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            serve, env={**os.environ, **env}, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_ready(url)
+        body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+        task_id = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
+        wait_until_sync(
+            lambda: httpx.get(f"{url}/v1/tasks/{task_id}").json()["status"] == "running"
+        )
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log_path.read_text()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert not _embedded_answers(tmp_path), "the embedded Redis stops after its last user"
+    with process(serve, env, tmp_path / "again.log", cwd=tmp_path):
+        wait_ready(url)
+        record = httpx.get(f"{url}/v1/tasks/{task_id}").json()
+        assert (record["status"], record["attempts"]) == ("succeeded", 1)
+
+
+def test_a_second_serve_in_the_same_folder_keeps_working_when_the_first_stops(tmp_path: Path):
+    first_port, second_port = free_port(), free_port()
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
+    body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+    env = {"FAKE_LATENCY_MS": "20"}
+    with process(serve, _embedded_env(first_port, **env), tmp_path / "a.log", cwd=tmp_path) as a:
+        wait_ready(f"http://127.0.0.1:{first_port}")
+        second_env = _embedded_env(second_port, **env)
+        with process(serve, second_env, tmp_path / "b.log", cwd=tmp_path) as b:
+            second = f"http://127.0.0.1:{second_port}"
+            wait_ready(second)
+            a.terminate()
+            assert a.wait(timeout=30) == 0
+            task_id = httpx.post(f"{second}/v1/tasks", json=body).json()["id"]
+            (record,) = _wait_final(second, [task_id])
+            assert record["status"] == "succeeded"
+            assert _embedded_answers(tmp_path)
+            b.terminate()
+            assert b.wait(timeout=30) == 0
+    assert not _embedded_answers(tmp_path)
+
+
+def test_the_embedded_redis_does_not_outlive_a_killed_serve(tmp_path: Path):
+    port = free_port()
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
+    with process(serve, _embedded_env(port), tmp_path / "serve.log", cwd=tmp_path) as proc:
+        wait_ready(f"http://127.0.0.1:{port}")
+        proc.kill()
+        proc.wait()
+        wait_until_sync(lambda: not _embedded_answers(tmp_path), timeout_s=15)
