@@ -621,3 +621,43 @@ def test_the_embedded_redis_does_not_outlive_a_killed_serve(tmp_path: Path):
         proc.kill()
         proc.wait()
         wait_until_sync(lambda: not _embedded_answers(tmp_path), timeout_s=15)
+
+
+def test_json_logs_are_one_json_event_per_line_with_one_access_line_per_request(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+        "FAKE_LATENCY_MS": "10",
+        "PORT": str(port),
+    }
+    log_path = tmp_path / "serve.log"
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
+    with process(serve, env, log_path) as proc:
+        wait_ready(url)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+            task_id = client.post("/v1/tasks", json=body).json()["id"]
+            (record,) = _wait_final(url, [task_id])
+            assert record["status"] == "succeeded"
+            assert client.get("/nope").status_code == 404
+            client.get("/health")
+        proc.terminate()
+        proc.wait(timeout=30)
+    lines = log_path.read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert any(e.get("logger", "").startswith("uvicorn") for e in events), "uvicorn's too"
+    access = [e for e in events if e["event"] == "request"]
+    submitted = [e for e in access if e["method"] == "POST" and e["path"] == "/v1/tasks"]
+    assert len(submitted) == 1 and submitted[0]["status"] == 202
+    assert submitted[0]["task_id"] == task_id and isinstance(submitted[0]["ms"], float)
+    reads = [e for e in access if e["path"] == f"/v1/tasks/{task_id}"]
+    assert reads and all(e["task_id"] == task_id for e in reads)
+    assert [e["status"] for e in access if e["path"] == "/nope"] == [404]
+    # Probes are DEBUG lines: not at INFO.
+    assert not [e for e in access if e["path"] in ("/health", "/ready")]
