@@ -397,3 +397,115 @@ async def test_buffered_tokens_go_out_20_ms_after_the_first_even_when_the_model_
     assert [orjson.loads(e["data"])["text"] for _, e in tokens] == ["thinking aloud"]
     written_ms = int(tokens[0][0].split("-")[0])
     assert int(record["finished_at"]) - written_ms >= 400  # long before the run ended
+
+
+# -- chat speaks OpenAI's chat API -----------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+        },
+    }
+]
+
+
+async def event_types(worker: Worker, task_id: str) -> list[tuple[str, dict[str, Any]]]:
+    entries = await worker.redis.xrange(worker.keys.events(task_id))
+    return [(e["type"], orjson.loads(e["data"])) for _, e in entries]
+
+
+async def test_chat_passes_tools_and_returns_the_streamed_tool_calls(
+    make_settings, start_worker, fake_llm, client
+):
+    url, fake = fake_llm
+    worker = await start_worker(make_settings(**provider_env(url, client)))
+    params = {"tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": False}
+    task_id = await submit(worker, model="m1", input={"messages": MESSAGES, **params})
+    record = await final(worker, task_id)
+    assert record["status"] == "succeeded", record
+    result = record["result"]
+    assert result["finish_reason"] == "tool_calls"
+    assert result["tool_calls"] == [
+        {
+            "id": "call_fake_1",
+            "type": "function",
+            "function": {"name": "search", "arguments": '{"q": "fake"}'},
+        }
+    ]
+    assert fake.last_body["tools"] == TOOLS and fake.last_body["tool_choice"] == "auto"
+
+
+async def test_reasoning_streams_as_its_own_events_and_lands_in_the_result(
+    make_settings, start_worker, fake_llm, client
+):
+    url, _ = fake_llm
+    env = provider_env(url, client, MODEL_R1="fakeai/r1-reasoner", MAX_R1_FREE=1)
+    worker = await start_worker(make_settings(**env))
+    task_id = await submit(worker, model="r1", input={"messages": MESSAGES})
+    record = await final(worker, task_id)
+    assert record["result"]["reasoning_content"] == "Let me think."
+    assert record["result"]["content"] == "tok0 tok1 tok2 tok3 tok4"
+    kinds = [t for t, _ in await event_types(worker, task_id) if t in ("reasoning", "tokens")]
+    # All the reasoning first, then the answer, each in its own event type.
+    assert kinds[0] == "reasoning" and "reasoning" not in kinds[kinds.index("tokens") :]
+    reasoning = "".join(
+        d["text"] for t, d in await event_types(worker, task_id) if t == "reasoning"
+    )
+    assert reasoning == "Let me think."
+
+
+async def test_several_choices_and_logprobs_come_back_whole(
+    make_settings, start_worker, fake_llm, client
+):
+    url, _ = fake_llm
+    worker = await start_worker(make_settings(**provider_env(url, client)))
+    chat = {"messages": MESSAGES, "n": 2, "logprobs": True, "top_logprobs": 0}
+    task_id = await submit(worker, model="m1", input=chat)
+    result = (await final(worker, task_id))["result"]
+    assert [c["content"] for c in result["choices"]] == ["tok0 tok1 tok2 tok3 tok4"] * 2
+    assert [p["token"] for p in result["logprobs"]] == ["tok0", " tok1", " tok2", " tok3", " tok4"]
+    # Only the first choice streams to the events.
+    text = "".join(d["text"] for t, d in await event_types(worker, task_id) if t == "tokens")
+    assert text == "tok0 tok1 tok2 tok3 tok4"
+
+
+async def test_unknown_chat_parameters_go_to_the_provider_and_its_refusal_is_its_own(
+    make_settings, start_worker, fake_llm, client
+):
+    url, fake = fake_llm
+    worker = await start_worker(make_settings(**provider_env(url, client)))
+    chat = {
+        "messages": MESSAGES,
+        "max_completion_tokens": 50,
+        "reasoning_effort": "low",
+        "vendor_knob": {"level": 3},
+    }
+    ok = await final(worker, await submit(worker, model="m1", input=chat))
+    assert ok["status"] == "succeeded"
+    assert fake.last_body["vendor_knob"] == {"level": 3}
+    assert fake.last_body["reasoning_effort"] == "low"
+    fake.config.reject_params = ["vendor_knob"]
+    refused = await final(worker, await submit(worker, model="m1", input=chat))
+    assert refused["status"] == "failed"
+    assert refused["error"]["code"] == "provider_rejected"
+    assert "Unrecognized request argument supplied: vendor_knob" in refused["error"]["message"]
+
+
+async def test_a_404_names_the_base_url_unless_the_provider_says_the_model_is_unknown(
+    make_settings, start_worker, fake_llm, client
+):
+    url, fake = fake_llm
+    wrong_path = url.removesuffix("/v1") + "/api/v9"
+    worker = await start_worker(make_settings(**provider_env(wrong_path, client)))
+    record = await final(worker, await submit(worker, model="m1"))
+    assert record["error"]["code"] == "provider_url_not_found"
+    assert "FAKEAI_BASE_URL" in record["error"]["message"]
+    await worker.stop()
+    fake.config.models = ["m2"]
+    other = await start_worker(make_settings(**provider_env(url, client)))
+    record = await final(other, await submit(other, model="m1"))
+    assert record["error"]["code"] == "provider_model_not_found"
+    assert "'m1'" in record["error"]["message"]

@@ -5,6 +5,13 @@ benchmarks. It is a real HTTP server speaking OpenAI's chat completions protocol
 It counts calls in flight per model and remembers the most seen at once, so a test can
 prove that llmworker never sent more concurrent calls than a model's cap.
 
+It speaks enough of the protocol to exercise a client: ``tools`` get a streamed tool
+call (its arguments in pieces), models whose name contains "reasoner" stream
+``reasoning_content`` first (as DeepSeek's do), ``n`` streams that many choices,
+``logprobs`` adds log probabilities; ``models`` (when set) lists the only model names it
+knows (others get OpenAI's 404 "model_not_found"), and ``reject_params`` names request
+parameters it refuses with a 400, as a provider refuses what it does not support.
+
 Control endpoints (not part of OpenAI's API):
 
 - ``GET  /_fake/stats``     calls, in flight, max in flight, errors sent, per model
@@ -13,6 +20,7 @@ Control endpoints (not part of OpenAI's API):
                             "fail_next": [429, 500]}`` (the next calls fail in that order)
 - ``GET  /_fake/timeline``  (start, end) of every call, seconds since the epoch, when
                             ``record`` is on (benchmarks measure pickup latency with it)
+- ``GET  /_fake/last``      the body of the last completion request
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ class FakeConfig:
     fail_next: list[int] = field(default_factory=list)
     record: bool = False
     seed: int | None = None
+    models: list[str] = field(default_factory=list)
+    reject_params: list[str] = field(default_factory=list)
 
 
 async def _send_json(
@@ -79,6 +89,7 @@ class FakeLLM:
         self.max_inflight: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
         self.timeline: list[tuple[float, float, str]] = []
+        self.last_body: dict[str, Any] = {}
 
     def _injected(self) -> int | None:
         """The status this call fails with, if any (0: hang until the client gives up)."""
@@ -127,6 +138,11 @@ class FakeLLM:
             }
             await _send_json(send, 400, {"error": error})
             return
+        self.last_body = body
+        refusal = self._refusal(body, model)
+        if refusal is not None:
+            await _send_json(send, *refusal)
+            return
         self.calls[model] += 1
         self.inflight[model] += 1
         self.max_inflight[model] = max(self.max_inflight[model], self.inflight[model])
@@ -137,9 +153,8 @@ class FakeLLM:
             if status is not None:
                 await self._fail(send, model, status, disconnected)
             elif body.get("stream"):
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 words = self._reply(messages, body.get("max_tokens"))
-                await self._stream(send, model, words, include_usage, disconnected)
+                await self._stream(send, body, words, disconnected)
             else:
                 words = self._reply(messages, body.get("max_tokens"))
                 await asyncio.wait([disconnected], timeout=self._latency_s())
@@ -162,6 +177,24 @@ class FakeLLM:
         await _send_json(
             send, status, {"error": {"message": f"injected {status}", "type": kind}}, headers
         )
+
+    def _refusal(self, body: dict[str, Any], model: str) -> tuple[int, dict[str, Any]] | None:
+        """A 404 for a model it does not know, a 400 for a parameter it refuses."""
+        if self.config.models and model not in self.config.models:
+            error = {
+                "message": f"The model `{model}` does not exist or you do not have access to it.",
+                "type": "invalid_request_error",
+                "code": "model_not_found",
+            }
+            return 404, {"error": error}
+        for name in self.config.reject_params:
+            if name in body:
+                error = {
+                    "message": f"Unrecognized request argument supplied: {name}",
+                    "type": "invalid_request_error",
+                }
+                return 400, {"error": error}
+        return None
 
     def _reply(self, messages: list[dict[str, Any]], max_tokens: int | None) -> list[str]:
         n = self.config.tokens if max_tokens is None else min(self.config.tokens, int(max_tokens))
@@ -196,48 +229,60 @@ class FakeLLM:
     async def _stream(
         self,
         send: Send,
-        model: str,
+        body: dict[str, Any],
         words: list[str],
-        include_usage: bool,
         disconnected: asyncio.Future[Any],
     ) -> None:
+        model = str(body["model"])
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        choices = max(1, int(body.get("n") or 1))
         cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
-            choices = (
-                [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else []
-            )
-            body = {
+        def chunk(
+            deltas: list[dict[str, Any]] | None, finish: str | None = None, **extra: Any
+        ) -> bytes:
+            out = {
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
-                "choices": choices,
+                "choices": [
+                    {"index": i, "delta": delta, "finish_reason": finish}
+                    for i, delta in enumerate(deltas or [])
+                ],
                 **extra,
             }
-            return b"data: " + orjson.dumps(body) + b"\n\n"
+            return b"data: " + orjson.dumps(out) + b"\n\n"
+
+        def each(delta: dict[str, Any]) -> list[dict[str, Any]]:
+            return [dict(delta) for _ in range(choices)]
 
         headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        steps = _script(body, model, words)
         latency = self._latency_s()
-        step = latency / max(1, len(words))
-        # Token i is due at start + (i + 1) * step: absolute times, so the timer's lateness
-        # does not add up and a call lasts its latency, not latency + tokens x lateness.
+        step = latency / max(1, len(steps))
+        # Piece i is due at start + (i + 1) * step: absolute times, so the timer's lateness
+        # does not add up and a call lasts its latency, not latency + pieces x lateness.
         loop = asyncio.get_running_loop()
         start = loop.time()
-        pieces = [chunk({"role": "assistant", "content": ""})]
-        if not words:
+        pieces = [chunk(each({"role": "assistant", "content": ""}))]
+        if not steps:
             await asyncio.wait([disconnected], timeout=latency)
-        for i, word in enumerate(words):
+        for i, delta in enumerate(steps):
             await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": True})
             await asyncio.wait(
                 [disconnected], timeout=max(0.0, start + (i + 1) * step - loop.time())
             )
             if disconnected.done():
                 return
-            pieces = [chunk({"content": word if i == 0 else " " + word})]
-        pieces.append(chunk({}, "stop"))
+            if body.get("logprobs") and delta.get("content"):
+                pieces = [_with_logprobs(chunk(each(delta)), delta["content"])]
+            else:
+                pieces = [chunk(each(delta))]
+        finish = "tool_calls" if body.get("tools") and body.get("tool_choice") != "none" else "stop"
+        pieces.append(chunk(each({}), finish))
         if include_usage:
             pieces.append(chunk(None, usage=self._usage([], words)))
         pieces.append(b"data: [DONE]\n\n")
@@ -280,6 +325,9 @@ class FakeLLM:
     async def timeline_endpoint(self, request: Request) -> Response:
         return json_response(self.timeline)
 
+    async def last_endpoint(self, request: Request) -> Response:
+        return json_response(self.last_body)
+
     def app(self) -> FakeLLM:
         return self
 
@@ -297,8 +345,45 @@ class FakeLLM:
                 Route("/_fake/reset", self.reset_endpoint, methods=["POST"]),
                 Route("/_fake/config", self.configure, methods=["POST"]),
                 Route("/_fake/timeline", self.timeline_endpoint, methods=["GET"]),
+                Route("/_fake/last", self.last_endpoint, methods=["GET"]),
             ]
         )
+
+
+def _script(body: dict[str, Any], model: str, words: list[str]) -> list[dict[str, Any]]:
+    """The deltas of one streamed answer: reasoning first for a reasoner, then a tool
+    call (its arguments in two pieces) when tools are offered, else the words."""
+    steps: list[dict[str, Any]] = []
+    if "reasoner" in model:
+        steps += [{"reasoning_content": t} for t in ("Let me", " think.")]
+    tools = body.get("tools") or []
+    if tools and body.get("tool_choice") != "none":
+        name = str(((tools[0] or {}).get("function") or {}).get("name") or "tool")
+        first = {"index": 0, "id": "call_fake_1", "type": "function",
+                 "function": {"name": name, "arguments": ""}}  # fmt: skip
+        steps.append({"tool_calls": [first]})
+        for part in ('{"q": ', '"fake"}'):
+            steps.append({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+        return steps
+    steps += [{"content": word if i == 0 else " " + word} for i, word in enumerate(words)]
+    return steps
+
+
+def _with_logprobs(raw: bytes, token: str) -> bytes:
+    """A content chunk with each choice's log probability of its token."""
+    data = orjson.loads(raw[len(b"data: ") :])
+    for choice in data["choices"]:
+        choice["logprobs"] = {
+            "content": [
+                {
+                    "token": token,
+                    "logprob": -0.25,
+                    "bytes": list(token.encode()),
+                    "top_logprobs": [],
+                }
+            ]
+        }
+    return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
 def run_fake_llm(config: FakeConfig, host: str = "127.0.0.1", port: int = 9000) -> None:
