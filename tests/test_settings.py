@@ -166,3 +166,22 @@ def test_qstash_and_callback_settings_that_cannot_work_stop_start_up(env, line):
 def test_skipping_qstash_verification_is_allowed_in_development():
     s = load_settings({"QSTASH_SKIP_VERIFY": "true", "LLMWORKER_ENV": "development"}, env_file=None)
     assert s.qstash_skip_verify
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://worker.example.com/api",
+        "https://worker.example.com/v1/qstash",
+        "https://w.example.com?x=1",
+    ],
+)
+def test_a_public_url_with_a_path_is_refused_in_one_line(url: str):
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"PUBLIC_URL": url}, env_file=None)
+    (line,) = refused.value.problems
+    assert line.startswith(f"PUBLIC_URL={url!r} must be the worker's origin only")
+
+
+def test_a_public_url_may_end_in_a_slash():
+    assert load_settings({"PUBLIC_URL": "https://w.example.com/"}, env_file=None).public_url
