@@ -244,3 +244,19 @@ async def test_scripts_are_reloaded_after_redis_forgets_them(make_settings, star
     await worker.redis.script_flush()
     first, second = await asyncio.gather(submit(worker), submit(worker))
     assert await claim(worker, 5) == [*first, *second]
+
+
+async def test_a_replica_that_stops_cleanly_leaves_the_replica_count_at_once(
+    make_settings, start_worker
+):
+    from .conftest import wait_until
+
+    settings = make_settings()
+    first, second = await start_worker(settings), await start_worker(settings)
+    await wait_until(lambda: _alive(first, 2))
+    await second.stop()
+    assert await first.queue.replicas_alive() == 1
+
+
+async def _alive(worker: Worker, n: int) -> bool:
+    return await worker.queue.replicas_alive() == n

@@ -170,7 +170,7 @@ def test_caddy_balances_over_replicas_drops_a_stopped_one_and_streams_events(
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "LOG_LEVEL": "WARNING"}
     env |= {"FAKE_LATENCY_MS": "1500", "FAKE_TOKENS": "6", "SHUTDOWN_GRACE_S": "0"}
     caddy_env = {
-        "LISTEN": f"127.0.0.1:{listen}",
+        "LISTEN_PORT": str(listen),
         "UPSTREAMS": " ".join(f"127.0.0.1:{p}" for p in ports),
         "XDG_DATA_HOME": str(tmp_path / "data"),
         "XDG_CONFIG_HOME": str(tmp_path / "config"),
@@ -195,6 +195,10 @@ def test_caddy_balances_over_replicas_drops_a_stopped_one_and_streams_events(
                 seen |= {client.get("/v1/stats").json()["replica"]["id"] for _ in range(10)}
                 time.sleep(0.2)
             assert len(seen) == 2, "requests reach both replicas"
+            # Whatever name the request uses, the worker answers (never Caddy's empty 200).
+            for host in ("localhost", f"localhost:{listen}", "127.0.0.1", "dev.example"):
+                health = client.get("/health", headers={"Host": host})
+                assert health.status_code == 200 and health.json() == {"status": "ok"}
 
             # Event by event through Caddy: tokens arrive while the task still runs.
             body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]}}
