@@ -228,3 +228,28 @@ def test_deploy_docs_walk_every_kit_file_and_list_the_fixes(doc: str):
         assert name in text or path.name in text, f"{doc} does not mention {name}"
     table_rows = [line for line in text.splitlines() if line.startswith("| ") and "→" not in line]
     assert len(table_rows) >= 12, "the guide-to-kit table lists each fix"
+
+
+@pytest.mark.parametrize("doc", ["deploy.md", "deploy.zh.md"])
+def test_the_docs_make_the_keys_the_worker_needs_to_start(doc: str, tmp_path: Path):
+    """The deploy guide's own commands, run on the env example, give a worker that starts
+    on 0.0.0.0 (the image's HOST): an API key and a valid callback secret."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    env_file = tmp_path / ".env.production"
+    env_file.write_text((DEPLOY / "app" / ".env.production.example").read_text())
+    commands = [
+        line.split("   #")[0]
+        for line in (ROOT / "docs" / doc).read_text().splitlines()
+        if line.startswith("sed -i ") and ".env.production" in line
+    ]
+    assert len(commands) == 2
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    from llmworker.settings import load_settings
+
+    settings = load_settings({"HOST": "0.0.0.0"}, env_file=env_file)
+    assert len(settings.api_keys) == 64 and settings.callback_secret
+    with pytest.raises(Exception, match="API_KEYS"):
+        load_settings({"HOST": "0.0.0.0"}, env_file=DEPLOY / "app" / ".env.production.example")
