@@ -155,48 +155,6 @@ def test_serve_without_redis_url_runs_on_the_embedded_redis(tmp_path: Path):
     )
 
 
-USER_MODULE = """
-from llmworker import TaskContext, task
-
-
-@task("summarize")
-async def summarize(ctx: TaskContext, input: dict) -> dict:
-    await ctx.progress(0.1, "reading")
-    reply = await ctx.llm.chat([{"role": "user", "content": input["text"]}])
-    follow_up = await ctx.submit("chat", {"messages": [{"role": "user", "content": "more"}]})
-    return {"summary": reply.content, "follow_up": follow_up}
-"""
-
-
-def test_the_readme_user_kind_runs_from_the_working_folder(
-    redis_url: str, prefix: str, tmp_path: Path
-):
-    """The README's example, as a user writes it: a module beside where serve runs."""
-    (tmp_path / "myapp").mkdir()
-    (tmp_path / "myapp" / "__init__.py").write_text("")
-    (tmp_path / "myapp" / "tasks.py").write_text(USER_MODULE)
-    port = free_port()
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "TASK_MODULES": "myapp.tasks",
-        "FAKE_LATENCY_MS": "10",
-        "PORT": str(port),
-    }
-    serve = llmworker_command("serve", "--host", "127.0.0.1")
-    with process(serve, env, tmp_path / "serve.log", cwd=tmp_path):
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url)
-        body = {"kind": "summarize", "user": "ann", "input": {"text": "bees"}}
-        task_id = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
-        (record,) = _wait_final(url, [task_id])
-        assert record["status"] == "succeeded", record
-        result = record["result"]
-        assert isinstance(result, dict) and "bees" in result["summary"]
-        (follow,) = _wait_final(url, [result["follow_up"]])
-        assert (follow["status"], follow["user"]) == ("succeeded", "ann")
-
-
 def test_a_broken_task_module_stops_start_up_with_one_line(tmp_path: Path):
     (tmp_path / "broken.py").write_text("raise RuntimeError('no config')\n")
     env = {**os.environ, "TASK_MODULES": "broken,missing_module"}

@@ -139,6 +139,25 @@ class _Stream:
         return None if self.failures > self.reconnects else 0.25 * 2**self.failures
 
 
+class _Delivery:
+    """Waiting for QStash to deliver a message: growing pauses, within a deadline."""
+
+    def __init__(self, timeout_s: float | None, message_id: str) -> None:
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.message_id = message_id
+        self.delay = 0.05
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def next(self) -> float:
+        left = self.left()
+        if left is not None and left <= 0:
+            raise TimeoutError(f"QStash message {self.message_id} was not delivered in time")
+        self.delay = min(self.delay * 2, 1.0)
+        return self.delay if left is None else min(self.delay, left)
+
+
 class _Base:
     def __init__(self, url: str | None, api_key: str | None, reconnects: int) -> None:
         self.url = (url or os.environ.get("LLMWORKER_URL") or DEFAULT_URL).rstrip("/")
@@ -277,6 +296,21 @@ class Client(_Base):
         """Submit and wait: the final record."""
         return self.wait(self.submit(kind, input, **fields)["id"])
 
+    def wait_published(self, message_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """The final record of a task published through QStash: found by its message id
+        once QStash has delivered it (until then the worker answers 404), then followed
+        to its end. TimeoutError after ``timeout_s``."""
+        delays = _Delivery(timeout_s, message_id)
+        while True:
+            try:
+                found = self.find(message_id)
+                break
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+            time.sleep(delays.next())
+        return self.wait(found["id"], delays.left())
+
     def publish(
         self,
         kind: str,
@@ -386,6 +420,21 @@ class AsyncClient(_Base):
 
     async def run(self, kind: str, input: Any = None, **fields: Any) -> dict[str, Any]:
         return await self.wait((await self.submit(kind, input, **fields))["id"])
+
+    async def wait_published(
+        self, message_id: str, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """As :meth:`Client.wait_published`."""
+        delays = _Delivery(timeout_s, message_id)
+        while True:
+            try:
+                found = await self.find(message_id)
+                break
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+            await asyncio.sleep(delays.next())
+        return await self.wait(found["id"], delays.left())
 
     async def publish(
         self,
