@@ -31,9 +31,8 @@ class FakeBackend(ChatBackend):
                 "type": "function",
                 "function": {"name": tool, "arguments": orjson.dumps({}).decode()},
             }
-            usage = _usage(prompt_tokens, 1)
             choice = Choice("", "tool_calls", tool_calls=[call])
-            return ChatResult("", "fake", usage, "tool_calls", tool_calls=[call], choices=[choice])
+            return ChatResult("fake", _usage(prompt_tokens, 1), [choice])
         last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
         prompt = last if isinstance(last, str) else str(last)
         words = [*WORDS, *prompt.split()[:200]]
@@ -48,9 +47,8 @@ class FakeBackend(ChatBackend):
             await asyncio.sleep(step)
             if sink is not None:
                 sink.token(word if i == 0 else " " + word)
-        text = " ".join(words)
-        usage = _usage(prompt_tokens, len(words))
-        return ChatResult(text, "fake", usage, "stop", choices=[Choice(text, "stop")])
+        choice = Choice(" ".join(words), "stop")
+        return ChatResult("fake", _usage(prompt_tokens, len(words)), [choice])
 
 
 def _tool_to_call(request: dict[str, Any]) -> str | None:

@@ -46,29 +46,35 @@ class Choice:
 
 @dataclass
 class ChatResult:
-    """A chat completion: the first choice's fields, and every choice when there are
-    several."""
+    """A chat completion: its choices (one unless ``n`` asked for more), read through
+    the first one's fields (``content``, ``tool_calls`` ...)."""
 
-    content: str
     model: str
-    usage: dict[str, Any] = field(default_factory=dict)
-    finish_reason: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    logprobs: list[Any] | None = None
-    refusal: str | None = None
-    choices: list[Choice] = field(default_factory=list)
+    usage: dict[str, Any]
+    choices: list[Choice]
+
+    @property
+    def first(self) -> Choice:
+        return self.choices[0] if self.choices else Choice()
+
+    @property
+    def content(self) -> str:
+        return self.first.content
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.first.finish_reason
+
+    @property
+    def reasoning_content(self) -> str | None:
+        return self.first.reasoning_content
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        return self.first.tool_calls
 
     def to_json(self) -> dict[str, Any]:
-        first = Choice(
-            self.content,
-            self.finish_reason,
-            self.reasoning_content,
-            self.tool_calls,
-            self.logprobs,
-            self.refusal,
-        )
-        out = {"model": self.model, "usage": self.usage, **first.to_json()}
+        out = {"model": self.model, "usage": self.usage, **self.first.to_json()}
         if len(self.choices) > 1:
             out["choices"] = [c.to_json() for c in self.choices]
         return out
@@ -174,18 +180,7 @@ class StreamAccumulator:
 
     def result(self) -> ChatResult:
         choices = [self.parts[i].choice() for i in sorted(self.parts)] or [Choice()]
-        first = choices[0]
-        return ChatResult(
-            content=first.content,
-            model=self.model,
-            usage=self.usage,
-            finish_reason=first.finish_reason,
-            reasoning_content=first.reasoning_content,
-            tool_calls=first.tool_calls,
-            logprobs=first.logprobs,
-            refusal=first.refusal,
-            choices=choices,
-        )
+        return ChatResult(self.model, self.usage, choices)
 
 
 def merge_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
