@@ -10,7 +10,7 @@ arrive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmworker.errors import ProviderError
