@@ -47,9 +47,13 @@ CHAT_INPUT = {"messages": [{"role": "user", "content": "Name three queues."}]}
 
 @dataclass
 class Check:
+    """An invariant, whether it held, and if not, how (``cases``: each thing that broke
+    it, e.g. ``"event ids: query '١٢٣'"``, for tests that tell known cases from new)."""
+
     invariant: str
     ok: bool
     detail: str = ""
+    cases: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -64,8 +68,10 @@ class Report:
         self.figures.append((figure, str(value)))
         print(f"  {figure}: {value}", flush=True)
 
-    def check(self, invariant: str, ok: bool, detail: str = "") -> None:
-        self.checks.append(Check(invariant, ok, detail))
+    def check(
+        self, invariant: str, ok: bool, detail: str = "", cases: list[str] | None = None
+    ) -> None:
+        self.checks.append(Check(invariant, ok, detail, cases or []))
         mark = "ok" if ok else "FAIL"
         print(f"  [{mark}] {invariant}" + (f": {detail}" if detail else ""), flush=True)
 
