@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import tempfile
 import time
 import traceback
@@ -65,6 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "chaos-results.md"
 
 KILL_EVERY_S = 2.0
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def chat_body(task_id: str, tier: str, user: str, **extra: Any) -> dict[str, Any]:
@@ -523,7 +525,9 @@ def markdown(reports: list[Report], quick: bool, took_s: float) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text for a Markdown table cell: pipes escaped, control characters as escapes."""
+    text = CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text.replace("|", "\\|")
 
 
 def main(argv: list[str] | None = None) -> int:
