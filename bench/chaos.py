@@ -237,7 +237,9 @@ def redis_restart(ctx: Context) -> Report:
     own = Context(f"redis://127.0.0.1:{port}/0", ctx.prefix, ctx.logs, ctx.quick, ctx.seed)
     with Cluster(ctx) as cluster:
         server = cluster.redis_server(port, ctx.logs / "redis-data")
-        _, fake_url = cluster.fake_llm(latency_ms, "--jitter-ms", str(jitter_ms))
+        # Seeded: the same call lengths every run, so as many calls end early each time.
+        jitter = ["--jitter-ms", str(jitter_ms), "--seed", str(ctx.seed)]
+        _, fake_url = cluster.fake_llm(latency_ms, *jitter)
         httpx.post(f"{fake_url}/_fake/config", json={"record": True})
         env = worker_env(
             own, fake_url, LEASE_TTL_S=lease_s, MAX_M1_FREE=n, MAX_USER_FREE=n, QUEUE_MAX_FREE=n
@@ -367,7 +369,7 @@ def sigterm_drain(ctx: Context) -> Report:
     runs finish within the grace (they are not run again)."""
     report = Report("sigterm_drain")
     n = 8 if ctx.quick else 24
-    latency_ms = 3000 if ctx.quick else 4000
+    latency_ms = 5000
     with Cluster(ctx) as cluster:
         _, fake_url = cluster.fake_llm(latency_ms)
         base = {"LEASE_TTL_S": 5, "MAX_M1_FREE": n, "MAX_USER_FREE": n, "QUEUE_MAX_FREE": n}
@@ -392,6 +394,8 @@ def sigterm_drain(ctx: Context) -> Report:
             # The survivor, started once every task runs on A or B.
             c, c_url = cluster.serve("c-survivor", worker_env(ctx, fake_url, **base))
             wait_http(f"{c_url}/ready", c)
+            if fake_stats(fake_url)["inflight"].get("m1", 0) < n:
+                raise RuntimeError("the calls ended before SIGTERM: C took too long to start")
             a.signal_term()
             a_sent = time.monotonic()
             time.sleep(0.3)
