@@ -70,8 +70,10 @@ class Answer:
 
 async def send(probe: Probe, port: int) -> Answer:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    # Read while writing: the worker may answer (413) and close before a big body is all
+    # sent, and the reset that our remaining bytes then cause would discard its answer.
+    reading = asyncio.create_task(_read_all(reader))
     try:
-        # The worker may answer (413) and close before a big body is all sent.
         with contextlib.suppress(ConnectionError):
             writer.write(probe.data)
             await writer.drain()
@@ -79,10 +81,11 @@ async def send(probe: Probe, port: int) -> Answer:
             await asyncio.sleep(0.2)
             return Answer(probe, None, "closed by us")
         try:
-            raw = await asyncio.wait_for(_read_all(reader), ANSWER_TIMEOUT_S)
+            raw = await asyncio.wait_for(reading, ANSWER_TIMEOUT_S)
         except TimeoutError:
             return Answer(probe, None, f"no answer in {ANSWER_TIMEOUT_S:g} s")
     finally:
+        reading.cancel()
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
