@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -520,14 +519,3 @@ def cleanup(redis_url: str, prefix: str) -> None:
 def elapsed_s(records: list[dict[str, str]], start: str, end: str) -> list[float]:
     """``end - start`` of each record that has both (the worker's ms timestamps), in s."""
     return [(int(r[end]) - int(r[start])) / 1000 for r in records if r.get(start) and r.get(end)]
-
-
-@contextlib.contextmanager
-def timer() -> Iterator[list[float]]:
-    """``with timer() as took: ...`` then ``took[0]`` is the wall time in seconds."""
-    took: list[float] = []
-    started = time.monotonic()
-    try:
-        yield took
-    finally:
-        took.append(time.monotonic() - started)
