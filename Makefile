@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run dev test lint typecheck bench fake-llm clean
+.PHONY: install run dev test lint typecheck bench chaos fake-llm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,11 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Fault injection (bench/chaos.py): kill -9, Redis restarts, provider errors, SIGTERM,
+# malformed requests; exits 1 if an invariant fails. tests/test_chaos.py runs it --quick.
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos
 
 fake-llm: $(STAMP)
 	$(BIN)/llmworker fake-llm
