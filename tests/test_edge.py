@@ -15,7 +15,7 @@ from llmworker.errors import ConfigError
 from llmworker.settings import load_settings
 from llmworker.worker import Worker
 
-from .conftest import CALLBACK_SECRET, serve_api
+from .conftest import CALLBACK_SECRET, serve_api, tasks_with
 
 CHAT: dict[str, Any] = {
     "kind": "chat",
@@ -266,3 +266,22 @@ async def test_a_connection_that_sends_nothing_is_closed(make_settings):
             await client.delete(f"/v1/tasks/{task['id']}")
             rest = [line async for line in lines]
         assert "event: record" in rest
+
+
+@pytest.mark.parametrize("field", ["metadata", "input"])
+async def test_json_nested_too_deep_to_store_is_422_not_500(make_settings, field: str):
+    deep: dict[str, Any] = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    body = {**CHAT, "metadata": deep} if field == "metadata" else {"kind": "echo", "input": deep}
+
+    async def echo(ctx: Any, input: Any) -> Any:
+        return input
+
+    async with serve_api(make_settings(), dispatch=False, tasks=tasks_with(("echo", echo))) as (
+        client,
+        worker,
+    ):
+        r = await client.post("/v1/tasks", json=body)
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+        assert await waiting(worker) == 0

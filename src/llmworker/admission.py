@@ -82,7 +82,7 @@ class Admitter:
         tier, model, value = self.resolve(spec)
         task_id = task_ref(tenant, spec.id or new_task_id())
         idem = idem_ref(tenant, spec.idempotency_key) if spec.idempotency_key else ""
-        fields = {"input": orjson.dumps(value).decode(), **(extra or {})}
+        fields = {"input": _stored_json("input", value), **(extra or {})}
         if tenant != DEFAULT_TENANT:
             fields["tenant"] = tenant
         if spec.callback_url:
@@ -90,7 +90,7 @@ class Admitter:
         if spec.timeout_s is not None:
             fields["timeout_s"] = repr(spec.timeout_s)
         if spec.metadata:
-            fields["metadata"] = orjson.dumps(spec.metadata).decode()
+            fields["metadata"] = _stored_json("metadata", spec.metadata)
         cap = self.settings.queue_caps[tier]
         admission = await self.queue.admit(
             task_id=task_id,
@@ -131,3 +131,12 @@ class Admitter:
             raise invalid_field(exc) from None
         task_id, _ = await self.submit(spec, tenant)
         return public_id(task_id)
+
+
+def _stored_json(field: str, value: Any) -> str:
+    """A field as stored; JSON nested deeper than orjson writes (254 levels) is the
+    submitter's mistake, not the worker's."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as exc:
+        raise InvalidField(field, f"The field {field!r} cannot be stored: {exc}.") from None

@@ -70,6 +70,11 @@ def event_cursor(raw: str) -> str:
     return raw
 
 
+def _shown(value: str | None, limit: int = 100) -> str | None:
+    """A header value as logged: anyone can send a long one."""
+    return value if value is None or len(value) <= limit else value[:limit] + "..."
+
+
 class Api:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -152,7 +157,7 @@ class Api:
                 spec, self.settings.qstash_tenant, delivery
             )
         except (BadRequest, InvalidField) as exc:
-            log.warning("qstash_invalid_task", error=exc.code, message_id=message_id)
+            log.warning("qstash_invalid_task", error=exc.code, message_id=_shown(message_id))
             return non_retryable_answer(exc)
         return await self._admitted(*admitted)
 
@@ -178,7 +183,9 @@ class Api:
                 ):
                     raise SignatureInvalid("replayed", "This signature was used before.")
         except SignatureInvalid as exc:
-            log.warning("qstash_refused", check=exc.code, reason=exc.message, message_id=message_id)
+            log.warning(
+                "qstash_refused", check=exc.code, reason=exc.message, message_id=_shown(message_id)
+            )
             raise
 
     def _signed_url(self, request: Request) -> str:
