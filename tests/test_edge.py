@@ -4,6 +4,7 @@ input, bounded connections, no tracebacks."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 from urllib.parse import urlsplit
@@ -285,3 +286,43 @@ async def test_json_nested_too_deep_to_store_is_422_not_500(make_settings, field
         r = await client.post("/v1/tasks", json=body)
         assert r.status_code == 422 and r.json()["field"] == field, r.text
         assert await waiting(worker) == 0
+
+
+async def test_a_large_body_within_max_body_bytes_is_taken_in_one_write(make_settings):
+    """Headers and a large body arriving together are not mistaken for large headers."""
+    async with serve_api(make_settings(), dispatch=False) as (client, worker):
+        body = json.dumps({**CHAT, "metadata": {"blob": "x" * 600_000}}).encode()
+        reader, writer = await _raw(str(client.base_url))
+        writer.write(
+            b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 202"), answer[:120]
+        assert await waiting(worker) == 1
+
+
+async def test_headers_trickled_byte_by_byte_are_cut_at_the_deadline(make_settings):
+    """Each byte resets no timer: the head must be complete within HTTP_IDLE_TIMEOUT_S."""
+    async with serve_api(make_settings(HTTP_IDLE_TIMEOUT_S=0.5), dispatch=False) as (client, _):
+        reader, writer = await _raw(str(client.base_url))
+        started = asyncio.get_running_loop().time()
+        closed = False
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except ConnectionError:
+                closed = True
+                break
+            if reader.at_eof():
+                closed = True
+                break
+            await asyncio.sleep(0.05)
+            if asyncio.get_running_loop().time() - started > 4:
+                break
+        closed = closed or await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
+        assert closed and asyncio.get_running_loop().time() - started < 4

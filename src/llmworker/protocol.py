@@ -5,11 +5,14 @@ uvicorn alone starts no timer before a connection's first request and reads head
 without limit, so a client that connects and sends nothing, or trickles its headers or
 body, holds a socket for as long as it likes. Here:
 
-- a connection that sends nothing for ``HTTP_IDLE_TIMEOUT_S`` while a request is
-  incomplete (or before its first request) is closed (between requests, uvicorn's
-  keep-alive timeout applies; while a response streams, nothing is expected);
+- a request's line and headers must arrive within ``HTTP_IDLE_TIMEOUT_S`` of its first
+  byte (or of the connection, for its first request), however they trickle in;
+- a body must keep coming: a connection that sends nothing of it for
+  ``HTTP_IDLE_TIMEOUT_S`` is closed, and a whole request may take six times that;
+- between requests uvicorn's keep-alive timeout applies; while a response streams (an
+  event stream), the client owes nothing;
 - a request with more than ``HTTP_MAX_HEADERS`` headers, or more than
-  ``HTTP_MAX_HEADER_BYTES`` before its headers end, is answered 431 and closed.
+  ``HTTP_MAX_HEADER_BYTES`` of request line and headers, is answered 431 and closed.
 """
 
 from __future__ import annotations
@@ -47,10 +50,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._idle: TimerHandle | None = None
         # A request is being read (or none has begun): silence counts.
         self._reading = True
-        self._in_head = True
+        # Between a request's first byte and the end of its headers.
+        self._in_head = False
         self._head_bytes = 0
+        self._raw_head_bytes = 0
         self._headers = 0
-        self._arm()
+        self._started = self.loop.time()
+        self._arm(self.idle_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -58,11 +64,6 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
-        if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes:
-                self._refuse(f"more than {self.max_header_bytes} bytes of headers")
-                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -79,21 +80,45 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
-        if self._reading:
-            self._arm()
-        else:
+        if self._in_head and not self.transport.is_closing():
+            # Headers still incomplete: the parser holds what came so far. (Complete ones
+            # are counted apart, exactly, in on_url and on_header.)
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > self.max_header_bytes:
+                self._refuse(f"more than {self.max_header_bytes} bytes of headers")
+                return
+        if not self._reading:
             self._disarm()
+        elif not self._in_head:
+            # A body that keeps coming keeps the connection, within the whole deadline.
+            left = self._started + 6 * self.idle_timeout_s - self.loop.time()
+            self._arm(min(self.idle_timeout_s, max(0.0, left)))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._reading = True
+        self._in_head = True
+        if not self._reading:
+            # A new request on a kept-alive connection: its own head deadline.
+            self._reading = True
+            self._started = self.loop.time()
+            self._arm(self.idle_timeout_s)
         self._headers = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers += 1
         if self._headers > self.max_headers:
             raise _Refused(f"more than {self.max_headers} headers")
+        self._count_head(len(name) + len(value) + 4)
         super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_header_bytes:
+            raise _Refused(f"more than {self.max_header_bytes} bytes of headers")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -104,13 +129,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # Read in full: the answer may take long (an event stream) and the client owes
         # nothing meanwhile.
         self._reading = False
-        self._in_head = True
+        self._in_head = False
         self._head_bytes = 0
+        self._raw_head_bytes = 0
         self._disarm()
 
-    def _arm(self) -> None:
+    def _arm(self, seconds: float) -> None:
         self._disarm()
-        self._idle = self.loop.call_later(self.idle_timeout_s, self._idle_out)
+        self._idle = self.loop.call_later(seconds, self._idle_out)
 
     def _disarm(self) -> None:
         if self._idle is not None:
