@@ -137,6 +137,10 @@ async def test_numbers_and_booleans_are_never_coerced(make_settings, change, fie
         ("http:///cb", "http"),
         ("http://127.0.0.1/cb", "internal"),
         ("http://①②⑦。0。0。1/cb", "internal"),
+        ("http://[::127.0.0.1]/cb", "internal"),
+        ("http://[64:ff9b::7f00:1]/cb", "internal"),
+        ("http://a..example.com/cb", "not a valid host name"),
+        ("http://-a-.example.com/cb", "not a valid host name"),
     ],
 )
 async def test_callback_urls_are_read_as_the_http_client_reads_them(make_settings, url, words):

@@ -343,3 +343,20 @@ async def test_a_callback_refused_for_its_address_at_delivery_fails_at_once(
 
     state = await wait_until(failed, timeout_s=10)
     assert state["cb_attempts"] == "1" and "internal addresses" in state["cb_error"]
+
+
+async def test_a_late_renewal_cannot_cut_a_retrys_backoff(make_settings, start_worker):
+    receiver = Receiver()
+    async with LoopbackServer(receiver) as url:
+        worker = await start_worker(make_settings(**callback_env()))
+        await worker.notifier.stop()  # attempts are driven by hand below
+        task_id = await submit(worker, f"{url}/cb")
+        await wait_until(lambda: _pending(worker, task_id))
+        (fields,), _, _ = await worker.queue.callback_claim(10, 6_000)
+        attempt = fields["cb_attempts"]
+        assert await worker.queue.callback_end(task_id, attempt, "retry", 600_000, "503")
+        # A renewal read before the attempt ended lands after it.
+        await worker.queue.callback_renew(6_000, {task_id: attempt})
+        due_ms = await worker.redis.zscore(worker.keys.callbacks, task_id)
+        now_s, now_us = await worker.redis.time()
+        assert due_ms - (now_s * 1000 + now_us // 1000) > 500_000

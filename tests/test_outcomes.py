@@ -74,3 +74,19 @@ async def test_a_holder_that_stays_gone_after_the_pause_is_reaped(make_settings,
         requeued = (await worker.queue.reap(3, 60, lease_ms)).requeued
     claimed = await worker.queue.claim("alive", 1, 30_000, plan)
     assert [c.id for c in claimed] == [task_id] and claimed[0].fields["attempts"] == "2"
+
+
+async def test_replicas_that_keep_stalling_cannot_hold_a_dead_replicas_slot_for_ever(
+    make_settings, start_worker
+):
+    worker = await start_worker(make_settings(MAX_FAKE_FREE=1), dispatch=False)
+    (task_id,) = await submit(worker)
+    lease_ms = 300
+    assert await claim(worker, lease_ms=lease_ms, replica="dead") == [task_id]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # The only live caller reaches Redis every 250 ms: each gap is over two thirds of a
+    # lease, so each one would open (or extend) a pause.
+    while not (await worker.queue.reap(3, 60, lease_ms)).requeued:
+        assert loop.time() - started < 3, "the pause held the dead replica's slot"
+        await asyncio.sleep(0.25)

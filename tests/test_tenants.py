@@ -10,6 +10,7 @@ import pytest
 
 from llmworker import TaskContext
 from llmworker.auth import KeyRing
+from llmworker.guards import GuardPlan
 
 from .conftest import serve_api, tasks_with, wait_until
 
@@ -171,3 +172,16 @@ async def test_qstash_deliveries_belong_to_qstash_tenant(make_settings):
         assert mine.status_code == 200 and mine.json()["id"] == delivered.json()["id"]
         theirs = await client.get("/v1/tasks", params=params, headers=as_(KEY_A))
         assert theirs.status_code == 404
+
+
+async def test_each_tenants_users_have_their_own_guard(make_settings):
+    """MAX_USER_FREE=1: the default user "anonymous" of one tenant does not hold back
+    another tenant's "anonymous"."""
+    settings = tenant_settings(make_settings, MAX_USER_FREE=1, MAX_FAKE_FREE=5)
+    async with serve_api(settings, dispatch=False) as (client, worker):
+        for key in (KEY_A, KEY_B):
+            r = await client.post("/v1/tasks", json=CHAT, headers=as_(key))
+            assert r.json()["user"] == "anonymous"
+        plan = GuardPlan.from_settings(worker.settings)
+        claimed = await worker.queue.claim("r1", 5, 30_000, plan)
+        assert sorted(c.fields["tenant"] for c in claimed) == ["appA", "appB"]

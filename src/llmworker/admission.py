@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from llmworker.auth import DEFAULT_TENANT, idem_ref, public_id, task_ref
+from llmworker.auth import DEFAULT_TENANT, public_id, scoped, task_ref
 from llmworker.errors import InvalidField, QueueFull
 from llmworker.handlers import Registry
 from llmworker.notify import check_callback_url
@@ -81,7 +81,8 @@ class Admitter:
         more fields to store (how it was delivered)."""
         tier, model, value = self.resolve(spec)
         task_id = task_ref(tenant, spec.id or new_task_id())
-        idem = idem_ref(tenant, spec.idempotency_key) if spec.idempotency_key else ""
+        idem = scoped(tenant, spec.idempotency_key) if spec.idempotency_key else ""
+        user = scoped(tenant, spec.user)
         fields = {"input": _stored_json("input", value), **(extra or {})}
         if tenant != DEFAULT_TENANT:
             fields["tenant"] = tenant
@@ -98,7 +99,7 @@ class Admitter:
             kind=spec.kind,
             tier=tier,
             model=model,
-            user=spec.user,
+            user=user,
             cap=cap,
             lane_limit=self.settings.model_limit(model, tier),
             fields=fields,
@@ -115,7 +116,7 @@ class Admitter:
             "kind": spec.kind,
             "tier": tier,
             "model": model,
-            "user": spec.user,
+            "user": user,
             "idem": idem,
             "status": "queued",
             "attempts": "0",

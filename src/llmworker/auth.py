@@ -8,9 +8,11 @@ acts for (``?tenant=``). With no key configured at all, every caller is the defa
 tenant's admin (a worker listening on loopback, see ``HOST``).
 
 Tasks of the default tenant keep their ids as they are in Redis; those of a named tenant
-are stored as ``<tenant>/<id>`` (an id never contains ``/``). Idempotency keys, which may
-contain anything, are always stored as ``<tenant>/<key>``: a tenant name never contains
-``/``, so no key of one tenant can name another's.
+are stored as ``<tenant>/<id>`` (an id never contains ``/``). Idempotency keys and users,
+which may contain anything, are always stored as ``<tenant>/<value>``: a tenant name never
+contains ``/``, so no key or user of one tenant can name another's (users have a
+concurrency guard and a fair-share queue each: one tenant's "anonymous" is not
+another's).
 """
 
 from __future__ import annotations
@@ -38,25 +40,26 @@ class Caller:
         return task_ref(self.tenant, task_id)
 
     def idem_ref(self, key: str) -> str:
-        return idem_ref(self.tenant, key)
+        return scoped(self.tenant, key)
 
 
 def task_ref(tenant: str, task_id: str) -> str:
     return task_id if tenant == DEFAULT_TENANT else f"{tenant}/{task_id}"
 
 
-def idem_ref(tenant: str, key: str) -> str:
-    return f"{tenant}/{key}"
+def scoped(tenant: str, value: str) -> str:
+    """An idempotency key or a user as stored."""
+    return f"{tenant}/{value}"
+
+
+def unscoped(tenant: str, stored: str) -> str:
+    """A stored idempotency key or user as its tenant gave it."""
+    return stored.removeprefix(f"{tenant}/")
 
 
 def public_id(ref: str) -> str:
     """A stored task id as its tenant knows it."""
     return ref.rpartition("/")[2]
-
-
-def public_idem(ref: str) -> str:
-    """A stored idempotency key as its tenant gave it."""
-    return ref.partition("/")[2] if "/" in ref else ref
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,11 @@ def _entries(raw: str) -> list[str]:
     return [e.strip() for e in raw.split(",") if e.strip()]
 
 
-def first_key(api_keys: str) -> str | None:
-    """The first key of ``API_KEYS`` without its tenant: what the CLI sends by default."""
+def first_key(api_keys: str, admin_keys: str = "") -> str | None:
+    """The key the CLI sends by default: the first of ``ADMIN_KEYS`` (taken as written),
+    else the first of ``API_KEYS`` without its tenant."""
+    for entry in _entries(admin_keys):
+        return entry
     for entry in _entries(api_keys):
         return entry.partition(":")[2] or entry
     return None

@@ -60,10 +60,8 @@ def client_defaults(env: Mapping[str, str]) -> tuple[str, str | None]:
                  "LLMWORKER_URL is not set)"]
             )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-    key = (
-        env.get("LLMWORKER_API_KEY")
-        or first_key(env.get("ADMIN_KEYS", ""))
-        or first_key(env.get("API_KEYS", ""))
+    key = env.get("LLMWORKER_API_KEY") or first_key(
+        env.get("API_KEYS", ""), env.get("ADMIN_KEYS", "")
     )
     return url.rstrip("/"), key
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from llmworker.auth import DEFAULT_TENANT, public_id
+from llmworker.auth import DEFAULT_TENANT, public_id, unscoped
 from llmworker.errors import HandlerError
 from llmworker.events import EventWriter
 from llmworker.providers import LLMClient, Providers
@@ -38,7 +38,7 @@ class TaskContext:
         self.id = public_id(f["id"])
         self.tenant = f.get("tenant") or DEFAULT_TENANT
         self.kind = f.get("kind", "")
-        self.user = f.get("user", "")
+        self.user = unscoped(self.tenant, f.get("user", ""))
         self.tier = f.get("tier", "")
         self.model = f.get("model", "")
         self.attempt = int(f.get("attempts", 1))

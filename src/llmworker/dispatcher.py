@@ -145,8 +145,9 @@ class Dispatcher:
         if leftover:
             await asyncio.gather(*(r.job for r in leftover if r.job), return_exceptions=True)
             log.info("handed_back", tasks=len(leftover))
-        # Outcomes computed but not yet stored (Redis away) get their own grace, while
-        # the leases are still renewed.
+        # Outcomes computed but not yet stored (Redis away) get their own grace. Their
+        # runs are over, so their leases are no longer renewed: the finish script takes
+        # a late outcome as long as no other run of the task has started.
         await self.executor.settle(max(grace_s, SETTLE_MIN_S))
         self._closing.set()
         for loop in self._loops:

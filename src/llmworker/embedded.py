@@ -16,6 +16,9 @@ It outlives the ``serve`` processes that use it, and stops after the last of the
   folder joins the running Redis and keeps working when the first one stops.
 - ``DIR/start.lock`` orders starting against stopping: a ``serve`` that arrives while the
   keeper decides to stop either is seen by it, or finds Redis gone and starts it again.
+- The keeper holds ``DIR/keeper.lock`` for as long as it lives: a ``serve`` that finds it
+  held joins that Redis, however long it takes to answer (loading a large file, or busy),
+  and never starts a second one on the same files.
 - The keeper is Redis's parent and asks Linux to stop Redis if the keeper itself dies.
 """
 
@@ -44,6 +47,8 @@ from llmworker.errors import EmbeddedRedisError
 log = structlog.get_logger("llmworker.embedded")
 
 START_TIMEOUT_S = 10.0
+# A Redis that runs may take this long to answer (loading its append-only file).
+JOIN_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 # How often the keeper looks for users.
 KEEPER_EVERY_S = 0.2
@@ -83,10 +88,33 @@ def _answers(path: Path) -> bool:
 def socket_path(directory: Path) -> Path:
     sock = directory / "redis.sock"
     if len(str(sock)) > MAX_SOCKET_PATH:
-        # Stable across processes, so a second serve finds the same socket.
+        # Stable across processes, so a second serve finds the same socket; in a folder
+        # of this user's alone, so nobody else can put a socket there first.
         digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
-        sock = Path(tempfile.gettempdir()) / f"llmworker-{digest}.sock"
+        sock = _private_temp() / f"{digest}.sock"
     return sock
+
+
+def _private_temp() -> Path:
+    folder = Path(tempfile.gettempdir()) / f"llmworker-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise EmbeddedRedisError(
+            f"{folder} belongs to another user or others may write to it: remove it, or "
+            "use a shorter folder for the embedded Redis (EMBEDDED_REDIS_DIR)."
+        )
+    return folder
+
+
+def _held(path: Path) -> bool:
+    """Whether some process holds the lock on ``path``."""
+    try:
+        with path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
 
 
 @contextlib.contextmanager
@@ -100,18 +128,18 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def live_users(users: Path) -> int:
-    """Processes holding a lock in ``users``; the files of dead ones are removed."""
+    """Processes holding a lock in ``users``; the files of dead ones are removed (a
+    ``.new`` one too: its process died while registering)."""
     alive = 0
-    for path in users.glob("*.lock"):
+    for path in [*users.glob("*.lock"), *users.glob("*.new")]:
         try:
-            with path.open("a") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                # Nobody holds it: its process is gone.
-                path.unlink(missing_ok=True)
-        except BlockingIOError:
-            alive += 1
+            held = _held(path)
         except OSError:
             continue
+        if held:
+            alive += path.suffix == ".lock"
+        else:
+            path.unlink(missing_ok=True)
     return alive
 
 
@@ -133,7 +161,7 @@ class EmbeddedRedis:
         self.users.mkdir(parents=True, exist_ok=True)
         self._register()
         with _locked(self.directory / "start.lock"):
-            if _answers(self.socket_path):
+            if _answers(self.socket_path) or self._keeper_answers():
                 log.info("embedded_redis_joined", url=self.url)
                 return self.url
             binary = redis_server_binary()
@@ -166,6 +194,22 @@ class EmbeddedRedis:
             f"The embedded Redis did not start; see {self.directory / 'redis.log'}."
         )
 
+    def _keeper_answers(self) -> bool:
+        """A keeper lives (its Redis is loading, or busy): wait until its Redis answers."""
+        if not _held(self.directory / "keeper.lock"):
+            return False
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if _answers(self.socket_path):
+                return True
+            if not _held(self.directory / "keeper.lock"):
+                return False
+            time.sleep(0.1)
+        raise EmbeddedRedisError(
+            f"The embedded Redis in {self.directory} runs but has not answered for "
+            f"{JOIN_TIMEOUT_S:g} s; see {self.directory / 'redis.log'}."
+        )
+
     def _register(self) -> None:
         name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # Locked before it gets the name others look for: an unlocked *.lock is a dead
@@ -189,6 +233,8 @@ class EmbeddedRedis:
             return
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while _answers(self.socket_path) and time.monotonic() < deadline:
+            if live_users(self.users) > 0:
+                return  # a new user came: Redis stays for it
             time.sleep(0.05)
 
 
@@ -210,6 +256,11 @@ def keep(directory: Path, binary: str) -> int:
     """Run Redis for the users of ``directory`` until none is left."""
     sock = socket_path(directory)
     users = directory / "users"
+    lock = (directory / "keeper.lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another keeper runs this folder's Redis
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     args = [
@@ -233,16 +284,17 @@ def keep(directory: Path, binary: str) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while redis.poll() is None:
-        if stopping:
-            break
+    while redis.poll() is None and not stopping:
         time.sleep(KEEPER_EVERY_S)
         if live_users(users) == 0:
+            # Decided and done under the start lock: a serve arriving meanwhile is
+            # either counted here or finds Redis gone and starts a new keeper.
             with _locked(directory / "start.lock"):
                 if live_users(users) == 0:
                     _stop(redis, sock)
                     return 0
-    _stop(redis, sock)
+    with _locked(directory / "start.lock"):
+        _stop(redis, sock)
     return 0
 
 

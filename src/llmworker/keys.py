@@ -13,7 +13,8 @@ key                                    type     lifetime
 =====================================  =======  ==========================================
 ``task:<id>``                          hash     none while queued or running (durable);
                                                 ``RESULT_TTL_S`` after a final state
-``idem:<key>``                         string   as its task
+``ik:<tenant>/<key>``                  string   as its task: the id of the tenant's task
+                                                admitted with that idempotency key
 ``ev:<id>``                            stream   as its task; capped at ~EVENTS_MAXLEN entries
 ``seq``                                string   forever: the admission order counter
 ``wrr``                                string   forever: the weighted tier schedule position
@@ -33,6 +34,11 @@ key                                    type     lifetime
                                                 entries are pruned by the reaper
 ``jti:<id>``                            string   a QStash signature already used, until it
                                                 expires (replays are refused)
+``clock``                              string   forever: when a claim, renewal or reap last
+                                                reached Redis (ms); a gap opens a pause
+``pause``                              string   ``<from> <until> <opened>`` while leases that
+                                                lapsed in a gap nobody could reach Redis in
+                                                are held (lua/_common.lua, lapse_cutoff)
 ``callbacks``                          zset     the callback outbox: ids of finished tasks
                                                 with a callback_url, scored by when the
                                                 next attempt is due (ms); left once
@@ -69,8 +75,9 @@ class Keys:
     def task(self, task_id: str) -> str:
         return f"{self.base}task:{task_id}"
 
-    def idem(self, key: str) -> str:
-        return f"{self.base}idem:{key}"
+    def idem(self, ref: str) -> str:
+        """``ref``: a tenant's idempotency key as stored (``<tenant>/<key>``, auth.py)."""
+        return f"{self.base}ik:{ref}"
 
     def events(self, task_id: str) -> str:
         return f"{self.base}ev:{task_id}"

@@ -83,11 +83,30 @@ def _has_port(entry: str) -> bool:
     return bool(sep) and tail.isdigit() and "]" not in tail and head.count(":") == 0
 
 
+# IPv6 prefixes that carry an IPv4 address a gateway may turn into that IPv4 address:
+# IPv4-compatible (deprecated) and NAT64 (well-known and local-use).
+_EMBEDS_IPV4 = [ipaddress.ip_network(n) for n in ("::/96", "64:ff9b::/96", "64:ff9b:1::/48")]
+
+
 def _is_public(address: str) -> bool:
+    """Public, and carrying no internal IPv4 address inside an IPv6 one."""
     try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_global
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
+    if not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if any(ip in net for net in _EMBEDS_IPV4):
+            inner.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        return all(v4 is None or v4.is_global for v4 in inner)
+    return True
+
+
+# A host name's labels: letters, digits, hyphens inside (underscores too, which some
+# internal names use), 1-63 characters each.
+_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.ASCII)
 
 
 # Anything a URL must not carry raw: whitespace and control characters (yarl would drop a
@@ -102,10 +121,9 @@ def _bad_url(message: str) -> InvalidField:
     return InvalidField("callback_url", message)
 
 
-def check_callback_url(url: str, settings: Settings) -> None:
-    """Refuse a callback this worker must never deliver (at admission, and again before
-    each attempt: the settings may have changed). The URL is read as the HTTP client will
-    read it."""
+def _callback_host(url: str) -> tuple[str, int | None]:
+    """The host and port the HTTP client will connect to; InvalidField for a URL it
+    would read otherwise than it reads, or not at all."""
     if _RAW_FORBIDDEN_RE.search(url):
         raise _bad_url("The callback URL must not contain spaces or control characters.")
     try:
@@ -128,6 +146,15 @@ def check_callback_url(url: str, settings: Settings) -> None:
                 f"The callback host {host!r} is not a canonical IPv4 address: write it as "
                 "four decimal numbers (a.b.c.d) or use a name."
             ) from None
+    elif ":" not in host and not all(_LABEL_RE.fullmatch(x) for x in host.split(".")):
+        raise _bad_url(f"The callback host {host!r} is not a valid host name.")
+    return host, port
+
+
+def check_callback_url(url: str, settings: Settings) -> None:
+    """Refuse a callback this worker must never deliver (at admission, and again before
+    each attempt: the settings may have changed)."""
+    host, port = _callback_host(url)
     if not settings.callback_secret and settings.callback_via != "qstash":
         raise _bad_url(
             "This worker sends no callbacks: set CALLBACK_SECRET (callbacks are signed)."
@@ -140,11 +167,9 @@ def check_callback_url(url: str, settings: Settings) -> None:
                 f"Callbacks may not go to {where!r}: it is not in CALLBACK_ALLOWED_HOSTS."
             )
         return
-    if not host.isascii():
-        raise _bad_url(f"The callback host {host!r} is not ASCII.")
     internal = host == "localhost" or host.endswith((".localhost", ".internal", ".local"))
     with contextlib.suppress(ValueError):
-        internal = internal or not ipaddress.ip_address(host).is_global
+        internal = internal or not _is_public(str(ipaddress.ip_address(host)))
     if internal:
         raise _bad_url(
             f"Callbacks may not go to the internal address {where!r}; list it in "

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmworker.auth import DEFAULT_TENANT, public_id, public_idem
+from llmworker.auth import DEFAULT_TENANT, public_id, unscoped
 from llmworker.errors import BadRequest, InvalidField
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -121,6 +121,7 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
     """The public task record (DESIGN.md "Shapes") from its Redis hash: ids and keys as
     the task's tenant knows them."""
     created, started, finished = h.get("created_at"), h.get("started_at"), h.get("finished_at")
+    tenant = h.get("tenant") or DEFAULT_TENANT
     queue_s = run_s = None
     if created and started:
         queue_s = round((int(started) - int(created)) / 1000, 3)
@@ -130,7 +131,7 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
         "id": public_id(h["id"]),
         "kind": h.get("kind"),
         "status": h.get("status"),
-        "user": h.get("user"),
+        "user": unscoped(tenant, h.get("user") or ""),
         "tier": h.get("tier"),
         "model": h.get("model"),
         "attempts": int(h.get("attempts", 0)),
@@ -142,8 +143,8 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
         "finished_at": iso_ms(finished),
         "queue_s": queue_s,
         "run_s": run_s,
-        "idempotency_key": public_idem(h["idem"]) if h.get("idem") else None,
-        "tenant": h.get("tenant") or DEFAULT_TENANT,
+        "idempotency_key": unscoped(tenant, h["idem"]) if h.get("idem") else None,
+        "tenant": tenant,
         "callback_url": h.get("callback_url") or None,
         "metadata": _json(h.get("metadata")),
         **_delivery(h),

@@ -12,8 +12,6 @@ import binascii
 import hashlib
 import hmac
 
-from llmworker.auth import public_id
-
 
 def signing_key(secret: str) -> bytes:
     """The HMAC key of a Standard Webhooks secret; ValueError for one that is not."""
@@ -32,10 +30,9 @@ def signing_key(secret: str) -> bytes:
 
 def webhook_id(task_ref: str, status: str) -> str:
     """One per final state: the same on every attempt, so receivers can dedupe. A named
-    tenant's tasks carry the tenant too (two tenants may choose the same task id)."""
-    tenant, _, _ = task_ref.rpartition("/")
-    scope = f"{tenant}." if tenant else ""
-    return f"task_{scope}{public_id(task_ref)}_{status}"
+    tenant's tasks carry the tenant, as their stored ids do (``task_appA/<id>_<status>``:
+    no id or tenant name contains ``/``, so two tenants' ids never make one webhook id)."""
+    return f"task_{task_ref}_{status}"
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -22,7 +22,7 @@ from llmworker.keys import Keys
 from llmworker.notify import Notifier
 from llmworker.providers import Providers
 from llmworker.queue import Queue
-from llmworker.settings import Settings
+from llmworker.settings import Settings, is_loopback
 
 log = structlog.get_logger("llmworker.worker")
 
@@ -91,6 +91,14 @@ class Worker:
                 host=s.host,
                 hint="ALLOW_ANONYMOUS=true: anyone who reaches this worker may submit tasks "
                 "and read every task; set API_KEYS",
+            )
+        keys = bool(s.api_keys.strip() or s.admin_keys.strip())
+        if keys and is_loopback(s.host):
+            log.warning(
+                "loopback_only",
+                host=s.host,
+                hint="API_KEYS is set but HOST is loopback: only this machine can connect; "
+                "set HOST=0.0.0.0 to serve others",
             )
         if s.qstash_skip_verify:
             log.warning(

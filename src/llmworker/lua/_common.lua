@@ -10,28 +10,36 @@ local function now_ms()
 end
 
 -- Leases count only time in which Redis could be reached. Every claim, renewal and reap
--- notes the time in 'clock'; a gap of more than half a lease means nobody reached Redis
--- meanwhile (it was down, restarting from its file, or cut off from every replica), so
--- no holder could renew. Then a pause opens ('pause' = "<from> <until>"): until every
--- holder has had one whole lease to renew, only leases that lapsed before the gap count
--- as lapsed. Returns the time up to which leases have lapsed, and the pause's end (or
--- nil).
+-- notes the time in 'clock'. Holders renew every third of a lease, so a gap of more than
+-- two thirds of a lease means nobody reached Redis meanwhile (it was down, restarting
+-- from its file, or cut off from every replica), and no holder could renew. Then a pause
+-- opens ('pause' = "<from> <until> <opened>"): until every holder has had one whole lease
+-- to renew, only leases that lapsed before the gap count as lapsed. Another gap while a
+-- pause lasts extends it, never past three leases after it opened, so replicas that keep
+-- stalling cannot hold a dead replica's slots for ever. Returns the time up to which
+-- leases have lapsed, and the pause's end (or nil).
 local function lapse_cutoff(now, lease_ms)
   local last = tonumber(redis.call('GET', P .. 'clock') or now)
   redis.call('SET', P .. 'clock', now)
+  local from, till, opened
   local pause = redis.call('GET', P .. 'pause')
-  local from, till
   if pause then
-    from, till = string.match(pause, '^(%d+) (%d+)$')
-    from, till = tonumber(from), tonumber(till)
+    from, till, opened = string.match(pause, '^(%d+) (%d+) (%d+)$')
+    from, till, opened = tonumber(from), tonumber(till), tonumber(opened)
+    if not till or now >= till then
+      redis.call('DEL', P .. 'pause')
+      from, till, opened = nil, nil, nil
+    end
   end
-  if now - last > lease_ms / 2 then
-    from = math.min(from or last, last)
-    till = now + lease_ms
-    redis.call('SET', P .. 'pause', from .. ' ' .. till)
+  if now - last > lease_ms * 2 / 3 then
+    if till then
+      till = math.max(till, math.min(now + lease_ms, opened + 3 * lease_ms))
+    else
+      from, till, opened = last, now + lease_ms, now
+    end
+    redis.call('SET', P .. 'pause', from .. ' ' .. till .. ' ' .. opened)
   end
-  if till and now < till then return from, till end
-  if pause then redis.call('DEL', P .. 'pause') end
+  if till then return from, till end
   return now, nil
 end
 
@@ -119,5 +127,5 @@ local function finalize(id, status, ttl_s, now, fields)
   redis.call('ZREM', P .. 'running', id)
   redis.call('EXPIRE', tk, ttl_s)
   redis.call('EXPIRE', P .. 'ev:' .. id, ttl_s)
-  if t[1] and t[1] ~= '' then redis.call('EXPIRE', P .. 'idem:' .. t[1], ttl_s) end
+  if t[1] and t[1] ~= '' then redis.call('EXPIRE', P .. 'ik:' .. t[1], ttl_s) end
 end

@@ -7,7 +7,7 @@ local cap, lane_limit, kind = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local tk = task_key(id)
 if redis.call('EXISTS', tk) == 1 then return {'exists', id} end
 if idem ~= '' then
-  local other = redis.call('GET', P .. 'idem:' .. idem)
+  local other = redis.call('GET', P .. 'ik:' .. idem)
   if other and redis.call('EXISTS', task_key(other)) == 1 then return {'exists', other} end
 end
 local waiting = tonumber(redis.call('HGET', P .. 'depth', tier) or '0')
@@ -19,7 +19,7 @@ local fields = {}
 for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', tk, 'id', id, 'kind', kind, 'tier', tier, 'model', model, 'user', user, 'idem', idem,
   'status', 'queued', 'attempts', 0, 'runs', 0, 'seq', seq, 'created_at', now, unpack(fields))
-if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
+if idem ~= '' then redis.call('SET', P .. 'ik:' .. idem, id) end
 enqueue(id, tier, model, kind, user, false)
 status_event(id, 'queued', 0)
 -- Wake idle dispatchers only when the lane has a free slot: while it is full, the

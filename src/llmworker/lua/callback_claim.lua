@@ -16,7 +16,9 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'callbacks', '-inf', now, '
     if not state then out[2] = out[2] + 1 end
   else
     redis.call('ZADD', P .. 'callbacks', now + visibility_ms, id)
-    redis.call('HINCRBY', tk, 'cb_attempts', 1)
+    local attempt = redis.call('HINCRBY', tk, 'cb_attempts', 1)
+    -- Being attempted: callback_renew may extend its visibility until callback_end.
+    redis.call('HSET', tk, 'cb_inflight', attempt)
     out[#out + 1] = redis.call('HGETALL', tk)
   end
 end

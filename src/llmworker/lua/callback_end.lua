@@ -8,6 +8,7 @@ local id, attempt, outcome, retry_ms, err = ARGV[1], ARGV[2], ARGV[3], tonumber(
 local tk = task_key(id)
 local t = redis.call('HMGET', tk, 'cb_status', 'cb_attempts')
 if t[1] ~= 'pending' or t[2] ~= attempt then return 0 end
+redis.call('HDEL', tk, 'cb_inflight')
 if outcome == 'retry' then
   redis.call('ZADD', P .. 'callbacks', now_ms() + retry_ms, id)
   redis.call('HSET', tk, 'cb_error', err)

@@ -27,7 +27,13 @@ from pydantic import ValidationError
 from pydantic_settings import DotEnvSettingsSource
 
 from llmworker.errors import ConfigError
-from llmworker.settings.checks import check_access, check_edges, check_urls, redacted_url
+from llmworker.settings.checks import (
+    check_access,
+    check_edges,
+    check_urls,
+    is_loopback,
+    redacted_url,
+)
 from llmworker.settings.fields import DYNAMIC_FIELDS, Settings
 from llmworker.settings.limits import read_limits
 from llmworker.settings.providers import (
@@ -46,6 +52,7 @@ __all__ = [
     "Provider",
     "Settings",
     "env_token",
+    "is_loopback",
     "load_settings",
     "read_environment",
     "redacted_url",
