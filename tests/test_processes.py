@@ -588,3 +588,87 @@ def test_json_logs_are_one_json_event_per_line_with_one_access_line_per_request(
     assert [e["status"] for e in access if e["path"] == "/nope"] == [404]
     # Probes are DEBUG lines: not at INFO.
     assert not [e for e in access if e["path"] in ("/health", "/ready")]
+
+
+def _serve_in_own_group(env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """serve as a terminal runs it: the leader of its own process group (killpg = Ctrl+C)."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            llmworker_command("serve", "--host", "127.0.0.1"),
+            env={**os.environ, **env}, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def test_stopping_ends_open_event_streams_at_once_without_tracebacks(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "PORT": str(port),
+        "FAKE_LATENCY_MS": "20000",
+        "SHUTDOWN_GRACE_S": "1",
+    }
+    proc = _serve_in_own_group(env, tmp_path / "serve.log", tmp_path)
+    try:
+        wait_ready(url)
+        body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+        task_id = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
+        with httpx.stream("GET", f"{url}/v1/tasks/{task_id}/events", timeout=30) as stream:
+            lines = stream.iter_lines()
+            while "running" not in next(lines):
+                pass
+            os.killpg(proc.pid, signal.SIGINT)
+            stopped = time.monotonic()
+            rest = list(lines)  # the stream ends: the server closed it
+            assert time.monotonic() - stopped < 3, "the stream held the shutdown"
+        assert "event: record" not in rest  # not final: the reader resumes elsewhere
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in output and "Exception in ASGI" not in output
+    assert "graceful shutdown exceeded" not in output
+
+
+def test_a_second_ctrl_c_hands_running_tasks_back_at_once(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "PORT": str(port),
+        "FAKE_LATENCY_MS": "60000",
+        "SHUTDOWN_GRACE_S": "60",
+    }
+    proc = _serve_in_own_group(env, tmp_path / "serve.log", tmp_path)
+    try:
+        wait_ready(url)
+        body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+        task_id = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
+        wait_until_sync(
+            lambda: httpx.get(f"{url}/v1/tasks/{task_id}").json()["status"] == "running"
+        )
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_until_sync(lambda: "Ctrl+C again" in (tmp_path / "serve.log").read_text())
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = (tmp_path / "serve.log").read_text()
+    assert "drain_cut_short" in output and "Traceback" not in output
+    import redis as sync_redis
+
+    from llmworker.keys import Keys
+
+    fields = sync_redis.Redis.from_url(redis_url, decode_responses=True).hgetall(
+        Keys(prefix).task(task_id)
+    )
+    assert (fields["status"], fields["attempts"]) == ("queued", "0")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import orjson
 import structlog
@@ -242,24 +245,32 @@ class Api:
         raw = request.headers.get("last-event-id") or request.query_params.get("after")
         last_id = event_cursor(raw) if raw else "0-0"
         fields = await self._record(ref)
+        closing: asyncio.Event = getattr(request.state, "closing", None) or asyncio.Event()
         return StreamingResponse(
-            self._stream(ref, last_id, fields),
+            self._stream(ref, last_id, fields, closing),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     async def _stream(
-        self, ref: str, last_id: str, fields: dict[str, str] | None
+        self, ref: str, last_id: str, fields: dict[str, str] | None, closing: asyncio.Event
     ) -> AsyncIterator[bytes]:
+        shutdown = asyncio.ensure_future(closing.wait())
         try:
-            async for chunk in self._entries(ref, last_id, fields):
+            async for chunk in self._entries(ref, last_id, fields, shutdown):
                 yield chunk
         except (RedisError, OSError) as exc:
             # The stream ends cleanly; the reader resumes with its Last-Event-ID.
             log.warning("event_stream_interrupted", task_id=ref, error=str(exc))
+        finally:
+            shutdown.cancel()
 
     async def _entries(
-        self, ref: str, last_id: str, fields: dict[str, str] | None
+        self,
+        ref: str,
+        last_id: str,
+        fields: dict[str, str] | None,
+        shutdown: asyncio.Future[Any],
     ) -> AsyncIterator[bytes]:
         redis = self.worker.redis
         key = self.worker.keys.events(ref)
@@ -268,7 +279,15 @@ class Api:
             final = fields is None or fields.get("status") in FINAL_STATES
             # A finished task has nothing more to wait for: read what is left and end,
             # even when the reader resumes after the last event.
-            reply = await redis.xread({key: last_id}, count=100, block=None if final else block_ms)
+            read = asyncio.ensure_future(
+                redis.xread({key: last_id}, count=100, block=None if final else block_ms)
+            )
+            await asyncio.wait({read, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                # The server is stopping: end here; the reader resumes elsewhere.
+                read.cancel()
+                return
+            reply = read.result()
             if not reply:
                 if final:
                     if fields is not None:
@@ -314,15 +333,18 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
     api = Api(worker)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await worker.start()
         # Everything allocated so far lives as long as the process: keep it out of the
         # collector's generations, so collections stay short while serving.
         gc.freeze()
         try:
-            yield
+            # Set by the connections when the server starts to shut down (protocol.py):
+            # event streams end at once and their readers resume on another replica.
+            yield {"closing": asyncio.Event()}
         finally:
-            await asyncio.shield(worker.stop())
+            with _second_ctrl_c(app, worker):
+                await asyncio.shield(worker.stop())
 
     routes = [
         Route("/v1/tasks", api.submit, methods=["POST"]),
@@ -361,6 +383,32 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
     if not middleware:  # with CORS, every request goes through its middleware
         app.fast = api.submit
     return app
+
+
+@contextmanager
+def _second_ctrl_c(app: Starlette, worker: Worker) -> Iterator[None]:
+    """In a terminal (``serve``): while running tasks finish, Ctrl+C again hands them back
+    at once instead of waiting out SHUTDOWN_GRACE_S."""
+    if not getattr(app.state, "interactive", False) or (
+        threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    if worker.dispatcher.runs:
+        log.info(
+            "stopping",
+            running=len(worker.dispatcher.runs),
+            grace_s=worker.settings.shutdown_grace_s,
+            hint="running tasks may finish; Ctrl+C again hands them back to the queue now",
+        )
+    previous = signal.signal(
+        signal.SIGINT, lambda *_: loop.call_soon_threadsafe(worker.dispatcher.cut_short)
+    )
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def app_from_env() -> Starlette:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -77,6 +78,7 @@ class Dispatcher:
         # stops the loops that keep them alive (renew, listen, reap).
         self._draining = asyncio.Event()
         self._closing = asyncio.Event()
+        self._cut = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._claim_loop: asyncio.Task[None] | None = None
         executor.on_release = self.wake
@@ -84,6 +86,10 @@ class Dispatcher:
     @property
     def draining(self) -> bool:
         return self._draining.is_set()
+
+    def cut_short(self) -> None:
+        """Stop waiting for running tasks: hand them back now (a second Ctrl+C)."""
+        self._cut.set()
 
     def start(self) -> None:
         # Only the kinds this replica has handlers for (TASK_MODULES are loaded by now):
@@ -134,9 +140,15 @@ class Dispatcher:
                 with contextlib.suppress(Exception):
                     await self.queue.handback(task.id, task.token)
         jobs = [run.job for run in self.runs.values() if run.job is not None]
-        if jobs and grace_s > 0:
+        if jobs and grace_s > 0 and not self._cut.is_set():
             log.info("draining", running=len(jobs), grace_s=grace_s)
-            await asyncio.wait(jobs, timeout=grace_s)
+            ended = asyncio.ensure_future(asyncio.wait(jobs))
+            cut = asyncio.ensure_future(self._cut.wait())
+            await asyncio.wait({ended, cut}, timeout=grace_s, return_when=FIRST_COMPLETED)
+            for waiter in (ended, cut):
+                waiter.cancel()
+            if self._cut.is_set():
+                log.info("drain_cut_short", running=sum(not job.done() for job in jobs))
         leftover = list(self.runs.values())
         for run in leftover:
             run.stop_reason = "shutdown"

@@ -58,6 +58,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._started = self.loop.time()
         self._arm(self.idle_timeout_s)
 
+    def shutdown(self) -> None:
+        """The server stops: open event streams end now (api.py), instead of holding the
+        shutdown until uvicorn cancels them."""
+        closing = self.app_state.get("closing")
+        if closing is not None:
+            closing.set()
+        super().shutdown()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)

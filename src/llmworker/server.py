@@ -122,7 +122,9 @@ def _run(settings: Settings, sock: socket.socket, workers: int, reload: bool) ->
         "forwarded_allow_ips": "*",
     }
     if workers <= 1 and not reload:
-        config = uvicorn.Config(create_app(settings), **common)
+        app = create_app(settings)
+        app.state.interactive = True
+        config = uvicorn.Config(app, **common)
         server = uvicorn.Server(config)
         server.run(sockets=[sock])
         if not server.started:

@@ -55,8 +55,11 @@ local function emit(id, etype, data)
 end
 
 -- err is already JSON: it is spliced in, not decoded and encoded again.
-local function status_event(id, status, attempts, err)
+-- run: set on 'running', the run's number: a task handed back or requeued starts over,
+-- and a reader that showed the last run's text knows to drop it.
+local function status_event(id, status, attempts, err, run)
   local body = '{"status":"' .. status .. '","attempts":' .. (tonumber(attempts) or 0)
+  if run then body = body .. ',"run":' .. run end
   if err then body = body .. ',"error":' .. err end
   emit(id, 'status', body .. '}')
 end

@@ -107,7 +107,7 @@ local function take(tier, route, model, user)
     end
   end
   redis.call('HSET', tk, unpack(flat))
-  status_event(id, 'running', attempts)
+  status_event(id, 'running', attempts, nil, runs)
   return record
 end
 
