@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
 import pytest
 
-from llmworker.client import ApiError, AsyncClient, Client
+from llmworker.client import ApiError, AsyncClient, Client, WorkerUnreachable
 from llmworker.qstashdev import QStashDev
 
 from .conftest import LoopbackServer, free_port, serve_api, wait_until
@@ -143,7 +142,13 @@ async def test_a_published_task_is_found_by_its_message_id_and_errors_carry_the_
 
 
 async def test_following_events_gives_up_when_the_worker_stays_unreachable():
-    async with AsyncClient(f"http://127.0.0.1:{free_port()}", reconnects=1) as client:
-        with pytest.raises(httpx.TransportError):
+    url = f"http://127.0.0.1:{free_port()}"
+    async with AsyncClient(url, reconnects=1) as client:
+        with pytest.raises(WorkerUnreachable, match="is `llmworker serve` running"):
             async for _ in client.events("01ABC"):
                 pass
+        with pytest.raises(WorkerUnreachable) as caught:
+            await client.get("01ABC")
+        assert caught.value.url == url
+    with Client(url) as sync, pytest.raises(WorkerUnreachable):
+        sync.submit("chat", {"messages": []})

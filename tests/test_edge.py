@@ -32,6 +32,13 @@ async def waiting(worker: Worker) -> int:
 # -- closed by default -----------------------------------------------------------------
 
 
+def test_serving_others_with_only_the_simulated_model_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"HOST": "0.0.0.0", "API_KEYS": "k" * 20}, env_file=None)
+    (line,) = refused.value.problems
+    assert "DEEPSEEK_API_KEY" in line and "ALLOW_FAKE_MODEL" in line
+
+
 def test_the_default_host_is_loopback():
     assert load_settings({}, env_file=None).host == "127.0.0.1"
 
@@ -39,7 +46,7 @@ def test_the_default_host_is_loopback():
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])
 def test_listening_beyond_loopback_without_keys_is_refused_in_one_line(host: str):
     with pytest.raises(ConfigError) as refused:
-        load_settings({"HOST": host}, env_file=None)
+        load_settings({"HOST": host, "ALLOW_FAKE_MODEL": "true"}, env_file=None)
     (line,) = refused.value.problems
     assert "API_KEYS" in line and f"HOST={host}" in line and "ALLOW_ANONYMOUS" in line
 
@@ -47,8 +54,8 @@ def test_listening_beyond_loopback_without_keys_is_refused_in_one_line(host: str
 @pytest.mark.parametrize(
     "env",
     [
-        {"HOST": "0.0.0.0", "API_KEYS": "k" * 20},
-        {"HOST": "0.0.0.0", "ADMIN_KEYS": "k" * 20},
+        {"HOST": "0.0.0.0", "API_KEYS": "k" * 20, "DEEPSEEK_API_KEY": "sk-x"},
+        {"HOST": "0.0.0.0", "ADMIN_KEYS": "k" * 20, "ALLOW_FAKE_MODEL": "true"},
         {"HOST": "localhost"},
         {"HOST": "::1"},
         {"HOST": "127.0.0.2"},
@@ -61,7 +68,7 @@ def test_keys_or_loopback_may_serve(env: dict[str, str]):
 async def test_allow_anonymous_serves_beyond_loopback_and_warns_at_every_start(
     make_settings, start_worker
 ):
-    settings = make_settings(HOST="0.0.0.0", ALLOW_ANONYMOUS="true")
+    settings = make_settings(HOST="0.0.0.0", ALLOW_ANONYMOUS="true", ALLOW_FAKE_MODEL="true")
     for _ in range(2):
         with structlog.testing.capture_logs() as logs:
             worker = await start_worker(settings, dispatch=False)

@@ -668,7 +668,6 @@ def test_a_second_ctrl_c_hands_running_tasks_back_at_once(
 
     from llmworker.keys import Keys
 
-    fields = sync_redis.Redis.from_url(redis_url, decode_responses=True).hgetall(
-        Keys(prefix).task(task_id)
-    )
-    assert (fields["status"], fields["attempts"]) == ("queued", "0")
+    client = sync_redis.Redis.from_url(redis_url, decode_responses=True)
+    fields = client.hmget(Keys(prefix).task(task_id), ["status", "attempts"])
+    assert fields == ["queued", "0"]

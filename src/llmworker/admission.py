@@ -46,7 +46,12 @@ class Admitter:
         model = spec.model or handler.model_for(tier) or self._fallback_model
         if model not in self.settings.models:
             models = ", ".join(sorted(self._available))
-            raise InvalidField("model", f"Unknown model {model!r}; available models: {models}.")
+            raise InvalidField(
+                "model",
+                f"Unknown model {model!r}; available models: {models} (the built-in aliases "
+                "ds-chat, ds-reasoner, gemini-flash, glm-flash and gpt come with their "
+                "provider's key; MODEL_<ALIAS>=<provider>/<model> adds one).",
+            )
         if model not in self._available:
             provider = self.settings.models[model].provider
             raise InvalidField(

@@ -24,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from llmworker import signature
-from llmworker.auth import TENANT_RE, Caller, KeyRing
+from llmworker.auth import DEFAULT_TENANT, Caller, KeyRing
 from llmworker.errors import (
     BadRequest,
     BodyTooLarge,
@@ -83,6 +83,8 @@ class Api:
         self.worker = worker
         self.settings = worker.settings
         self.keys, _ = KeyRing.parse(self.settings.api_keys, self.settings.admin_keys)
+        # The tenants a task can belong to: those of the keys, and QStash deliveries'.
+        self.tenants = self.keys.tenants | {DEFAULT_TENANT, self.settings.qstash_tenant}
         self._open = Caller(admin=True)
 
     def authorize(self, request: Request) -> Caller:
@@ -103,8 +105,9 @@ class Api:
             return caller
         if not caller.admin:
             raise Forbidden("Only admin keys (ADMIN_KEYS) may act for another tenant.")
-        if not TENANT_RE.match(tenant):
-            raise BadRequest(f"?tenant={tenant[:60]!r} is not a tenant name.")
+        if tenant not in self.tenants:
+            known = ", ".join(sorted(self.tenants))
+            raise BadRequest(f"?tenant={tenant[:60]!r} is not a tenant here (tenants: {known}).")
         return Caller(tenant, admin=True)
 
     def _admin(self, request: Request) -> Caller:
@@ -118,12 +121,21 @@ class Api:
         require_json(request)
         body = await read_body(request, self.settings.max_body_bytes)
         spec = TaskSpec.parse(body)
-        return await self._admitted(*await self.worker.admitter.submit(spec, caller.tenant))
+        admitted = await self.worker.admitter.submit(spec, caller.tenant)
+        return await self._admitted(*admitted, caller)
 
-    async def _admitted(self, ref: str, stored: dict[str, str] | None) -> Response:
+    async def _admitted(
+        self, ref: str, stored: dict[str, str] | None, caller: Caller | None = None
+    ) -> Response:
         """202 with a new task's record; 200 with the existing one for a repeat."""
         view = record_view(stored if stored is not None else await self._record(ref))
-        headers = {"Location": f"/v1/tasks/{view['id']}"}
+        # An admin acting for another tenant finds the task again under that tenant.
+        scope = (
+            f"?tenant={view['tenant']}"
+            if caller and caller.tenant != DEFAULT_TENANT and caller.admin
+            else ""
+        )
+        headers = {"Location": f"/v1/tasks/{view['id']}{scope}"}
         if stored is not None:
             return JSON(view, status_code=202, headers=headers)
         headers["Idempotent-Replayed"] = "true"
@@ -201,21 +213,25 @@ class Api:
             self.settings.public_url.rstrip("/") + request.url.path + (f"?{query}" if query else "")
         )
 
-    async def _record(self, ref: str) -> dict[str, str]:
+    async def _record(self, ref: str, caller: Caller | None = None) -> dict[str, str]:
         fields = await self.worker.queue.get(ref) if ID_RE.match(ref.rpartition("/")[2]) else None
         if fields is None:
             shown = ref.rpartition("/")[2][:130]
+            where = ""
+            if caller is not None and caller.admin and self.keys.named_tenants:
+                where = f" in tenant {caller.tenant!r} (admin keys name another with ?tenant=)"
             raise NotFound(
-                f"No task {shown!r}: it never existed or its record expired (RESULT_TTL_S)."
+                f"No task {shown!r}{where}: it never existed or its record expired (RESULT_TTL_S)."
             )
         return fields
 
-    def _task_ref(self, request: Request) -> str:
+    def _task_ref(self, request: Request) -> tuple[str, Caller]:
         """The stored id of the task the path names, in the caller's tenant."""
-        return self.authorize(request).task_ref(request.path_params["id"])
+        caller = self.authorize(request)
+        return caller.task_ref(request.path_params["id"]), caller
 
     async def get(self, request: Request) -> Response:
-        return JSON(record_view(await self._record(self._task_ref(request))))
+        return JSON(record_view(await self._record(*self._task_ref(request))))
 
     async def find(self, request: Request) -> Response:
         """``GET /v1/tasks?idempotency_key=K``: the caller's task admitted with that key
@@ -232,8 +248,8 @@ class Api:
         return JSON(record_view(await self._record(ref)))
 
     async def cancel(self, request: Request) -> Response:
-        ref = self._task_ref(request)
-        await self._record(ref)
+        ref, caller = self._task_ref(request)
+        await self._record(ref, caller)
         before = await self.worker.queue.cancel(ref, self.settings.result_ttl_s)
         if before is None:
             raise NotFound("No such task: its record expired.")
@@ -241,10 +257,10 @@ class Api:
         return JSON(record_view(await self._record(ref)))
 
     async def events(self, request: Request) -> Response:
-        ref = self._task_ref(request)
+        ref, caller = self._task_ref(request)
         raw = request.headers.get("last-event-id") or request.query_params.get("after")
         last_id = event_cursor(raw) if raw else "0-0"
-        fields = await self._record(ref)
+        fields = await self._record(ref, caller)
         closing: asyncio.Event = getattr(request.state, "closing", None) or asyncio.Event()
         return StreamingResponse(
             self._stream(ref, last_id, fields, closing),

@@ -99,8 +99,7 @@ class KeyRing:
             if len(key) < MIN_KEY_LENGTH:
                 problems.append(
                     f"{var}: a key of {len(key)} characters is too short (at least "
-                    f'{MIN_KEY_LENGTH}; make one with: python -c "import secrets; '
-                    'print(secrets.token_urlsafe(32))")'
+                    f"{MIN_KEY_LENGTH}; make one with: openssl rand -hex 32)"
                 )
                 return
             owner = "admin" if caller.admin else caller.tenant

@@ -26,7 +26,7 @@ from dotenv import dotenv_values
 
 from llmworker import __version__
 from llmworker.auth import first_key
-from llmworker.client import ApiError, Client
+from llmworker.client import ApiError, Client, WorkerUnreachable
 from llmworker.errors import ConfigError, LLMWorkerError
 
 EXIT_CONFIG = 2
@@ -38,7 +38,11 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "%(default)" in text or "default:" in text:
+            return text
+        if action.default is None or action.default is False:
+            return text
+        if action.default == argparse.SUPPRESS:
             return text
         return text + " (default: %(default)s)"
 
@@ -82,7 +86,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _read_input(raw: str) -> Any:
-    if raw.startswith("@"):
+    if raw == "@-":
+        text = sys.stdin.read()
+    elif raw.startswith("@"):
         try:
             text = Path(raw[1:]).read_text()
         except OSError as exc:
@@ -98,7 +104,7 @@ def _read_input(raw: str) -> Any:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, api_key=args.api_key)
+    return Client(args.url, api_key=args.api_key, tenant=getattr(args, "tenant", None))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -116,6 +122,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         text = False
         for event in client.events(record["id"]):
             final = _show_event(event.type, event.data, text) or final
+            if event.type == "status":
+                text = False
             text = text or event.type in ("tokens", "reasoning")
     _print_json(final)
     return 0 if final.get("status") == "succeeded" else 1
@@ -137,7 +145,9 @@ def _show_event(event: str, data: dict[str, Any], after_text: bool) -> dict[str,
         if after_text:
             sys.stdout.write("\n")
             sys.stdout.flush()
-        print(f"[{data.get('status')}] attempt {data.get('attempts')}", file=sys.stderr)
+        run = data.get("run") or 1
+        again = f" (run {run}: the text starts over)" if run > 1 else ""
+        print(f"[{data.get('status')}] attempt {data.get('attempts')}{again}", file=sys.stderr)
     elif event == "progress":
         print(f"[progress] {json.dumps(data)}", file=sys.stderr)
     return None
@@ -260,17 +270,29 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
         return c
 
-    s = command("serve", "run the HTTP API and the dispatcher", cmd_serve)
+    s = command(
+        "serve",
+        "run the HTTP API and the dispatcher; settings come from the environment and .env "
+        "(README, Configuration)",
+        cmd_serve,
+    )
     s.add_argument("--host", help="address to listen on (HOST; default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to listen on (PORT; default 8080)")
     s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     s.add_argument("--reload", action="store_true", help="restart on code changes (development)")
 
-    def client(name: str, help: str, fn: Callable[[argparse.Namespace], int]) -> Any:
+    def client(
+        name: str, help: str, fn: Callable[[argparse.Namespace], int], keyed: bool = True
+    ) -> Any:
         c = command(name, help, fn)
         c.set_defaults(client=True)
         c.add_argument(
             "--url", default=url, help="the worker's URL (LLMWORKER_URL, else PORT on 127.0.0.1)"
+        )
+        if not keyed:
+            return c
+        c.add_argument(
+            "--tenant", help="with an admin key: act for this tenant (default: the key's own)"
         )
         # The default is a secret: help says whether there is one, not what it is.
         c.add_argument(
@@ -283,10 +305,14 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
 
     c = client("submit", "submit a task", cmd_submit)
     c.add_argument("kind", help="the task kind, e.g. chat")
-    c.add_argument("--input", required=True, help="the input as JSON, or @file")
+    c.add_argument("--input", required=True, help="the input as JSON, @file, or @- (stdin)")
     c.add_argument("--user", help="the user the task counts against (default: anonymous)")
     c.add_argument("--tier", help="admission tier (default: DEFAULT_TIER)")
-    c.add_argument("--model", help="model alias (default: the kind's route, else DEFAULT_MODEL)")
+    c.add_argument(
+        "--model",
+        help="model alias (default: the model the kind's handler names for the tier, else "
+        "DEFAULT_MODEL)",
+    )
     c.add_argument("--id", help="the task's id (default: a new ULID)")
     c.add_argument("--idempotency-key", help="a repeat with this key finds the same task")
     c.add_argument("--callback-url", help="where the final record is POSTed, signed")
@@ -306,7 +332,9 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     c = client("stats", "queue depths, guard slots, replicas (an admin key)", cmd_stats)
     c.add_argument("--json", action="store_true", help="print the JSON answer")
 
-    c = client("check", "exit 0 if the worker is ready, else 1 (for health checks)", cmd_check)
+    c = client(
+        "check", "exit 0 if the worker is ready, else 1 (for health checks)", cmd_check, False
+    )
     c.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
 
     f = command(
@@ -321,7 +349,9 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     f.add_argument("--rate-500", type=float, default=0.0, help="share of calls answered 500")
     f.add_argument("--rate-timeout", type=float, default=0.0, help="share of calls that hang")
     f.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After sent with 429")
-    f.add_argument("--seed", type=int, default=None, help="seed for the error draws (random)")
+    f.add_argument(
+        "--seed", type=int, default=None, help="seed for the error draws (default: random)"
+    )
 
     q = command(
         "qstash-dev", "a QStash-compatible server for development and tests", cmd_qstash_dev
@@ -352,37 +382,46 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "client", False):
             client_defaults(env)  # a bad PORT is one line, before anything is sent
         return int(args.fn(args))
-    except ConfigError as exc:
+    except (LLMWorkerError, ModuleNotFoundError, httpx.HTTPError) as exc:
+        return _report(exc, args)
+    except BrokenPipeError:
+        # The reader went away (| head): no traceback, and none at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _report(exc: Exception, args: argparse.Namespace) -> int:
+    """One line (or one per problem) for a mistake, and the exit code."""
+    if isinstance(exc, ConfigError):
         print("llmworker: invalid configuration:", file=sys.stderr)
         for line in exc.problems:
             print(f"  - {line}", file=sys.stderr)
         return EXIT_CONFIG
-    except ApiError as exc:
+    if isinstance(exc, ApiError):
         print(f"llmworker: the worker answered {exc.status}: {exc.message}", file=sys.stderr)
         if exc.status == 401:
-            print(
-                "llmworker: pass the worker's key with --api-key or LLMWORKER_API_KEY",
-                file=sys.stderr,
+            hint = (
+                "the worker refused the key sent (from --api-key, LLMWORKER_API_KEY, "
+                "ADMIN_KEYS or API_KEYS)"
+                if args.api_key
+                else "pass the worker's key with --api-key or LLMWORKER_API_KEY"
             )
+            print(f"llmworker: {hint}", file=sys.stderr)
         return 1
-    except LLMWorkerError as exc:
+    if isinstance(exc, LLMWorkerError):
         print(f"llmworker: {exc.message}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ModuleNotFoundError as exc:
+        return 1 if isinstance(exc, WorkerUnreachable) else EXIT_CONFIG
+    if isinstance(exc, ModuleNotFoundError):
         print(
             f"llmworker {args.command} needs the server's dependencies ({exc.name} is missing): "
             "pip install 'llmworker[server]'",
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    except httpx.InvalidURL as exc:
+    if isinstance(exc, httpx.InvalidURL):
         print(f"llmworker: --url {args.url!r} is not a valid URL: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except httpx.ConnectError as exc:
-        print(f"llmworker: cannot reach the worker at {args.url}: {exc}", file=sys.stderr)
-        return 1
-    except httpx.HTTPError as exc:
-        print(f"llmworker: {args.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    print(f"llmworker: {args.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1

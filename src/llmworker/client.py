@@ -61,10 +61,22 @@ class ApiError(LLMWorkerError):
         return f"{self.status} {self.code}: {self.message}"
 
 
+class WorkerUnreachable(LLMWorkerError):
+    """The worker could not be reached (not running, wrong URL, network)."""
+
+    def __init__(self, url: str, exc: Exception) -> None:
+        super().__init__(
+            f"Cannot reach the worker at {url}: {exc or type(exc).__name__} (is `llmworker "
+            "serve` running there? LLMWORKER_URL or the client's url points elsewhere)"
+        )
+        self.url = url
+
+
 @dataclass(frozen=True)
 class Event:
-    """One of a task's events: ``type`` is status, progress, tokens or record (the final
-    record, last)."""
+    """One of a task's events: ``type`` is status, progress, tokens, reasoning or record
+    (the final record, last); ``id`` is the event's own id (None for the record), to
+    resume after."""
 
     id: str | None
     type: str
@@ -115,7 +127,7 @@ class _Stream:
                 self.type = "message"
                 return None
             event = Event(self.id, self.type, orjson.loads("\n".join(self.data)))
-            self.type, self.data = "message", []
+            self.id, self.type, self.data = None, "message", []
             self.failures = 0
             if event.id:
                 self.last = event.id
@@ -159,10 +171,14 @@ class _Delivery:
 
 
 class _Base:
-    def __init__(self, url: str | None, api_key: str | None, reconnects: int) -> None:
+    def __init__(
+        self, url: str | None, api_key: str | None, reconnects: int, tenant: str | None
+    ) -> None:
         self.url = (url or os.environ.get("LLMWORKER_URL") or DEFAULT_URL).rstrip("/")
         key = api_key or os.environ.get("LLMWORKER_API_KEY")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # An admin key acts for this tenant (?tenant= on every request).
+        self.params = {"tenant": tenant} if tenant else None
         self.reconnects = reconnects
         self._qstash: dict[tuple[str, str | None], Any] = {}
 
@@ -213,9 +229,18 @@ class Client(_Base):
         api_key: str | None = None,
         timeout_s: float = 30.0,
         reconnects: int = RECONNECTS,
+        tenant: str | None = None,
     ) -> None:
-        super().__init__(url, api_key, reconnects)
-        self.http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout_s)
+        super().__init__(url, api_key, reconnects, tenant)
+        self.http = httpx.Client(
+            base_url=self.url, headers=self.headers, params=self.params, timeout=timeout_s
+        )
+
+    def _request(self, method: str, path: str, **options: Any) -> Any:
+        try:
+            return _answer(self.http.request(method, path, **options))
+        except httpx.TransportError as exc:
+            raise WorkerUnreachable(self.url, exc) from exc
 
     def __enter__(self) -> Self:
         return self
@@ -229,21 +254,21 @@ class Client(_Base):
     def submit(self, kind: str, input: Any = None, **fields: Any) -> dict[str, Any]:
         """Queue a task (fields: user, tier, model, id, idempotency_key, callback_url,
         timeout_s, metadata); its record. :class:`ApiError` when refused."""
-        return dict(_answer(self.http.post("/v1/tasks", json=task_body(kind, input, **fields))))
+        return dict(self._request("POST", "/v1/tasks", json=task_body(kind, input, **fields)))
 
     def get(self, task_id: str) -> dict[str, Any]:
-        return dict(_answer(self.http.get(f"/v1/tasks/{task_id}")))
+        return dict(self._request("GET", f"/v1/tasks/{task_id}"))
 
     def find(self, idempotency_key: str) -> dict[str, Any]:
         """The task admitted with this key (a QStash message id, for a published one)."""
         params = {"idempotency_key": idempotency_key}
-        return dict(_answer(self.http.get("/v1/tasks", params=params)))
+        return dict(self._request("GET", "/v1/tasks", params=params))
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        return dict(_answer(self.http.delete(f"/v1/tasks/{task_id}")))
+        return dict(self._request("DELETE", f"/v1/tasks/{task_id}"))
 
     def stats(self) -> dict[str, Any]:
-        return dict(_answer(self.http.get("/v1/stats")))
+        return dict(self._request("GET", "/v1/stats"))
 
     def events(self, task_id: str, last_event_id: str | None = None) -> Iterator[Event]:
         """The task's events as they happen, ending with its final record; a dropped
@@ -262,10 +287,10 @@ class Client(_Base):
                             yield event
                             if event.type == "record":
                                 return
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 wait = stream.dropped()
                 if wait is None:
-                    raise
+                    raise WorkerUnreachable(self.url, exc) from exc
                 time.sleep(wait)
                 continue
             # The stream ended without the record: the task expired meanwhile, or the
@@ -345,9 +370,18 @@ class AsyncClient(_Base):
         api_key: str | None = None,
         timeout_s: float = 30.0,
         reconnects: int = RECONNECTS,
+        tenant: str | None = None,
     ) -> None:
-        super().__init__(url, api_key, reconnects)
-        self.http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout_s)
+        super().__init__(url, api_key, reconnects, tenant)
+        self.http = httpx.AsyncClient(
+            base_url=self.url, headers=self.headers, params=self.params, timeout=timeout_s
+        )
+
+    async def _request(self, method: str, path: str, **options: Any) -> Any:
+        try:
+            return _answer(await self.http.request(method, path, **options))
+        except httpx.TransportError as exc:
+            raise WorkerUnreachable(self.url, exc) from exc
 
     async def __aenter__(self) -> Self:
         return self
@@ -364,21 +398,20 @@ class AsyncClient(_Base):
         await self.http.aclose()
 
     async def submit(self, kind: str, input: Any = None, **fields: Any) -> dict[str, Any]:
-        response = await self.http.post("/v1/tasks", json=task_body(kind, input, **fields))
-        return dict(_answer(response))
+        return dict(await self._request("POST", "/v1/tasks", json=task_body(kind, input, **fields)))
 
     async def get(self, task_id: str) -> dict[str, Any]:
-        return dict(_answer(await self.http.get(f"/v1/tasks/{task_id}")))
+        return dict(await self._request("GET", f"/v1/tasks/{task_id}"))
 
     async def find(self, idempotency_key: str) -> dict[str, Any]:
         params = {"idempotency_key": idempotency_key}
-        return dict(_answer(await self.http.get("/v1/tasks", params=params)))
+        return dict(await self._request("GET", "/v1/tasks", params=params))
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
-        return dict(_answer(await self.http.delete(f"/v1/tasks/{task_id}")))
+        return dict(await self._request("DELETE", f"/v1/tasks/{task_id}"))
 
     async def stats(self) -> dict[str, Any]:
-        return dict(_answer(await self.http.get("/v1/stats")))
+        return dict(await self._request("GET", "/v1/stats"))
 
     async def events(self, task_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
         stream = _Stream(last_event_id, self.reconnects)
@@ -395,10 +428,10 @@ class AsyncClient(_Base):
                             yield event
                             if event.type == "record":
                                 return
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 wait = stream.dropped()
                 if wait is None:
-                    raise
+                    raise WorkerUnreachable(self.url, exc) from exc
                 await asyncio.sleep(wait)
                 continue
             record = await self.get(task_id)

@@ -95,7 +95,10 @@ def invalid_field(exc: ValidationError, prefix: str = "", noun: str = "field") -
     rule = err["msg"].removeprefix("Value error, ")
     if err["type"] in ("model_type", "dict_type", "model_attributes_type"):
         rule = "it must be a JSON object"
-    if err["type"] == "missing":
+    if not name:  # the value itself, not one of its fields
+        field = prefix.rstrip(".") or "body"
+        message = f"The {field} is invalid: {rule}."
+    elif err["type"] == "missing":
         message = f"The {noun} {name!r} is required."
     elif err["type"] == "extra_forbidden":
         message = f"{name!r} is not a task field; task fields are: {', '.join(TASK_FIELDS)}."

@@ -85,8 +85,40 @@ def _validate_declared(plain: dict[str, Any], problems: list[str]) -> Settings:
             bad.add(field)
             given = plain.get(field)
             shown = f"={given!r}" if given is not None else ""
-            problems.append(f"{field.upper()}{shown}: {err['msg']}")
+            problems.append(f"{field.upper()}{shown}: {_rule(err['type'], err['msg'])}")
         return Settings.model_validate({k: v for k, v in plain.items() if k not in bad})
+
+
+# pydantic's words for a wrong value, as one says them of a setting.
+_RULES = {
+    "int_parsing": "is not a whole number",
+    "int_from_float": "is not a whole number",
+    "float_parsing": "is not a number",
+    "bool_parsing": "must be true or false",
+}
+
+
+def _rule(kind: str, message: str) -> str:
+    return _RULES.get(kind) or message.replace("Input should be", "must be")
+
+
+def _check_fake_only(
+    base: Settings,
+    models: dict[str, ModelAlias],
+    providers: dict[str, Provider],
+    problems: list[str],
+) -> None:
+    """Serving others with only the simulated model is a forgotten provider key."""
+    real = [a for a, m in models.items() if a != "fake" and providers[m.provider].available]
+    if real or base.allow_fake_model or is_loopback(base.host):
+        return
+    if base.llmworker_env == "development":
+        return
+    problems.append(
+        f"HOST={base.host} serves other machines but no provider key is set (DEEPSEEK_API_KEY, "
+        "GEMINI_API_KEY, ZHIPUAI_API_KEY, OPENAI_API_KEY, or <PROVIDER>_BASE_URL): every "
+        "task would get the simulated 'fake' model; set a key, or ALLOW_FAKE_MODEL=true"
+    )
 
 
 def _check_tiers(base: Settings, problems: list[str]) -> list[str]:
@@ -147,6 +179,7 @@ def load_settings(
             )
     limits = read_limits(env, declared, tiers, models, problems)
     _check_default_model(base, models, providers, problems)
+    _check_fake_only(base, models, providers, problems)
     check_access(base, problems)
     check_urls(base, problems)
     check_edges(base, problems)

@@ -32,7 +32,7 @@ def check_access(s: Settings, problems: list[str]) -> None:
     if ring.open and not found and not s.allow_anonymous and not is_loopback(s.host):
         problems.append(
             f"HOST={s.host} serves other machines, but API_KEYS is not set: set API_KEYS "
-            '(make a key with: python -c "import secrets; print(secrets.token_urlsafe(32))"), '
+            "(make a key with: openssl rand -hex 32), "
             "listen on HOST=127.0.0.1, or set ALLOW_ANONYMOUS=true to serve without keys"
         )
     if not TENANT_RE.match(s.qstash_tenant):

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     # Loopback unless told otherwise; any other address needs API_KEYS (checks.py).
     host: str = "127.0.0.1"
     allow_anonymous: bool = False
+    # Beyond loopback, only the simulated model is a forgotten key unless this says so.
+    allow_fake_model: bool = False
     redis_url: str | None = None
     redis_prefix: str = "llmworker"
     embedded_redis_dir: Path = Path(".llmworker/redis")
