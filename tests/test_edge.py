@@ -337,3 +337,20 @@ async def test_headers_trickled_byte_by_byte_are_cut_at_the_deadline(make_settin
         closed = closed or await asyncio.wait_for(reader.read(), 2) == b""
         writer.close()
         assert closed and asyncio.get_running_loop().time() - started < 4
+
+
+async def test_readers_that_leave_take_their_redis_reads_with_them(make_settings):
+    """A reader that disconnects from an event stream frees its blocking XREAD (and its
+    Redis connection) at once, not when the read times out."""
+    async with serve_api(make_settings(FAKE_LATENCY_MS=20000)) as (client, worker):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        pool = worker.redis.connection_pool
+        for _ in range(20):
+            async with client.stream("GET", f"/v1/tasks/{task['id']}/events") as stream:
+                async for line in stream.aiter_lines():
+                    if "running" in line:
+                        break
+        await asyncio.sleep(0.3)
+        # Blocked reads hold their connections out of the pool until they end.
+        assert len(pool._in_use_connections) <= 3, len(pool._in_use_connections)
+        await client.delete(f"/v1/tasks/{task['id']}")

@@ -671,3 +671,42 @@ def test_a_second_ctrl_c_hands_running_tasks_back_at_once(
     client = sync_redis.Redis.from_url(redis_url, decode_responses=True)
     fields = client.hmget(Keys(prefix).task(task_id), ["status", "attempts"])
     assert fields == ["queued", "0"]
+
+
+def test_a_client_following_events_rides_out_a_restart_of_the_only_replica(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    import threading
+
+    from llmworker.client import Client
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "PORT": str(port),
+        "FAKE_LATENCY_MS": "6000",
+        "FAKE_TOKENS": "60",
+        "SHUTDOWN_GRACE_S": "0",
+    }
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
+    seen: list[str] = []
+    with Client(url) as client:
+        with process(serve, env, tmp_path / "a.log") as first:
+            wait_ready(url)
+            task = client.submit("chat", {"messages": [{"role": "user", "content": "x"}]})
+
+            def follow() -> None:
+                for event in client.events(task["id"]):
+                    seen.append(event.type)
+
+            reader = threading.Thread(target=follow)
+            reader.start()
+            wait_until_sync(lambda: "tokens" in seen)
+            first.terminate()
+            first.wait(timeout=30)
+        with process(serve, env, tmp_path / "b.log"):
+            reader.join(timeout=60)
+            assert not reader.is_alive()
+    assert seen[-1] == "record", seen

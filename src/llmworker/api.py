@@ -298,10 +298,14 @@ class Api:
             read = asyncio.ensure_future(
                 redis.xread({key: last_id}, count=100, block=None if final else block_ms)
             )
-            await asyncio.wait({read, shutdown}, return_when=asyncio.FIRST_COMPLETED)
-            if not read.done():
-                # The server is stopping: end here; the reader resumes elsewhere.
-                read.cancel()
+            try:
+                await asyncio.wait({read, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # The server is stopping (the reader resumes elsewhere), or the reader
+                # left (the stream is cancelled): the blocking read and its connection go.
+                if not read.done():
+                    read.cancel()
+            if read.cancelled():
                 return
             reply = read.result()
             if not reply:

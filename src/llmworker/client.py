@@ -40,6 +40,8 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 # A dropped event stream is resumed after 0.5, 1, 2, 4 and 8 s; then the error is raised
 # (the worker is down, or the URL is wrong).
 RECONNECTS = 5
+# Answers that mean "come back": a proxy in front of replicas that restart.
+RETRIED_STATUSES = frozenset({502, 503, 504})
 
 
 class ApiError(LLMWorkerError):
@@ -65,10 +67,15 @@ class WorkerUnreachable(LLMWorkerError):
     """The worker could not be reached (not running, wrong URL, network)."""
 
     def __init__(self, url: str, exc: Exception) -> None:
-        super().__init__(
-            f"Cannot reach the worker at {url}: {exc or type(exc).__name__} (is `llmworker "
-            "serve` running there? LLMWORKER_URL or the client's url points elsewhere)"
-        )
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            message = (
+                f"Cannot reach the worker at {url}: {exc or type(exc).__name__} (is "
+                "`llmworker serve` running there? LLMWORKER_URL or the client's url points "
+                "elsewhere)"
+            )
+        else:  # reached, then lost: a request may have been taken before it broke
+            message = f"The connection to the worker at {url} failed: {type(exc).__name__} {exc}"
+        super().__init__(message)
         self.url = url
 
 
@@ -144,11 +151,25 @@ class _Stream:
             self.data.append(value)
         return None
 
-    def dropped(self) -> float | None:
-        """Seconds to wait before reconnecting, or None to give up."""
+    def ended(self) -> float:
+        """The stream ended cleanly but the task goes on (its replica stopped): seconds
+        before following it again."""
+        self.type, self.data = "message", []
+        return 0.1
+
+    def dropped(self, exc: Exception, url: str) -> float:
+        """Seconds to wait before reconnecting after ``exc``; raises once the worker has
+        stayed unreachable for ``reconnects`` tries. Refusals (404, 401 ...) are raised at
+        once; 502, 503 and 504 (a proxy whose replicas restart) are retried."""
+        if isinstance(exc, ApiError) and exc.status not in RETRIED_STATUSES:
+            raise exc
         self.failures += 1
         self.type, self.data = "message", []
-        return None if self.failures > self.reconnects else 0.25 * 2**self.failures
+        if self.failures > self.reconnects:
+            if isinstance(exc, httpx.TransportError):
+                raise WorkerUnreachable(url, exc) from exc
+            raise exc
+        return 0.25 * 2.0**self.failures
 
 
 class _Delivery:
@@ -287,18 +308,15 @@ class Client(_Base):
                             yield event
                             if event.type == "record":
                                 return
-            except httpx.TransportError as exc:
-                wait = stream.dropped()
-                if wait is None:
-                    raise WorkerUnreachable(self.url, exc) from exc
-                time.sleep(wait)
-                continue
-            # The stream ended without the record: the task expired meanwhile, or the
-            # replica serving it stopped (then follow it on another one).
-            record = self.get(task_id)
-            if record.get("status") in FINAL_STATES:
-                yield Event(None, "record", record)
-                return
+                # The stream ended without the record: the task expired meanwhile, or
+                # the replica serving it stopped (then follow it on another one).
+                record = self.get(task_id)
+                if record.get("status") in FINAL_STATES:
+                    yield Event(None, "record", record)
+                    return
+                time.sleep(stream.ended())
+            except (httpx.TransportError, WorkerUnreachable, ApiError) as exc:
+                time.sleep(stream.dropped(exc, self.url))
 
     def wait(self, task_id: str, timeout_s: float | None = None) -> dict[str, Any]:
         """The task's final record: following its events, or, with ``timeout_s``, asking
@@ -428,16 +446,13 @@ class AsyncClient(_Base):
                             yield event
                             if event.type == "record":
                                 return
-            except httpx.TransportError as exc:
-                wait = stream.dropped()
-                if wait is None:
-                    raise WorkerUnreachable(self.url, exc) from exc
-                await asyncio.sleep(wait)
-                continue
-            record = await self.get(task_id)
-            if record.get("status") in FINAL_STATES:
-                yield Event(None, "record", record)
-                return
+                record = await self.get(task_id)
+                if record.get("status") in FINAL_STATES:
+                    yield Event(None, "record", record)
+                    return
+                await asyncio.sleep(stream.ended())
+            except (httpx.TransportError, WorkerUnreachable, ApiError) as exc:
+                await asyncio.sleep(stream.dropped(exc, self.url))
 
     async def wait(self, task_id: str, timeout_s: float | None = None) -> dict[str, Any]:
         async def follow() -> dict[str, Any]:
