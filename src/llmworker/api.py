@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
-import signal
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -303,9 +301,10 @@ class Api:
             finally:
                 # The server is stopping (the reader resumes elsewhere), or the reader
                 # left (the stream is cancelled): the blocking read and its connection go.
-                if not read.done():
+                answered = read.done()
+                if not answered:
                     read.cancel()
-            if read.cancelled():
+            if not answered:
                 return
             reply = read.result()
             if not reply:
@@ -363,8 +362,7 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
             # event streams end at once and their readers resume on another replica.
             yield {"closing": asyncio.Event()}
         finally:
-            with _second_ctrl_c(app, worker):
-                await asyncio.shield(worker.stop())
+            await asyncio.shield(worker.stop())
 
     routes = [
         Route("/v1/tasks", api.submit, methods=["POST"]),
@@ -403,32 +401,6 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
     if not middleware:  # with CORS, every request goes through its middleware
         app.fast = api.submit
     return app
-
-
-@contextmanager
-def _second_ctrl_c(app: Starlette, worker: Worker) -> Iterator[None]:
-    """In a terminal (``serve``): while running tasks finish, Ctrl+C again hands them back
-    at once instead of waiting out SHUTDOWN_GRACE_S."""
-    if not getattr(app.state, "interactive", False) or (
-        threading.current_thread() is not threading.main_thread()
-    ):
-        yield
-        return
-    loop = asyncio.get_running_loop()
-    if worker.dispatcher.runs:
-        log.info(
-            "stopping",
-            running=len(worker.dispatcher.runs),
-            grace_s=worker.settings.shutdown_grace_s,
-            hint="running tasks may finish; Ctrl+C again hands them back to the queue now",
-        )
-    previous = signal.signal(
-        signal.SIGINT, lambda *_: loop.call_soon_threadsafe(worker.dispatcher.cut_short)
-    )
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def app_from_env() -> Starlette:

@@ -20,6 +20,7 @@ import resource
 import signal
 import socket
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import structlog
@@ -34,6 +35,7 @@ from llmworker.handlers import import_task_modules
 from llmworker.logs import configure_logging
 from llmworker.protocol import BoundedHttpProtocol
 from llmworker.settings import Settings, load_settings, redacted_url
+from llmworker.worker import Worker
 
 log = structlog.get_logger("llmworker.server")
 
@@ -123,9 +125,7 @@ def _run(settings: Settings, sock: socket.socket, workers: int, reload: bool) ->
     }
     if workers <= 1 and not reload:
         app = create_app(settings)
-        app.state.interactive = True
-        config = uvicorn.Config(app, **common)
-        server = uvicorn.Server(config)
+        server = Server(uvicorn.Config(app, **common), app.state.worker)
         server.run(sockets=[sock])
         if not server.started:
             raise StartupError("The server did not start; see the lines above.")
@@ -147,6 +147,33 @@ def _run(settings: Settings, sock: socket.socket, workers: int, reload: bool) ->
         ChangeReload(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
     else:
         Multiprocess(config, sockets=[sock]).run()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, with a repeated Ctrl+C that cuts the drain short (running tasks go
+    back to the queue at once) instead of uvicorn's force-quit, which would skip the
+    lifespan's shutdown, and with it the drain, altogether."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker) -> None:
+        super().__init__(config)
+        self.worker = worker
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        runs = self.worker.dispatcher.runs
+        if sig == signal.SIGINT and self.should_exit:
+            self._captured_signals.append(sig)
+            log.info("handing_back_now", running=len(runs))
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon_threadsafe(self.worker.dispatcher.cut_short)
+            return
+        if sig == signal.SIGINT and runs:
+            log.info(
+                "stopping",
+                running=len(runs),
+                grace_s=self.worker.settings.shutdown_grace_s,
+                hint="running tasks may finish; Ctrl+C again hands them back to the queue now",
+            )
+        super().handle_exit(sig, frame)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
