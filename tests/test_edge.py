@@ -16,7 +16,7 @@ from llmworker.errors import ConfigError
 from llmworker.settings import load_settings
 from llmworker.worker import Worker
 
-from .conftest import CALLBACK_SECRET, serve_api, tasks_with
+from .conftest import CALLBACK_SECRET, LoopbackServer, serve_api, tasks_with
 
 CHAT: dict[str, Any] = {
     "kind": "chat",
@@ -354,3 +354,76 @@ async def test_readers_that_leave_take_their_redis_reads_with_them(make_settings
         # Blocked reads hold their connections out of the pool until they end.
         assert len(pool._in_use_connections) <= 3, len(pool._in_use_connections)
         await client.delete(f"/v1/tasks/{task['id']}")
+
+
+async def test_stray_bytes_after_an_answer_do_not_keep_a_connection_open(make_settings):
+    async with serve_api(make_settings(HTTP_IDLE_TIMEOUT_S=0.5), dispatch=False) as (client, _):
+        reader, writer = await _raw(str(client.base_url))
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await reader.readuntil(b'{"status":"ok"}')
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        closed = False
+        while loop.time() - started < 12:  # keep-alive is 5 s; empty lines must not extend it
+            writer.write(b"\r\n")
+            await writer.drain()
+            try:
+                closed = await asyncio.wait_for(reader.read(1), 1) == b""
+            except TimeoutError:
+                closed = False
+            except ConnectionError:
+                closed = True
+            if closed:
+                break
+        writer.close()
+        assert closed and loop.time() - started < 8
+
+
+async def test_pipelined_requests_after_a_large_body_are_all_answered(make_settings):
+    async with serve_api(make_settings(), dispatch=False) as (client, worker):
+        body = json.dumps({**CHAT, "metadata": {"blob": "x" * 40_000}}).encode()
+        post = (
+            b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        reader, writer = await _raw(str(client.base_url))
+        writer.write(post + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 202") and b'{"status":"ok"}' in answer
+        assert await waiting(worker) == 1
+
+
+async def test_a_slow_app_is_not_taken_for_a_slow_client():
+    """uvicorn stops reading while the app has not taken the body: the client owes
+    nothing meanwhile, and the connection stays."""
+    from llmworker.protocol import BoundedHttpProtocol
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(1.5)
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(size).encode()})
+
+    BoundedHttpProtocol.idle_timeout_s = 0.5
+    try:
+        async with LoopbackServer(slow, http=BoundedHttpProtocol) as url:
+            reader, writer = await _raw(url)
+            body = b"x" * 300_000
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+            writer.write(body)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(200), 10)
+            writer.close()
+    finally:
+        BoundedHttpProtocol.idle_timeout_s = 20.0
+    assert answer.startswith(b"HTTP/1.1 200") and b"\r\n300000\r\n" in answer

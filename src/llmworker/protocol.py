@@ -3,21 +3,27 @@ facing strangers needs.
 
 uvicorn alone starts no timer before a connection's first request and reads headers
 without limit, so a client that connects and sends nothing, or trickles its headers or
-body, holds a socket for as long as it likes. Here:
+body, holds a socket for as long as it likes. Here a connection is always in one of four
+phases, each with its rule:
 
-- a request's line and headers must arrive within ``HTTP_IDLE_TIMEOUT_S`` of its first
-  byte (or of the connection, for its first request), however they trickle in;
-- a body must keep coming: a connection that sends nothing of it for
-  ``HTTP_IDLE_TIMEOUT_S`` is closed, and a whole request may take six times that;
-- between requests uvicorn's keep-alive timeout applies; while a response streams (an
-  event stream), the client owes nothing;
-- a request with more than ``HTTP_MAX_HEADERS`` headers, or more than
-  ``HTTP_MAX_HEADER_BYTES`` of request line and headers, is answered 431 and closed.
+- waiting for a request: closed at a fixed deadline, ``HTTP_IDLE_TIMEOUT_S`` after it
+  opened, or uvicorn's keep-alive timeout after the last answer; stray bytes (empty
+  lines) do not extend it;
+- reading a request's line and headers: they must all arrive within
+  ``HTTP_IDLE_TIMEOUT_S`` of the request's first byte, however they trickle in; more
+  than ``HTTP_MAX_HEADERS`` headers, or more than ``HTTP_MAX_HEADER_BYTES`` of line and
+  headers, are answered 431 and the connection closed;
+- reading its body: the body must keep coming (nothing for ``HTTP_IDLE_TIMEOUT_S``
+  closes the connection) and the whole request must be read within six times that;
+  while uvicorn itself has paused reading (the app has not taken what came), the client
+  owes nothing;
+- answering: the client owes nothing (an event stream may last hours).
 """
 
 from __future__ import annotations
 
 from asyncio import TimerHandle, Transport
+from typing import Literal
 
 import httptools
 import structlog
@@ -26,6 +32,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from llmworker.settings import Settings
 
 log = structlog.get_logger("llmworker.http")
+
+# A whole request (line, headers and body) may take this many idle timeouts.
+WHOLE_REQUEST_IDLE_TIMEOUTS = 6
 
 
 class _Refused(Exception):
@@ -47,16 +56,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._idle: TimerHandle | None = None
-        # A request is being read (or none has begun): silence counts.
-        self._reading = True
-        # Between a request's first byte and the end of its headers.
-        self._in_head = False
+        self._timer: TimerHandle | None = None
+        # Which part of a request the parser is in (None: between requests).
+        self._parsing: Literal["head", "body"] | None = None
         self._head_bytes = 0
         self._raw_head_bytes = 0
         self._headers = 0
-        self._started = self.loop.time()
-        self._arm(self.idle_timeout_s)
+        self._request_deadline = 0.0
+        self._waiting_deadline = self.loop.time() + self.idle_timeout_s
+        self._arm_at(self._waiting_deadline)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
     def shutdown(self) -> None:
         """The server stops: open event streams end now (api.py), instead of holding the
@@ -66,12 +78,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             closing.set()
         super().shutdown()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+    # -- reading ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
+        began_in_head = self._parsing == "head"
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -88,29 +99,25 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
-        if self._in_head and not self.transport.is_closing():
-            # Headers still incomplete: the parser holds what came so far. (Complete ones
-            # are counted apart, exactly, in on_url and on_header.)
+        if self.transport.is_closing():
+            return
+        if began_in_head and self._parsing == "head":
+            # Headers still incomplete after a whole read: the parser holds what came.
+            # (Complete ones are counted apart, exactly, in on_url and on_header.)
             self._raw_head_bytes += len(data)
             if self._raw_head_bytes > self.max_header_bytes:
                 self._refuse(f"more than {self.max_header_bytes} bytes of headers")
                 return
-        if not self._reading:
-            self._disarm()
-        elif not self._in_head:
-            # A body that keeps coming keeps the connection, within the whole deadline.
-            left = self._started + 6 * self.idle_timeout_s - self.loop.time()
-            self._arm(min(self.idle_timeout_s, max(0.0, left)))
+        self._schedule()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
-        if not self._reading:
-            # A new request on a kept-alive connection: its own head deadline.
-            self._reading = True
-            self._started = self.loop.time()
-            self._arm(self.idle_timeout_s)
-        self._headers = 0
+        self._parsing = "head"
+        self._head_bytes = self._raw_head_bytes = self._headers = 0
+        self._request_deadline = (
+            self.loop.time() + WHOLE_REQUEST_IDLE_TIMEOUTS * self.idle_timeout_s
+        )
+        self._arm_at(self.loop.time() + self.idle_timeout_s)
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -129,33 +136,62 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             raise _Refused(f"more than {self.max_header_bytes} bytes of headers")
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._parsing = "body"
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        # Read in full: the answer may take long (an event stream) and the client owes
-        # nothing meanwhile.
-        self._reading = False
-        self._in_head = False
-        self._head_bytes = 0
-        self._raw_head_bytes = 0
-        self._disarm()
+        self._parsing = None
 
-    def _arm(self, seconds: float) -> None:
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Waiting for the next request (unless one was pipelined): one timer, ours, with
+        # uvicorn's keep-alive timeout as a fixed deadline.
+        self._unset_keepalive_if_required()
+        self._waiting_deadline = self.loop.time() + self.timeout_keep_alive
+        self._schedule()
+
+    # -- timers ----------------------------------------------------------------------
+
+    def _answering(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _schedule(self) -> None:
+        """The timer the connection's phase calls for (the head's was set when it began)."""
+        if self._parsing == "body":
+            idle = self.loop.time() + self.idle_timeout_s
+            self._arm_at(min(idle, self._request_deadline))
+        elif self._parsing is None:
+            if self._answering():
+                self._disarm()
+            else:
+                self._arm_at(self._waiting_deadline)
+
+    def _arm_at(self, when: float) -> None:
         self._disarm()
-        self._idle = self.loop.call_later(seconds, self._idle_out)
+        self._timer = self.loop.call_at(when, self._expired)
 
     def _disarm(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _idle_out(self) -> None:
-        self._idle = None
-        if self._reading and not self.transport.is_closing():
-            log.debug("http_connection_idle", client=_peer(self.client))
-            self.transport.close()
+    def _expired(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self._parsing == "body" and self.flow.read_paused:
+            # uvicorn stopped reading (the app has not taken what came): not the client.
+            self._arm_at(self.loop.time() + self.idle_timeout_s)
+            return
+        if self._parsing is None and self._answering():
+            return
+        log.debug(
+            "http_connection_idle", phase=self._parsing or "waiting", client=_peer(self.client)
+        )
+        self.transport.close()
+
+    # -- refusing --------------------------------------------------------------------
 
     def _invalid(self) -> None:
         log.debug("http_request_invalid", client=_peer(self.client))
