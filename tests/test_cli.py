@@ -103,6 +103,11 @@ def test_a_bad_port_for_client_commands_is_one_line(tmp_path: Path):
     assert_one_line(result, "PORT='abc' is not a port number")
 
 
+def test_a_malformed_url_is_one_line(tmp_path: Path):
+    result = cli("status", "some-id", "--url", "http://[::1", cwd=tmp_path)
+    assert_one_line(result, "is not a valid URL")
+
+
 def test_client_commands_read_dotenv_as_serve_does(tmp_path: Path, make_settings):
     async def run() -> None:
         settings = make_settings(API_KEYS=KEY)

@@ -716,3 +716,27 @@ def test_a_client_following_events_rides_out_a_restart_of_the_only_replica(
             reader.join(timeout=60)
             assert not reader.is_alive()
     assert seen[-1] == "record", seen
+
+
+def test_serve_starts_the_embedded_redis_again_when_its_keeper_is_killed(tmp_path: Path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
+    body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+    env = _embedded_env(port, FAKE_LATENCY_MS="10")
+    with process(serve, env, tmp_path / "serve.log", cwd=tmp_path):
+        wait_ready(url)
+        first = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
+        _wait_final(url, [first])
+        time.sleep(1.2)  # the append-only file is synced every second
+        keepers = subprocess.run(
+            ["pgrep", "-f", f"llmworker.embedded {tmp_path}"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(keepers) == 1
+        os.kill(int(keepers[0]), signal.SIGKILL)
+        wait_until_sync(lambda: httpx.get(f"{url}/ready").status_code == 503, timeout_s=10)
+        wait_ready(url, timeout_s=30)
+        # The data came back from the append-only file, and new tasks run.
+        assert httpx.get(f"{url}/v1/tasks/{first}").json()["status"] == "succeeded"
+        (record,) = _wait_final(url, [httpx.post(f"{url}/v1/tasks", json=body).json()["id"]])
+        assert record["status"] == "succeeded"

@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "client", False):
             client_defaults(env)  # a bad PORT is one line, before anything is sent
         return int(args.fn(args))
-    except (LLMWorkerError, ModuleNotFoundError, httpx.HTTPError) as exc:
+    except (LLMWorkerError, ModuleNotFoundError, httpx.HTTPError, httpx.InvalidURL) as exc:
         return _report(exc, args)
     except BrokenPipeError:
         # The reader went away (| head): no traceback, and none at exit either.

@@ -19,7 +19,9 @@ It outlives the ``serve`` processes that use it, and stops after the last of the
 - The keeper holds ``DIR/keeper.lock`` for as long as it lives: a ``serve`` that finds it
   held joins that Redis, however long it takes to answer (loading a large file, or busy),
   and never starts a second one on the same files.
-- The keeper is Redis's parent and asks Linux to stop Redis if the keeper itself dies.
+- The keeper is Redis's parent and asks Linux to stop Redis if the keeper itself dies;
+  every ``serve`` watches the keeper's lock and, should it die (``kill -9``, out of
+  memory), starts another, which reloads the data from the append-only file.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -97,24 +101,30 @@ def socket_path(directory: Path) -> Path:
 
 def _private_temp() -> Path:
     folder = Path(tempfile.gettempdir()) / f"llmworker-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    info = folder.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    info = folder.lstat()  # not a symlink's target: the folder itself
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise EmbeddedRedisError(
-            f"{folder} belongs to another user or others may write to it: remove it, or "
-            "use a shorter folder for the embedded Redis (EMBEDDED_REDIS_DIR)."
+            f"{folder} is not a folder of this user's alone: remove it, or use a shorter "
+            "folder for the embedded Redis (EMBEDDED_REDIS_DIR)."
         )
     return folder
 
 
 def _held(path: Path) -> bool:
-    """Whether some process holds the lock on ``path``."""
+    """Whether some process holds the lock on ``path`` (a missing file: no)."""
     try:
-        with path.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # never creates it
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
     except BlockingIOError:
         return True
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -127,19 +137,26 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# A registration still under its temporary name this long belongs to a process that died
+# registering.
+STALE_REGISTRATION_S = 60.0
+
+
 def live_users(users: Path) -> int:
-    """Processes holding a lock in ``users``; the files of dead ones are removed (a
-    ``.new`` one too: its process died while registering)."""
+    """Processes holding a lock in ``users``; the files of dead ones are removed."""
     alive = 0
-    for path in [*users.glob("*.lock"), *users.glob("*.new")]:
+    for path in users.glob("*.lock"):
         try:
-            held = _held(path)
+            if _held(path):
+                alive += 1
+            else:
+                path.unlink(missing_ok=True)
         except OSError:
             continue
-        if held:
-            alive += path.suffix == ".lock"
-        else:
-            path.unlink(missing_ok=True)
+    for path in users.glob("*.new"):
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > STALE_REGISTRATION_S and not _held(path):
+                path.unlink(missing_ok=True)
     return alive
 
 
@@ -149,71 +166,107 @@ class EmbeddedRedis:
     def __init__(self, directory: Path) -> None:
         self.directory = directory.resolve()
         self.users = self.directory / "users"
+        self.keeper_lock = self.directory / "keeper.lock"
         self.socket_path = socket_path(self.directory)
         self._user: tuple[Path, int] | None = None
+        self._watching = threading.Event()
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
     def start(self) -> str:
-        """Use the folder's Redis, starting it (and its keeper) if none runs; its URL."""
+        """Use the folder's Redis, starting it (and its keeper) if none runs; its URL.
+        Then watch the keeper: if it dies (kill -9), start another."""
         self.users.mkdir(parents=True, exist_ok=True)
         self._register()
+        try:
+            self._ensure()
+        except BaseException:
+            self.stop(wait=False)
+            raise
+        self._watching.set()
+        threading.Thread(target=self._watch, name="llmworker-embedded", daemon=True).start()
+        return self.url
+
+    def _ensure(self) -> None:
         with _locked(self.directory / "start.lock"):
-            if _answers(self.socket_path) or self._keeper_answers():
-                log.info("embedded_redis_joined", url=self.url)
-                return self.url
+            if _held(self.keeper_lock):
+                self._wait_for_answer("joined")
+                return
+            if _answers(self.socket_path):
+                # No keeper, yet something answers: a Redis whose keeper just died (it
+                # stops within moments; then start afresh), or one started otherwise.
+                deadline = time.monotonic() + STOP_TIMEOUT_S
+                while _answers(self.socket_path) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if _answers(self.socket_path):
+                    log.info("embedded_redis_joined", url=self.url, keeper=False)
+                    return
             binary = redis_server_binary()
             with (self.directory / "keeper.log").open("ab") as keeper_log:
-                keeper = subprocess.Popen(
+                subprocess.Popen(
                     [sys.executable, "-m", "llmworker.embedded", str(self.directory), binary],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=keeper_log,
                     start_new_session=True,
                 )
+            # The keeper takes its lock first thing: wait for that, then for Redis.
             deadline = time.monotonic() + START_TIMEOUT_S
-            while time.monotonic() < deadline:
-                if _answers(self.socket_path):
-                    log.info(
-                        "embedded_redis_started",
-                        url=self.url,
-                        data_dir=str(self.directory),
-                        binary=binary,
-                        hint="set REDIS_URL to use your own Redis",
+            while not _held(self.keeper_lock):
+                if time.monotonic() > deadline:
+                    raise EmbeddedRedisError(
+                        f"The embedded Redis's keeper did not start; see "
+                        f"{self.directory / 'keeper.log'}."
                     )
-                    return self.url
-                if keeper.poll() is not None:
-                    break
-                time.sleep(0.05)
-            with contextlib.suppress(OSError):
-                keeper.terminate()
-        self.stop(wait=False)
-        raise EmbeddedRedisError(
-            f"The embedded Redis did not start; see {self.directory / 'redis.log'}."
-        )
+                time.sleep(0.02)
+            self._wait_for_answer("started", binary=binary)
 
-    def _keeper_answers(self) -> bool:
-        """A keeper lives (its Redis is loading, or busy): wait until its Redis answers."""
-        if not _held(self.directory / "keeper.lock"):
-            return False
+    def _wait_for_answer(self, how: str, **extra: str) -> None:
+        """The keeper lives: wait until its Redis answers, however long it loads."""
         deadline = time.monotonic() + JOIN_TIMEOUT_S
+        reported = time.monotonic()
         while time.monotonic() < deadline:
             if _answers(self.socket_path):
-                return True
-            if not _held(self.directory / "keeper.lock"):
-                return False
-            time.sleep(0.1)
+                log.info(
+                    f"embedded_redis_{how}",
+                    url=self.url,
+                    data_dir=str(self.directory),
+                    hint="set REDIS_URL to use your own Redis",
+                    **extra,
+                )
+                return
+            if not _held(self.keeper_lock):
+                raise EmbeddedRedisError(
+                    f"The embedded Redis stopped while starting; see "
+                    f"{self.directory / 'redis.log'}."
+                )
+            if time.monotonic() - reported > 5:
+                reported = time.monotonic()
+                log.info("embedded_redis_loading", data_dir=str(self.directory))
+            time.sleep(0.05)
         raise EmbeddedRedisError(
             f"The embedded Redis in {self.directory} runs but has not answered for "
             f"{JOIN_TIMEOUT_S:g} s; see {self.directory / 'redis.log'}."
         )
 
+    def _watch(self) -> None:
+        """A keeper killed (kill -9, out of memory) takes its Redis along: start another,
+        which reloads the data from the append-only file."""
+        while self._watching.wait(KEEPER_EVERY_S * 5) and self._user is not None:
+            if _held(self.keeper_lock):
+                continue
+            log.warning("embedded_redis_gone", hint="its keeper died; starting it again")
+            try:
+                self._ensure()
+            except Exception as exc:
+                log.error("embedded_redis_not_restarted", error=str(exc))
+
     def _register(self) -> None:
         name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # Locked before it gets the name others look for: an unlocked *.lock is a dead
-        # user's, which live_users() removes.
+        # user's, which live_users() removes (a *.new one only once it is old).
         fresh = self.users / f"{name}.new"
         fd = os.open(fresh, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -223,6 +276,7 @@ class EmbeddedRedis:
     def stop(self, *, wait: bool = True) -> None:
         """Stop using it. The last user waits (up to STOP_TIMEOUT_S) until the keeper has
         stopped Redis, so that Redis has written its file when this process exits."""
+        self._watching.clear()
         if self._user is None:
             return
         path, fd = self._user
