@@ -98,7 +98,8 @@ class Api:
                     "A valid API key is required: send 'Authorization: Bearer <key>'."
                 )
             caller = found
-        tenant = request.query_params.get("tenant")
+        # Most requests have no query string: skip parsing one.
+        tenant = request.query_params.get("tenant") if request.scope["query_string"] else None
         if tenant is None or tenant == caller.tenant:
             return caller
         if not caller.admin:
@@ -397,7 +398,9 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         },
     )
     app.state.worker = worker
-    app.access_log = settings.access_log
+    # Access lines are INFO (probes DEBUG): below that level there is nothing to write,
+    # and nothing to compute per request.
+    app.access_log = settings.access_log and settings.log_level.upper() in ("DEBUG", "INFO")
     if not middleware:  # with CORS, every request goes through its middleware
         app.fast = api.submit
     return app

@@ -107,10 +107,7 @@ class Executor:
             error = _err(HandlerError(f"The handler raised {type(exc).__name__}: {exc}"))
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
         outcome = {"result": result, "error": error, "usage": usage}
-        recording = asyncio.ensure_future(self._record(claimed, status, outcome))
-        self._recording[claimed.token] = recording
-        recording.add_done_callback(lambda _: self._recording.pop(claimed.token, None))
-        recorded = await asyncio.shield(recording)
+        recorded = await asyncio.shield(self._record(claimed, status, outcome))
         if recorded and claimed.fields.get("callback_url"):
             self.on_callback()
         log.info(
@@ -123,23 +120,43 @@ class Executor:
         """Store the outcome, for as long as Redis stays away: the result was computed,
         and paid for, once. True once recorded; False when another run had taken the
         task over (only this run's slots were freed)."""
-        delay = 0.1
-        failures = 0
-        while True:
+        # This task (shielded from the run's cancellation) is what the replica's stop
+        # waits for while the outcome is not stored.
+        this = asyncio.current_task()
+        if this is not None:
+            self._recording[claimed.token] = this
+        try:
             pending = self.queue.finish_soon(
                 claimed.id, claimed.token, status, ttl_s=self.settings.result_ttl_s, **outcome
             )
-            # The slots are as good as free: let the dispatcher queue its next claim
-            # now, so it rides in the same round trip as this finish.
+            # The slots are as good as free: let the dispatcher queue its next claim now,
+            # so it rides in the same round trip as this finish.
             self.on_release()
             try:
                 return bool(await pending)
             except (RedisError, OSError) as exc:
+                return await self._record_later(claimed, status, outcome, exc)
+        finally:
+            self._recording.pop(claimed.token, None)
+
+    async def _record_later(
+        self, claimed: Claimed, status: str, outcome: dict[str, str], error: Exception
+    ) -> bool:
+        delay = 0.1
+        failures = 1
+        log.warning("outcome_waiting_for_redis", error=str(error), tries=failures)
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECORD_RETRY_MAX_S)
+            pending = self.queue.finish_soon(
+                claimed.id, claimed.token, status, ttl_s=self.settings.result_ttl_s, **outcome
+            )
+            try:
+                return bool(await pending)
+            except (RedisError, OSError) as exc:
                 failures += 1
-                if failures == 1 or failures % 30 == 0:
+                if failures % 30 == 0:
                     log.warning("outcome_waiting_for_redis", error=str(exc), tries=failures)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECORD_RETRY_MAX_S)
 
     async def settle(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for outcomes still being stored; give up on the rest,
