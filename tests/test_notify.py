@@ -4,7 +4,9 @@ unless allowed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +178,18 @@ async def test_a_callback_left_by_a_dead_replica_is_delivered_by_another(
         assert (await second.stats())["callbacks_waiting"] == 0
 
 
+@contextlib.asynccontextmanager
+async def _by_hand(make_settings: Any, start_worker: Any) -> AsyncIterator[tuple[Any, str]]:
+    """A finished task whose callback is pending, with the notifier stopped: the test
+    drives the attempts by hand. (The worker, the task's id.)"""
+    async with LoopbackServer(Receiver()) as url:
+        worker = await start_worker(make_settings(**callback_env()))
+        await worker.notifier.stop()
+        task_id = await submit(worker, f"{url}/cb")
+        await wait_until(lambda: _pending(worker, task_id))
+        yield worker, task_id
+
+
 async def _pending(worker: Any, task_id: str) -> bool | None:
     return (await callback_state(worker, task_id))["cb_status"] == "pending" or None
 
@@ -238,12 +252,7 @@ async def test_a_name_that_resolves_to_an_internal_address_is_refused_when_conne
 async def test_an_attempt_that_outlived_its_turn_cannot_queue_a_delivered_callback_again(
     make_settings, start_worker
 ):
-    receiver = Receiver()
-    async with LoopbackServer(receiver) as url:
-        worker = await start_worker(make_settings(**callback_env()))
-        await worker.notifier.stop()  # attempts are driven by hand below
-        task_id = await submit(worker, f"{url}/cb")
-        await wait_until(lambda: _pending(worker, task_id))
+    async with _by_hand(make_settings, start_worker) as (worker, task_id):
         (stale,), _, _ = await worker.queue.callback_claim(10, 0)  # its turn lapses at once
         (current,), _, _ = await worker.queue.callback_claim(10, 60_000)
         assert await worker.queue.callback_end(task_id, current["cb_attempts"], "delivered")
@@ -346,12 +355,7 @@ async def test_a_callback_refused_for_its_address_at_delivery_fails_at_once(
 
 
 async def test_a_late_renewal_cannot_cut_a_retrys_backoff(make_settings, start_worker):
-    receiver = Receiver()
-    async with LoopbackServer(receiver) as url:
-        worker = await start_worker(make_settings(**callback_env()))
-        await worker.notifier.stop()  # attempts are driven by hand below
-        task_id = await submit(worker, f"{url}/cb")
-        await wait_until(lambda: _pending(worker, task_id))
+    async with _by_hand(make_settings, start_worker) as (worker, task_id):
         (fields,), _, _ = await worker.queue.callback_claim(10, 6_000)
         attempt = fields["cb_attempts"]
         assert await worker.queue.callback_end(task_id, attempt, "retry", 600_000, "503")

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -590,33 +591,41 @@ def test_json_logs_are_one_json_event_per_line_with_one_access_line_per_request(
     assert not [e for e in access if e["path"] in ("/health", "/ready")]
 
 
-def _serve_in_own_group(env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """serve as a terminal runs it: the leader of its own process group (killpg = Ctrl+C)."""
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
+@contextlib.contextmanager
+def _one_running_task(
+    redis_url: str, prefix: str, tmp_path: Path, **extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
+    """serve as a terminal runs it (the leader of its own process group: killpg is a
+    Ctrl+C), with one task running: (the process, its URL, the task's id)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "PORT": str(port), **extra}
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
             llmworker_command("serve", "--host", "127.0.0.1"),
-            env={**os.environ, **env}, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **env}, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
+    try:
+        wait_ready(url)
+        body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
+        task_id = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
+        wait_until_sync(
+            lambda: httpx.get(f"{url}/v1/tasks/{task_id}").json()["status"] == "running"
+        )
+        yield proc, url, task_id
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_stopping_ends_open_event_streams_at_once_without_tracebacks(
     redis_url: str, prefix: str, tmp_path: Path
 ):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "PORT": str(port),
-        "FAKE_LATENCY_MS": "20000",
-        "SHUTDOWN_GRACE_S": "1",
-    }
-    proc = _serve_in_own_group(env, tmp_path / "serve.log", tmp_path)
-    try:
-        wait_ready(url)
-        body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
-        task_id = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
+    running = _one_running_task(
+        redis_url, prefix, tmp_path, FAKE_LATENCY_MS="20000", SHUTDOWN_GRACE_S="1"
+    )
+    with running as (proc, url, task_id):
         with httpx.stream("GET", f"{url}/v1/tasks/{task_id}/events", timeout=30) as stream:
             lines = stream.iter_lines()
             while "running" not in next(lines):
@@ -627,9 +636,6 @@ def test_stopping_ends_open_event_streams_at_once_without_tracebacks(
             assert time.monotonic() - stopped < 3, "the stream held the shutdown"
         assert "event: record" not in rest  # not final: the reader resumes elsewhere
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     output = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in output and "Exception in ASGI" not in output
     assert "graceful shutdown exceeded" not in output
@@ -639,23 +645,10 @@ def test_stopping_ends_open_event_streams_at_once_without_tracebacks(
 def test_a_second_ctrl_c_hands_running_tasks_back_at_once(
     redis_url: str, prefix: str, tmp_path: Path, when: str
 ):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "PORT": str(port),
-        "FAKE_LATENCY_MS": "60000",
-        "SHUTDOWN_GRACE_S": "60",
-    }
-    proc = _serve_in_own_group(env, tmp_path / "serve.log", tmp_path)
-    try:
-        wait_ready(url)
-        body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
-        task_id = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
-        wait_until_sync(
-            lambda: httpx.get(f"{url}/v1/tasks/{task_id}").json()["status"] == "running"
-        )
+    running = _one_running_task(
+        redis_url, prefix, tmp_path, FAKE_LATENCY_MS="60000", SHUTDOWN_GRACE_S="60"
+    )
+    with running as (proc, _url, task_id):
         os.killpg(proc.pid, signal.SIGINT)
         # Before the drain has begun, it must not be uvicorn's force-quit, which would
         # skip the drain altogether.
@@ -663,9 +656,6 @@ def test_a_second_ctrl_c_hands_running_tasks_back_at_once(
         wait_until_sync(lambda: mark in (tmp_path / "serve.log").read_text())
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     output = (tmp_path / "serve.log").read_text()
     assert "handing_back_now" in output and "Traceback" not in output
     if when == "during the drain":
