@@ -32,6 +32,7 @@ from typing import Any
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -73,6 +74,8 @@ class _Link:
     conn: AbstractConnection
     broken: bool = False
     released: bool = False
+    # Has carried a batch: a write that fails on it may find it closed while idle.
+    used: bool = False
 
 
 @dataclass
@@ -147,7 +150,21 @@ class Scripts:
                 try:
                     async with asyncio.timeout(self.timeout_s):
                         link = await self._connection()
-                        await link.conn.send_packed_command(self._pack(batch), check_health=False)
+                        try:
+                            await link.conn.send_packed_command(
+                                self._pack(batch), check_health=False
+                            )
+                        except (RedisConnectionError, OSError):
+                            if not self._stale(link):
+                                raise
+                            # An idle connection that Redis closed (it restarted) fails at
+                            # the first write, before anything ran: once more, on a new one.
+                            await self._broke(link)
+                            link = await self._connection()
+                            await link.conn.send_packed_command(
+                                self._pack(batch), check_health=False
+                            )
+                        link.used = True
                 except Exception as exc:  # Redis unreachable, or the write stalled
                     self._room.release()
                     _fail(batch, _timeout(exc, self.timeout_s))
@@ -169,6 +186,10 @@ class Scripts:
             raise
         finally:
             self._sender = None
+
+    def _stale(self, link: _Link) -> bool:
+        """Used before and idle now: a failed write on it ran nothing."""
+        return link.used and not any(b.link is link for b in self._inflight)
 
     async def _connection(self) -> _Link:
         if self._link is None:

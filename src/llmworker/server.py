@@ -159,21 +159,33 @@ class Server(uvicorn.Server):
         self.worker = worker
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        runs = self.worker.dispatcher.runs
+        # A signal handler: it may run while this very thread is inside a log call (and
+        # holds its lock), so whatever it does beyond flags runs from the event loop.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         if sig == signal.SIGINT and self.should_exit:
             self._captured_signals.append(sig)
-            log.info("handing_back_now", running=len(runs))
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().call_soon_threadsafe(self.worker.dispatcher.cut_short)
+            if loop is not None:
+                loop.call_soon_threadsafe(self._hand_back_now)
             return
-        if sig == signal.SIGINT and runs:
+        if sig == signal.SIGINT and loop is not None:
+            loop.call_soon_threadsafe(self._say_stopping)
+        super().handle_exit(sig, frame)
+
+    def _say_stopping(self) -> None:
+        if self.worker.dispatcher.runs:
             log.info(
                 "stopping",
-                running=len(runs),
+                running=len(self.worker.dispatcher.runs),
                 grace_s=self.worker.settings.shutdown_grace_s,
                 hint="running tasks may finish; Ctrl+C again hands them back to the queue now",
             )
-        super().handle_exit(sig, frame)
+
+    def _hand_back_now(self) -> None:
+        log.info("handing_back_now", running=len(self.worker.dispatcher.runs))
+        self.worker.dispatcher.cut_short()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
