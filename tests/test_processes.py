@@ -474,6 +474,10 @@ def test_qstash_dev_and_serve_processes_carry_a_published_task_end_to_end(
         assert record["status"] == "succeeded" and record["qstash"]["message_id"] == message_id
 
 
+def _redis_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
+    return {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "PORT": str(free_port()), **extra}
+
+
 def _embedded_env(port: int, **extra: str) -> dict[str, str]:
     return {"REDIS_URL": "", "PORT": str(port), "LOG_LEVEL": "INFO", **extra}
 
@@ -488,31 +492,14 @@ def test_ctrl_c_drains_records_the_outcome_and_stops_the_embedded_redis_last(tmp
     """Ctrl+C in a terminal sends SIGINT to the whole foreground process group. The
     running task finishes and is recorded, the embedded Redis outlives serve's drain,
     and no traceback is printed; the next start finds the task done, not run again."""
-    port = free_port()
-    env = _embedded_env(port, FAKE_LATENCY_MS="2500", SHUTDOWN_GRACE_S="20")
-    url = f"http://127.0.0.1:{port}"
-    serve = llmworker_command("serve", "--host", "127.0.0.1")
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            serve, env={**os.environ, **env}, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_ready(url)
-        body = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}]}}
-        task_id = httpx.post(f"{url}/v1/tasks", json=body).json()["id"]
-        wait_until_sync(
-            lambda: httpx.get(f"{url}/v1/tasks/{task_id}").json()["status"] == "running"
-        )
+    env = _embedded_env(free_port(), FAKE_LATENCY_MS="2500", SHUTDOWN_GRACE_S="20")
+    with _one_running_task(tmp_path, env) as (proc, url, task_id):
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = log_path.read_text()
+    output = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
     assert not _embedded_answers(tmp_path), "the embedded Redis stops after its last user"
+    serve = llmworker_command("serve", "--host", "127.0.0.1")
     with process(serve, env, tmp_path / "again.log", cwd=tmp_path):
         wait_ready(url)
         record = httpx.get(f"{url}/v1/tasks/{task_id}").json()
@@ -593,13 +580,11 @@ def test_json_logs_are_one_json_event_per_line_with_one_access_line_per_request(
 
 @contextlib.contextmanager
 def _one_running_task(
-    redis_url: str, prefix: str, tmp_path: Path, **extra: str
+    tmp_path: Path, env: dict[str, str]
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
-    """serve as a terminal runs it (the leader of its own process group: killpg is a
-    Ctrl+C), with one task running: (the process, its URL, the task's id)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "PORT": str(port), **extra}
+    """serve (on ``env``'s PORT) as a terminal runs it, the leader of its own process
+    group (killpg is a Ctrl+C), with one task running: (the process, its URL, the id)."""
+    url = f"http://127.0.0.1:{env['PORT']}"
     with (tmp_path / "serve.log").open("wb") as log:
         proc = subprocess.Popen(
             llmworker_command("serve", "--host", "127.0.0.1"),
@@ -623,7 +608,7 @@ def test_stopping_ends_open_event_streams_at_once_without_tracebacks(
     redis_url: str, prefix: str, tmp_path: Path
 ):
     running = _one_running_task(
-        redis_url, prefix, tmp_path, FAKE_LATENCY_MS="20000", SHUTDOWN_GRACE_S="1"
+        tmp_path, _redis_env(redis_url, prefix, FAKE_LATENCY_MS="20000", SHUTDOWN_GRACE_S="1")
     )
     with running as (proc, url, task_id):
         with httpx.stream("GET", f"{url}/v1/tasks/{task_id}/events", timeout=30) as stream:
@@ -646,7 +631,7 @@ def test_a_second_ctrl_c_hands_running_tasks_back_at_once(
     redis_url: str, prefix: str, tmp_path: Path, when: str
 ):
     running = _one_running_task(
-        redis_url, prefix, tmp_path, FAKE_LATENCY_MS="60000", SHUTDOWN_GRACE_S="60"
+        tmp_path, _redis_env(redis_url, prefix, FAKE_LATENCY_MS="60000", SHUTDOWN_GRACE_S="60")
     )
     with running as (proc, _url, task_id):
         os.killpg(proc.pid, signal.SIGINT)
