@@ -541,16 +541,8 @@ def test_the_embedded_redis_does_not_outlive_a_killed_serve(tmp_path: Path):
 def test_json_logs_are_one_json_event_per_line_with_one_access_line_per_request(
     redis_url: str, prefix: str, tmp_path: Path
 ):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "LOG_FORMAT": "json",
-        "LOG_LEVEL": "INFO",
-        "FAKE_LATENCY_MS": "10",
-        "PORT": str(port),
-    }
+    env = _redis_env(redis_url, prefix, LOG_FORMAT="json", LOG_LEVEL="INFO", FAKE_LATENCY_MS="10")
+    url = f"http://127.0.0.1:{env['PORT']}"
     log_path = tmp_path / "serve.log"
     serve = llmworker_command("serve", "--host", "127.0.0.1")
     with process(serve, env, log_path) as proc:
@@ -661,16 +653,10 @@ def test_a_client_following_events_rides_out_a_restart_of_the_only_replica(
 
     from llmworker.client import Client
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "PORT": str(port),
-        "FAKE_LATENCY_MS": "6000",
-        "FAKE_TOKENS": "60",
-        "SHUTDOWN_GRACE_S": "0",
-    }
+    env = _redis_env(
+        redis_url, prefix, FAKE_LATENCY_MS="6000", FAKE_TOKENS="60", SHUTDOWN_GRACE_S="0"
+    )
+    url = f"http://127.0.0.1:{env['PORT']}"
     serve = llmworker_command("serve", "--host", "127.0.0.1")
     seen: list[str] = []
     with Client(url) as client:

@@ -248,10 +248,10 @@ class Api:
 
     async def cancel(self, request: Request) -> Response:
         ref, caller = self._task_ref(request)
-        await self._record(ref, caller)
-        before = await self.worker.queue.cancel(ref, self.settings.result_ttl_s)
-        if before is None:
-            raise NotFound("No such task: its record expired.")
+        if not ID_RE.match(ref.rpartition("/")[2]) or (
+            await self.worker.queue.cancel(ref, self.settings.result_ttl_s) is None
+        ):
+            await self._record(ref, caller)  # raises the 404, naming the tenant looked in
         self.worker.notifier.wake()
         return JSON(record_view(await self._record(ref)))
 
