@@ -17,6 +17,7 @@ from llmworker.auth import DEFAULT_TENANT, public_id, scoped, task_ref
 from llmworker.errors import InvalidField, QueueFull
 from llmworker.handlers import Registry
 from llmworker.notify import check_callback_url
+from llmworker.observe import tracing
 from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.queue import Queue
 from llmworker.record import TaskSpec, invalid_field, new_task_id
@@ -107,6 +108,8 @@ class Admitter:
             fields["timeout_s"] = repr(spec.timeout_s)
         if spec.metadata:
             fields["metadata"] = _stored_json("metadata", spec.metadata)
+        if trace := tracing.current():
+            fields["trace"] = trace
         cap = self.settings.queue_caps[tier]
         admission = await self.queue.admit(
             task_id=task_id,

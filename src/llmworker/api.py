@@ -46,6 +46,7 @@ from llmworker.httpapp import (
     request_error,
     require_json,
 )
+from llmworker.observe import tracing
 from llmworker.observe.metrics import CONTENT_TYPE, exposition
 from llmworker.record import ID_RE, TaskSpec, invalid_field, record_view
 from llmworker.settings import Settings, load_settings
@@ -124,7 +125,8 @@ class Api:
             require_json(request)
             body = await read_body(request, self.settings.max_body_bytes)
             spec = TaskSpec.parse(body)
-            admitted = await self.worker.admitter.submit(spec, caller.tenant)
+            with tracing.submit_span(request.headers, "api"):
+                admitted = await self.worker.admitter.submit(spec, caller.tenant)
         except RequestError as exc:
             self.worker.metrics.rejected(exc.code)
             raise
@@ -159,9 +161,10 @@ class Api:
             spec = TaskSpec.model_validate(body)
         except ValidationError as exc:
             raise invalid_field(exc) from None
-        admitted = await self.worker.admitter.submit(
-            spec, tenant, {"retry_of": public_id(ref)}, source="api"
-        )
+        with tracing.submit_span(request.headers, "retry"):
+            admitted = await self.worker.admitter.submit(
+                spec, tenant, {"retry_of": public_id(ref)}, source="api"
+            )
         return await self._admitted(*admitted, caller)
 
     async def _admitted(
@@ -213,9 +216,10 @@ class Api:
             # The message id is the idempotency key unless the body names one; it is
             # validated like a body field (it ends up in a key name).
             spec = TaskSpec.parse(body, idempotency_key=message_id)
-            admitted = await self.worker.admitter.submit(
-                spec, self.settings.qstash_tenant, delivery, source="qstash"
-            )
+            with tracing.submit_span(request.headers, "qstash"):
+                admitted = await self.worker.admitter.submit(
+                    spec, self.settings.qstash_tenant, delivery, source="qstash"
+                )
         except (BadRequest, InvalidField) as exc:
             log.warning("qstash_invalid_task", error=exc.code, message_id=_shown(message_id))
             self.worker.metrics.rejected(exc.code)

@@ -30,6 +30,7 @@ from llmworker.context import SubmitFn, TaskContext
 from llmworker.errors import HandlerError, TaskError, TaskTimeout
 from llmworker.events import EventWriter
 from llmworker.handlers import Registry
+from llmworker.observe import tracing
 from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.providers import Providers
 from llmworker.queue import Claimed, Queue
@@ -78,6 +79,10 @@ class Executor:
 
     async def run(self, claimed: Claimed, run: Run) -> None:
         structlog.contextvars.bind_contextvars(task_id=claimed.id, kind=claimed.fields.get("kind"))
+        with tracing.run_span(claimed.fields):
+            await self._run(claimed, run)
+
+    async def _run(self, claimed: Claimed, run: Run) -> None:
         started = time.monotonic()
         fields = claimed.fields
         tier, model = fields.get("tier", ""), fields.get("model", "")

@@ -43,6 +43,7 @@ from yarl import URL
 
 from llmworker import __version__
 from llmworker.errors import InvalidField
+from llmworker.observe import tracing
 from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.providers.errors import retry_after_s
 from llmworker.queue import Queue
@@ -400,6 +401,10 @@ class Notifier:
         except InvalidField as exc:
             raise DeliveryFailed(exc.message, final=True) from None
         body, headers = self.payload(fields)
+        with tracing.callback_span(fields, headers):
+            await self._send(url, body, headers)
+
+    async def _send(self, url: str, body: bytes, headers: dict[str, str]) -> None:
         if self.settings.callback_via == "qstash":
             await self._publish(url, body, headers)
             return

@@ -17,8 +17,11 @@ import contextlib
 import errno
 import os
 import resource
+import shutil
 import signal
 import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -145,8 +148,32 @@ def _run(settings: Settings, sock: socket.socket, workers: int, reload: bool) ->
     )
     if reload:
         ChangeReload(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
-    else:
+        return
+    with shared_metrics():
         Multiprocess(config, sockets=[sock]).run()
+
+
+@contextlib.contextmanager
+def shared_metrics() -> Iterator[None]:
+    """Worker processes write their metrics to files in one folder, and whichever
+    process a scrape reaches reads them all (prometheus_client's multiprocess mode). The
+    folder is ``PROMETHEUS_MULTIPROC_DIR`` if set (emptied first: files of an earlier run
+    would count twice), else a temporary one removed at the end."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+        yield
+        return
+    folder = Path(tempfile.mkdtemp(prefix="llmworker-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Server(uvicorn.Server):

@@ -19,6 +19,7 @@ from llmworker.executor import Executor
 from llmworker.handlers import Registry, import_task_modules, registry
 from llmworker.keys import Keys
 from llmworker.notify import Notifier
+from llmworker.observe import tracing
 from llmworker.observe.health import ProviderHealth
 from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.observe.snapshot import Observer, Snapshot, failures_view
@@ -72,6 +73,8 @@ class Worker:
 
     async def start(self) -> None:
         import_task_modules(self.settings.task_modules)
+        if not tracing.active():
+            tracing.setup(self.settings.otel_exporter_otlp_endpoint)
         await wait_for_redis(
             self.redis, self.settings.redis_url or "", self.settings.redis_connect_timeout_s
         )
@@ -161,6 +164,7 @@ class Worker:
             call.usage,
         )
         self.health.note(call.alias, call.outcome, call.duration_s, call.ttft_s)
+        tracing.provider_call(call)
 
     async def snapshot(self, detail: bool = False) -> Snapshot:
         return await self.observer.read(detail)

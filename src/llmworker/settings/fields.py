@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # an admin key unless METRICS_PUBLIC (for a scraper on a private network).
     metrics_enabled: bool = True
     metrics_public: bool = False
+    # Traces to this OTLP/HTTP endpoint (observe/tracing.py); the exporter also reads the
+    # other standard OTEL_EXPORTER_OTLP_* variables (headers, timeout).
+    otel_exporter_otlp_endpoint: str | None = None
 
     tiers: str = "paid,free"
     default_tier: str = "free"
@@ -137,6 +140,7 @@ class Settings(BaseSettings):
         "qstash_token",
         "qstash_url",
         "callback_secret",
+        "otel_exporter_otlp_endpoint",
         mode="before",
     )
     @classmethod
