@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from llmworker import __version__, errors
+from llmworker.auth import DEFAULT_TENANT, KeyRing
 from llmworker.handlers import registry
 from llmworker.httpapp import NON_RETRYABLE_STATUS
-from llmworker.record import TaskSpec
+from llmworker.record import ID_RE, TaskSpec
 from llmworker.settings import Settings
 
 
@@ -229,22 +230,83 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return out
 
 
-TENANT = {
-    "name": "tenant",
-    "in": "query",
-    "required": False,
-    "description": "Admin keys: act for this tenant.",
-    "schema": {"type": "string"},
-}
 TASK_ID = {
     "name": "id",
     "in": "path",
     "required": True,
     "description": "The task's id (as its tenant knows it).",
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": ID_RE.pattern},
 }
+# An event's id: where a stream resumes.
+EVENT_ID = {"type": "string", "pattern": "^[0-9]{1,20}(-[0-9]{1,20})?$"}
+# One event of the stream, as it arrives: its type, its id and its data, JSON whose
+# schema each type names (``contentSchema``).
+SSE_EVENT: dict[str, Any] = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": event},
+                "id": {"type": "string"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": schema,
+                },
+                "retry": {"type": "integer"},
+            },
+        }
+        for event, schema in (
+            ("status", {"$ref": REF.format(model="StatusEvent")}),
+            ("tokens", {"$ref": REF.format(model="TextEvent")}),
+            ("reasoning", {"$ref": REF.format(model="TextEvent")}),
+            ("progress", {"type": "object"}),
+            ("record", {"$ref": REF.format(model="TaskRecord")}),
+        )
+    ]
+}
+# From a submission's answer to what can be done with the task.
+TASK_LINKS = {
+    name: {"operationId": operation, "parameters": {"id": "$response.body#/id"}}
+    for name, operation in (
+        ("GetTask", "getTask"),
+        ("CancelTask", "cancelTask"),
+        ("TaskEvents", "taskEvents"),
+        ("RetryTask", "retryTask"),
+    )
+}
+
+
+def _tenant(settings: Settings) -> dict[str, Any]:
+    keys, _ = KeyRing.parse(settings.api_keys, settings.admin_keys)
+    tenants = sorted(keys.tenants | {DEFAULT_TENANT, settings.qstash_tenant})
+    return {
+        "name": "tenant",
+        "in": "query",
+        "required": False,
+        "description": "Admin keys: act for this tenant.",
+        "schema": {"type": "string", "enum": tenants},
+    }
+
+
 # Every endpoint that reads or writes tasks may refuse for these reasons.
 AUTHED = (400, 401, 403)
+
+
+def _submission(settings: Settings) -> dict[str, Any]:
+    example = {
+        "kind": "chat",
+        "input": {"messages": [{"role": "user", "content": "Say hello in French."}]},
+        "user": "user-42",
+        "tier": settings.tier_names[0],
+    }
+    return {
+        "required": True,
+        "content": {
+            "application/json": {**_json("TaskSpec")["application/json"], "example": example}
+        },
+    }
 
 
 def _task_answer(description: str, status: str = "200") -> dict[str, Any]:
@@ -252,8 +314,11 @@ def _task_answer(description: str, status: str = "200") -> dict[str, Any]:
 
 
 def _paths(settings: Settings) -> dict[str, Any]:
+    tenant = _tenant(settings)
+    admitted = _task_answer("Admitted: the new task.", "202")
+    admitted["202"]["links"] = TASK_LINKS
     submitted = {
-        **_task_answer("Admitted: the new task.", "202"),
+        **admitted,
         **_task_answer("The same id or idempotency key was admitted before: that task."),
         **_errors(*AUTHED, 413, 415, 422, 429, 503),
     }
@@ -269,8 +334,8 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "post": {
                 "operationId": "submitTask",
                 "summary": "Submit a task",
-                "parameters": [TENANT],
-                "requestBody": {"required": True, "content": _json("TaskSpec")},
+                "parameters": [tenant],
+                "requestBody": _submission(settings),
                 "responses": submitted,
             },
             "get": {
@@ -283,13 +348,13 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "required": True,
                         "schema": {"type": "string"},
                     },
-                    TENANT,
+                    tenant,
                 ],
                 "responses": {**_task_answer("The task."), **_errors(*AUTHED, 404, 503)},
             },
         },
         "/v1/tasks/{id}": {
-            "parameters": [TASK_ID, TENANT],
+            "parameters": [TASK_ID, tenant],
             "get": {
                 "operationId": "getTask",
                 "summary": "A task's record",
@@ -305,7 +370,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
             },
         },
         "/v1/tasks/{id}/retry": {
-            "parameters": [TASK_ID, TENANT],
+            "parameters": [TASK_ID, tenant],
             "post": {
                 "operationId": "retryTask",
                 "summary": "A new task from a finished task's input (`retry_of` names it)",
@@ -316,19 +381,19 @@ def _paths(settings: Settings) -> dict[str, Any]:
             },
         },
         "/v1/tasks/{id}/events": {
-            "parameters": [TASK_ID, TENANT],
+            "parameters": [TASK_ID, tenant],
             "get": {
                 "operationId": "taskEvents",
                 "summary": "The task's events, live",
                 "description": events_doc,
                 "parameters": [
-                    {"name": "after", "in": "query", "schema": {"type": "string"}},
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    {"name": "after", "in": "query", "schema": EVENT_ID},
+                    {"name": "Last-Event-ID", "in": "header", "schema": EVENT_ID},
                 ],
                 "responses": {
                     "200": {
                         "description": events_doc,
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "content": {"text/event-stream": {"schema": SSE_EVENT}},
                     },
                     **_errors(*AUTHED, 404, 503),
                 },
@@ -352,7 +417,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     {"name": "Upstash-Signature", "in": "header", "schema": {"type": "string"}},
                     {"name": "Upstash-Message-Id", "in": "header", "schema": {"type": "string"}},
                 ],
-                "requestBody": {"required": True, "content": _json("TaskSpec")},
+                "requestBody": _submission(settings),
                 "responses": {**submitted, **_errors(NON_RETRYABLE_STATUS)},
             }
         },
@@ -360,7 +425,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "get": {
                 "operationId": "stats",
                 "summary": "Queues, guards, throughput, provider health (admin)",
-                "parameters": [TENANT],
+                "parameters": [tenant],
                 "responses": {
                     "200": {"description": "The deployment.", "content": _json("Stats")},
                     **_errors(*AUTHED, 503),
@@ -384,7 +449,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 1, "maximum": 500},
                     },
-                    TENANT,
+                    tenant,
                 ],
                 "responses": {
                     "200": {"description": "Newest first.", "content": _json("Failures")},
