@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import redis
 
+from bench.common import free_port, percentile
 from bench.harness import (
     CALLBACK_SECRET,
     CHAT_INPUT,
@@ -60,7 +61,6 @@ from bench.harness import (
     worker_env,
 )
 from bench.malformed import malformed
-from bench.run import free_port, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "chaos-results.md"

@@ -30,7 +30,7 @@ import orjson
 import redis
 from standardwebhooks import Webhook
 
-from bench.run import free_port
+from bench.common import free_port
 from llmworker.keys import Keys
 
 # A Standard Webhooks secret for the workers and the receiver (test material only).

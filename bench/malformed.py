@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from bench.common import free_port
 from bench.harness import (
     CALLBACK_SECRET,
     CallbackReceiver,
@@ -30,7 +31,6 @@ from bench.harness import (
     worker_env,
 )
 from bench.probes import BASE, Probe, generate
-from bench.run import free_port
 
 QSTASH_KEYS = {
     "QSTASH_CURRENT_SIGNING_KEY": "sig_chaos_current_0123456789abcdef",

@@ -64,7 +64,7 @@ def example(name: str, port: int | None = None) -> str:
     return block.code if port is None else block.code.replace("8080", str(port))
 
 
-EXAMPLES = {"try-it", "python-client", "verify-callback", "own-kind", "python-publish"}
+EXAMPLES = {"try-it", "python-client", "verify-callback", "own-kind", "python-publish", "watch"}
 
 
 def test_every_example_is_run_or_says_why_not():
@@ -136,6 +136,18 @@ def worker_url(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[int]:
     with process(serve, env, tmp_path / "serve.log"):
         wait_ready(f"http://127.0.0.1:{port}")
         yield port
+
+
+def test_the_watching_example_runs_as_written(worker_url: int):
+    shell = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", example("watch", worker_url)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert 'llmworker_queue_waiting{model="fake",tier="paid"} 0.0' in shell.stdout
+    assert "/v1/tasks /v1/tasks/{id}" in shell.stdout
 
 
 def test_the_python_client_example_runs_as_written(worker_url: int):

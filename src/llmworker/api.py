@@ -47,7 +47,7 @@ from llmworker.httpapp import (
     require_json,
 )
 from llmworker.observe import tracing
-from llmworker.observe.metrics import CONTENT_TYPE, exposition
+from llmworker.observe.metrics import CONTENT_TYPE
 from llmworker.record import ID_RE, TaskSpec, invalid_field, record_view
 from llmworker.settings import Settings, load_settings
 from llmworker.states import FINAL_STATES
@@ -434,7 +434,7 @@ class Api:
         except (RedisError, OSError) as exc:
             log.warning("metrics_without_redis", error=str(exc))
             snap = None
-        return Response(exposition(snap), media_type=CONTENT_TYPE)
+        return Response(self.worker.metrics.exposition(snap), media_type=CONTENT_TYPE)
 
 
 def create_app(settings: Settings | None = None, worker: Worker | None = None) -> Starlette:

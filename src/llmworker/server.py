@@ -156,23 +156,23 @@ def _run(settings: Settings, sock: socket.socket, workers: int, reload: bool) ->
 @contextlib.contextmanager
 def shared_metrics() -> Iterator[None]:
     """Worker processes write their metrics to files in one folder, and whichever
-    process a scrape reaches reads them all (prometheus_client's multiprocess mode). The
-    folder is ``PROMETHEUS_MULTIPROC_DIR`` if set (emptied first: files of an earlier run
-    would count twice), else a temporary one removed at the end."""
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    process a scrape reaches reads them all (observe/metrics.py). The folder is
+    ``METRICS_DIR`` if set (emptied first: files of an earlier run would count twice),
+    else a temporary one removed at the end."""
+    given = os.environ.get("METRICS_DIR")
     if given:
         folder = Path(given)
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("*.db"):
+        for stale in folder.glob("llmworker-*.json"):
             stale.unlink()
         yield
         return
     folder = Path(tempfile.mkdtemp(prefix="llmworker-metrics-"))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    os.environ["METRICS_DIR"] = str(folder)
     try:
         yield
     finally:
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        os.environ.pop("METRICS_DIR", None)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -83,6 +83,7 @@ class Worker:
             self.dispatcher.start()
             self.notifier.start()
         self.health.start()
+        self.metrics.share(self.settings.metrics_dir)
         self.started = True
         log.info(
             "worker_started",
@@ -140,6 +141,7 @@ class Worker:
                 log.warning("replica_not_removed", error=str(exc))
         self.started = False
         await self.health.stop()
+        await self.metrics.unshare()
         await self.providers.aclose()
         await self.redis.aclose()
         log.info("worker_stopped", replica=self.replica_id)

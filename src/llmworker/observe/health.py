@@ -54,15 +54,16 @@ class ProviderHealth:
 
     def __init__(self, scripts: Scripts) -> None:
         self.scripts = scripts
-        self.pending: Counter[str] = Counter()
+        # (model, "n" | "d" | "t", outcome or bucket) -> calls
+        self.pending: Counter[tuple[str, str, Any]] = Counter()
         self._task: asyncio.Task[None] | None = None
 
     def note(self, model: str, outcome: str, duration_s: float, ttft_s: float | None) -> None:
         pending = self.pending
-        pending[f"{model}|n|{outcome}"] += 1
-        pending[f"{model}|d|{bucket(duration_s)}"] += 1
+        pending[model, "n", outcome] += 1
+        pending[model, "d", bisect.bisect_left(BOUNDS_S, duration_s)] += 1
         if ttft_s is not None:
-            pending[f"{model}|t|{bucket(ttft_s)}"] += 1
+            pending[model, "t", bisect.bisect_left(BOUNDS_S, ttft_s)] += 1
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._flush_forever())
@@ -82,8 +83,8 @@ class ProviderHealth:
             return
         counts, self.pending = self.pending, Counter()
         args: list[Any] = []
-        for field, n in counts.items():
-            args += [field, n]
+        for (model, kind, key), n in counts.items():
+            args += [f"{model}|{kind}|{key}", n]
         try:
             await self.scripts.call("health_add", *args)
         except (RedisError, OSError):

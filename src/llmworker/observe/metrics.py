@@ -5,35 +5,45 @@ Two kinds:
 - **What this process did**: counters and histograms (tasks submitted, finished and
   rejected; queue and run time; provider calls, their outcome, duration, time to first
   token and tokens; callbacks). Each replica counts its own: sum them over replicas
-  (``sum by (...)``). Under ``serve --workers N`` the processes share a folder
-  (``PROMETHEUS_MULTIPROC_DIR``, set by ``serve``) and any of them answers for all.
+  (``sum by (...)``). Under ``serve --workers N`` every process writes its counts to a
+  file in ``METRICS_DIR`` each second, and whichever process a scrape
+  reaches adds the others' files to its own counts.
 - **What the deployment holds**: gauges read from Redis at scrape time in one round
   trip (waiting tasks, the oldest wait, running tasks, guard slots, replicas, the
   callback outbox). Every replica reports the same values: take ``max without
   (instance)``.
 
-No label ever carries a user or a task id: series stay as many as tiers times models.
+Counting is a dictionary update, about a tenth of a ``prometheus_client`` metric's
+cost (which takes a lock and, in its multiprocess mode, writes a memory-mapped file per
+observation): metrics on cost the pipeline almost nothing. ``prometheus_client`` writes
+the exposition. No label ever carries a user or a task id.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+from bisect import bisect_left
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
+import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from llmworker.observe.snapshot import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# How often a process of `serve --workers N` writes its counts for the others.
+SHARE_S = 1.0
 
 # The OpenTelemetry GenAI semantic conventions' advisory buckets.
 GENAI_DURATION_BUCKETS = (
@@ -46,112 +56,110 @@ QUEUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 180
 RUN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2)
 
-# No `_created` series: a scrape stays half the size, and nothing here reads them.
-disable_created_metrics()  # type: ignore[no-untyped-call]
+GENAI_CALL = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
 
-# The process's own metrics live here; in multiprocess mode their values are written to
-# files instead, and read back by MultiProcessCollector.
-REGISTRY = CollectorRegistry(auto_describe=False)
+# name -> (help, label names, histogram bucket bounds or None for a counter)
+FAMILIES: dict[str, tuple[str, tuple[str, ...], tuple[float, ...] | None]] = {
+    "llmworker_tasks_submitted": (
+        "Tasks admitted, by where they came from (api, qstash, handler).",
+        ("tier", "model", "source"),
+        None,
+    ),
+    "llmworker_tasks_finished": (
+        "Tasks that reached a final state, counted by the replica that saw it happen.",
+        ("tier", "model", "status"),
+        None,
+    ),
+    "llmworker_tasks_rejected": (
+        "Submissions refused, by error code (queue_full, invalid_field, unauthorized ...).",
+        ("reason",),
+        None,
+    ),
+    "llmworker_task_queue_seconds": (
+        "Time from admission to the start of a run.",
+        ("tier", "model"),
+        QUEUE_BUCKETS,
+    ),
+    "llmworker_task_run_seconds": (
+        "Time a run took, by how it ended.",
+        ("tier", "model", "status"),
+        RUN_BUCKETS,
+    ),
+    "llmworker_provider_ttft_seconds": (
+        "Time from a provider call to its first streamed token.",
+        ("model",),
+        TTFT_BUCKETS,
+    ),
+    "llmworker_provider_requests": (
+        "Provider calls by outcome (ok, rate_limited, server_error, timeout, client_error).",
+        ("model", "outcome"),
+        None,
+    ),
+    "llmworker_callbacks": (
+        "Callback delivery attempts by outcome (delivered, retry, failed).",
+        ("outcome",),
+        None,
+    ),
+    "gen_ai_client_operation_duration_seconds": (
+        "GenAI operation duration (OpenTelemetry gen_ai.client.operation.duration).",
+        (*GENAI_CALL, "error_type"),
+        GENAI_DURATION_BUCKETS,
+    ),
+    "gen_ai_client_token_usage": (
+        "Tokens used per GenAI operation (OpenTelemetry gen_ai.client.token.usage).",
+        (*GENAI_CALL, "gen_ai_token_type"),
+        GENAI_TOKEN_BUCKETS,
+    ),
+}
+
+# A counter's values: labels -> count. A histogram's: labels -> [count per bucket ...,
+# count past the last bound, sum].
+Values = dict[tuple[str, ...], Any]
 
 
-def multiprocess() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-
-
-_submitted = Counter(
-    "llmworker_tasks_submitted",
-    "Tasks admitted, by where they came from (api, qstash, handler).",
-    ["tier", "model", "source"],
-    registry=REGISTRY,
-)
-_finished = Counter(
-    "llmworker_tasks_finished",
-    "Tasks that reached a final state, counted by the replica that saw it happen.",
-    ["tier", "model", "status"],
-    registry=REGISTRY,
-)
-_rejected = Counter(
-    "llmworker_tasks_rejected",
-    "Submissions refused, by error code (queue_full, invalid_field, unauthorized ...).",
-    ["reason"],
-    registry=REGISTRY,
-)
-_queue_s = Histogram(
-    "llmworker_task_queue_seconds",
-    "Time from admission to the start of a run.",
-    ["tier", "model"],
-    buckets=QUEUE_BUCKETS,
-    registry=REGISTRY,
-)
-_run_s = Histogram(
-    "llmworker_task_run_seconds",
-    "Time a run took, by how it ended.",
-    ["tier", "model", "status"],
-    buckets=RUN_BUCKETS,
-    registry=REGISTRY,
-)
-_ttft = Histogram(
-    "llmworker_provider_ttft_seconds",
-    "Time from a provider call to its first streamed token.",
-    ["model"],
-    buckets=TTFT_BUCKETS,
-    registry=REGISTRY,
-)
-_provider = Counter(
-    "llmworker_provider_requests",
-    "Provider calls by outcome (ok, rate_limited, server_error, timeout, client_error).",
-    ["model", "outcome"],
-    registry=REGISTRY,
-)
-_callbacks = Counter(
-    "llmworker_callbacks",
-    "Callback delivery attempts by outcome (delivered, retry, failed).",
-    ["outcome"],
-    registry=REGISTRY,
-)
-_genai_duration = Histogram(
-    "gen_ai_client_operation_duration_seconds",
-    "GenAI operation duration (OpenTelemetry gen_ai.client.operation.duration).",
-    ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"],
-    buckets=GENAI_DURATION_BUCKETS,
-    registry=REGISTRY,
-)
-_genai_tokens = Histogram(
-    "gen_ai_client_token_usage",
-    "Tokens used per GenAI operation (OpenTelemetry gen_ai.client.token.usage).",
-    ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
-    buckets=GENAI_TOKEN_BUCKETS,
-    registry=REGISTRY,
-)
+def _observe(values: Values, bounds: tuple[float, ...], key: tuple[str, ...], x: float) -> None:
+    row = values.get(key)
+    if row is None:
+        row = values[key] = [0] * (len(bounds) + 1) + [0.0]
+    row[bisect_left(bounds, x)] += 1
+    row[-1] += x
 
 
 class Metrics:
-    """What the pipeline reports as it goes. The labelled children are looked up once
-    per label set: the hot paths pay one dictionary lookup and one increment."""
+    """What the pipeline reports as it goes, kept in plain dictionaries."""
 
     def __init__(self) -> None:
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self.values: dict[str, Values] = {name: {} for name in FAMILIES}
+        v = self.values
+        self._submitted = v["llmworker_tasks_submitted"]
+        self._finished = v["llmworker_tasks_finished"]
+        self._rejected = v["llmworker_tasks_rejected"]
+        self._queue_s = v["llmworker_task_queue_seconds"]
+        self._run_s = v["llmworker_task_run_seconds"]
+        self._ttft = v["llmworker_provider_ttft_seconds"]
+        self._provider = v["llmworker_provider_requests"]
+        self._callbacks = v["llmworker_callbacks"]
+        self._duration = v["gen_ai_client_operation_duration_seconds"]
+        self._tokens = v["gen_ai_client_token_usage"]
+        self._shared: Path | None = None
+        self._sharing: asyncio.Task[None] | None = None
 
     def submitted(self, tier: str, model: str, source: str) -> None:
-        self._child(_submitted, tier, model, source).inc()
+        key = (tier, model, source)
+        self._submitted[key] = self._submitted.get(key, 0) + 1
 
     def rejected(self, reason: str) -> None:
-        self._child(_rejected, reason).inc()
+        key = (reason,)
+        self._rejected[key] = self._rejected.get(key, 0) + 1
 
     def started(self, tier: str, model: str, queue_s: float) -> None:
-        self._child(_queue_s, tier, model).observe(queue_s)
+        _observe(self._queue_s, QUEUE_BUCKETS, (tier, model), queue_s)
 
     def finished(self, tier: str, model: str, status: str, run_s: float | None = None) -> None:
-        self._child(_finished, tier, model, status).inc()
+        key = (tier, model, status)
+        self._finished[key] = self._finished.get(key, 0) + 1
         if run_s is not None:
-            self._child(_run_s, tier, model, status).observe(run_s)
+            _observe(self._run_s, RUN_BUCKETS, key, run_s)
 
     def provider_call(
         self,
@@ -164,20 +172,99 @@ class Metrics:
         error_type: str,
         usage: dict[str, Any] | None,
     ) -> None:
-        self._child(_provider, model, outcome).inc()
+        key = (model, outcome)
+        self._provider[key] = self._provider.get(key, 0) + 1
         if ttft_s is not None:
-            self._child(_ttft, model).observe(ttft_s)
-        self._child(_genai_duration, "chat", provider, provider_model, error_type).observe(
-            duration_s
-        )
+            _observe(self._ttft, TTFT_BUCKETS, (model,), ttft_s)
+        call = ("chat", provider, provider_model)
+        _observe(self._duration, GENAI_DURATION_BUCKETS, (*call, error_type), duration_s)
         if usage:
             for kind, name in (("input", "prompt_tokens"), ("output", "completion_tokens")):
                 n = usage.get(name)
                 if isinstance(n, int) and not isinstance(n, bool):
-                    self._child(_genai_tokens, "chat", provider, provider_model, kind).observe(n)
+                    _observe(self._tokens, GENAI_TOKEN_BUCKETS, (*call, kind), n)
 
     def callback(self, outcome: str) -> None:
-        self._child(_callbacks, outcome).inc()
+        key = (outcome,)
+        self._callbacks[key] = self._callbacks.get(key, 0) + 1
+
+    # -- serve --workers N: each process's counts in a file the others read -------------
+
+    def share(self, folder: Path | None) -> None:
+        """Start writing this process's counts to ``folder`` (``METRICS_DIR``), if any."""
+        if folder is None or self._sharing is not None:
+            return
+        self._shared = folder / f"llmworker-{os.getpid()}.json"
+        self._sharing = asyncio.create_task(self._share_forever())
+
+    async def unshare(self) -> None:
+        if self._sharing is not None:
+            self._sharing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sharing
+            self._sharing = None
+            self._write()
+
+    async def _share_forever(self) -> None:
+        while True:
+            self._write()
+            await asyncio.sleep(SHARE_S)
+
+    def _write(self) -> None:
+        if self._shared is None:
+            return
+        data = {name: [[*k, v] for k, v in values.items()] for name, values in self.values.items()}
+        tmp = self._shared.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_bytes(orjson.dumps(data))
+            tmp.replace(self._shared)
+
+    def _merged(self) -> dict[str, Values]:
+        """This process's counts, plus every other process's last written ones."""
+        if self._shared is None:
+            return self.values
+        merged: dict[str, Values] = {
+            name: {k: (list(v) if isinstance(v, list) else v) for k, v in values.items()}
+            for name, values in self.values.items()
+        }
+        for path in self._shared.parent.glob("llmworker-*.json"):
+            if path == self._shared:
+                continue
+            try:
+                data = orjson.loads(path.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            for name, rows in data.items():
+                target = merged.get(name)
+                if target is None:
+                    continue
+                width = len(FAMILIES[name][1])
+                for row in rows:
+                    key, value = tuple(row[:width]), row[width]
+                    _add(target, key, value)
+        return merged
+
+    # -- the scrape -----------------------------------------------------------------------
+
+    def exposition(self, snap: Snapshot | None) -> bytes:
+        """This process's (with ``--workers N``, every process's) metrics, then the
+        deployment's gauges (left out when Redis could not be read)."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Counts(self._merged()))
+        if snap is not None:
+            registry.register(_Deployment(snap))
+        return generate_latest(registry)
+
+
+def _add(target: Values, key: tuple[str, ...], value: Any) -> None:
+    mine = target.get(key)
+    if mine is None:
+        target[key] = list(value) if isinstance(value, list) else value
+    elif isinstance(mine, list):
+        for i, n in enumerate(value):
+            mine[i] += n
+    else:
+        target[key] = mine + value
 
 
 class NoMetrics(Metrics):
@@ -202,13 +289,41 @@ class NoMetrics(Metrics):
         pass
 
 
+class _Counts(Collector):
+    def __init__(self, values: dict[str, Values]) -> None:
+        self.values = values
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (doc, labels, bounds) in FAMILIES.items():
+            values = self.values[name]
+            if bounds is None:
+                counter = CounterMetricFamily(name, doc, labels=labels)
+                for key, n in sorted(values.items()):
+                    counter.add_metric(list(key), n)
+                yield counter
+                continue
+            histogram = HistogramMetricFamily(name, doc, labels=labels)
+            for key, row in sorted(values.items()):
+                cumulative, buckets = 0, []
+                for bound, n in zip(bounds, row, strict=False):
+                    cumulative += n
+                    buckets.append((_le(bound), cumulative))
+                buckets.append(("+Inf", cumulative + row[len(bounds)]))
+                histogram.add_metric(list(key), buckets, sum_value=row[-1])
+            yield histogram
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
 class _Deployment(Collector):
     """The snapshot's gauges, for one scrape."""
 
     def __init__(self, snap: Snapshot) -> None:
         self.snap = snap
 
-    def collect(self) -> Any:
+    def collect(self) -> Iterator[Metric]:
         snap = self.snap
         waiting = GaugeMetricFamily(
             "llmworker_queue_waiting",
@@ -250,19 +365,3 @@ class _Deployment(Collector):
             "Callbacks in the outbox: due, being attempted or waiting for a retry.",
             value=snap.callbacks,
         )
-
-
-def exposition(snap: Snapshot | None) -> bytes:
-    """The scrape: this process's (or, with ``--workers N``, every process's) metrics,
-    then the deployment's gauges (None when Redis could not be read)."""
-    if multiprocess():
-        own = CollectorRegistry(auto_describe=False)
-        MultiProcessCollector(own)  # type: ignore[no-untyped-call]
-        text = generate_latest(own)
-    else:
-        text = generate_latest(REGISTRY)
-    if snap is None:
-        return text
-    deployment = CollectorRegistry(auto_describe=False)
-    deployment.register(_Deployment(snap))
-    return text + generate_latest(deployment)

@@ -11,8 +11,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -29,9 +28,8 @@ BACKOFF_MAX_S = 30.0
 MAX_TRIES = 8  # per call, even when the deadline is far
 
 
-@dataclass(frozen=True)
-class CallReport:
-    """One try of a provider call, as metrics and provider health count it."""
+class CallReport(NamedTuple):
+    """One try of a provider call, as metrics, provider health and traces see it."""
 
     alias: str
     provider: str

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     # an admin key unless METRICS_PUBLIC (for a scraper on a private network).
     metrics_enabled: bool = True
     metrics_public: bool = False
+    # Where `serve --workers N` processes share their counts (serve sets a temporary one).
+    metrics_dir: Path | None = None
     # Traces to this OTLP/HTTP endpoint (observe/tracing.py); the exporter also reads the
     # other standard OTEL_EXPORTER_OTLP_* variables (headers, timeout).
     otel_exporter_otlp_endpoint: str | None = None
