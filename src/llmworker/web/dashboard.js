@@ -216,16 +216,19 @@
 
   // ---- banner and key form -----------------------------------------------------------
 
-  const notices = new Map(); // source -> text
-  function notice(source, text, ttlMs) {
-    if (text) notices.set(source, text);
+  const notices = new Map(); // source -> { text, kind }
+  /** A line in the banner, by source (a poll's error is replaced by the next poll);
+   * ``kind`` "info" for what an action did, "error" otherwise. */
+  function notice(source, text, ttlMs, kind = "error") {
+    if (text) notices.set(source, { text, kind });
     else notices.delete(source);
     const banner = $("banner");
-    banner.replaceChildren(...Array.from(notices.values(), (t) => el("div", null, t)));
+    banner.replaceChildren(...Array.from(notices.values(), (n) => el("div", { className: `note ${n.kind}` }, n.text)));
     banner.hidden = notices.size === 0;
     if (text && ttlMs) {
       setTimeout(() => {
-        if (notices.get(source) === text) notice(source, null);
+        const current = notices.get(source);
+        if (current && current.text === text) notice(source, null);
       }, ttlMs);
     }
   }
@@ -362,7 +365,9 @@
     setText($("k-failed"), fmtNum(failed));
     $("k-failed").classList.toggle("bad", failed > 0);
     $("k-callbacks").classList.toggle("warn", (s.callbacks_waiting || 0) > 0);
-    setText($("tp-sum"), `${fmtNum(sum(tp.succeeded))} ok · ${fmtNum(failed)} failed · ${fmtNum(sum(tp.cancelled))} cancelled, last 60 min`);
+    setText($("tp-ok"), fmtNum(sum(tp.succeeded)));
+    setText($("tp-failed"), fmtNum(failed));
+    setText($("tp-cancelled"), fmtNum(sum(tp.cancelled)));
 
     renderLanes(s.lanes || []);
     drawChart(tp);
@@ -374,6 +379,7 @@
   function renderLanes(lanes) {
     const tbody = $("lanes").tBodies[0];
     $("lanes-empty").hidden = lanes.length > 0;
+    $("lanes").hidden = lanes.length === 0;
     const cols = ["c-lane", "num c-waiting", "num c-oldest", "c-running"];
     syncRows(tbody, lanes, (l) => `${l.tier}|${l.model}`, cols, (tr, l, c) => {
       tr.classList.toggle("idle", !l.waiting && !l.running);
@@ -392,6 +398,7 @@
   function renderProviders(providers) {
     const rows = Object.entries(providers).map(([model, p]) => Object.assign({ model }, p));
     $("providers-empty").hidden = rows.length > 0;
+    $("providers").hidden = rows.length === 0;
     const cols = ["c-model", "num", "num", "num", "num", "num", "num c-dur", "num c-dur"];
     const labels = [null, "ok", "429", "5xx", "timeout", "4xx", "duration", "TTFT"];
     const outcomes = ["ok", "rate_limited", "server_error", "timeout", "client_error"];
@@ -427,8 +434,10 @@
   }
 
   function renderRunning(tasks) {
-    setText($("running-count"), tasks.length ? `${tasks.length}${tasks.length >= 50 ? "+" : ""} longest first` : "");
+    const count = `${tasks.length}${tasks.length >= 50 ? "+" : ""}`;
+    setText($("running-count"), tasks.length > 1 ? `${count} tasks, longest first` : "");
     $("running-empty").hidden = tasks.length > 0;
+    $("running").hidden = tasks.length === 0;
     const cols = ["c-task", "c-kind", "c-tier", "c-model", "c-user", "num c-run", "num c-att", "c-act"];
     syncRows($("running").tBodies[0], tasks, (t) => `${t.tenant}/${t.id}`, cols, (tr, t, c) => {
       tr.dataset.taskId = t.id;
@@ -466,7 +475,7 @@
       try {
         await api(taskPath(t.id, t.tenant), "DELETE");
         button.textContent = "cancelled";
-        notice("action", `Cancelled ${t.id}.`, 5000);
+        notice("action", `Cancelled ${t.id}.`, 5000, "info");
         schedule(100);
       } catch (err) {
         if (!authProblem(err)) notice("action", `Cancel ${t.id}: ${err.message}`, 8000);
@@ -485,6 +494,7 @@
     fillFacets(data.facets || {});
     const items = data.failures || [];
     $("failures-empty").hidden = items.length > 0;
+    $("failures").hidden = items.length === 0;
     const cols = ["c-task", "c-status", "c-err", "c-model", "c-tier", "c-user", "num c-ago", "num c-att", "c-act"];
     syncRows($("failures").tBodies[0], items, (f) => `${f.tenant}/${f.id}`, cols, (tr, f, c) => {
       const key = `${f.tenant}/${f.id}`;
@@ -527,7 +537,7 @@
           const cell = row.cells[row.cells.length - 1];
           fill(cell, `retried:${record.id}`, () => retriedLink(record.id, f.tenant));
         }
-        notice("action", `Retried ${f.id} as ${record.id}.`, 5000);
+        notice("action", `Retried ${f.id} as ${record.id}.`, 5000, "info");
       } catch (err) {
         if (authProblem(err)) return;
         const why = err.code === "not_finished" ? "it is still queued or running" : err.message;
@@ -556,10 +566,11 @@
 
   // ---- the throughput chart ----------------------------------------------------------
 
+  /** The chart's top: round, and with a whole number half way up. */
   function niceMax(n) {
-    if (n <= 4) return 4;
+    if (n <= 10) return Math.max(4, Math.ceil(n / 2) * 2);
     const pow = 10 ** Math.floor(Math.log10(n));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * pow >= n) return m * pow;
+    for (const m of [1, 2, 3, 4, 5, 6, 8, 10]) if (m * pow >= n) return m * pow;
     return 10 * pow;
   }
 
@@ -642,7 +653,7 @@
     $("t-reasoning").textContent = "";
     $("t-reasoning-box").hidden = true;
     $("t-events").replaceChildren();
-    $("t-result").textContent = "—";
+    $("t-result").textContent = "";
     setText($("t-tokens"), "");
     setStream("connecting");
     document.title = `${id} · llmworker`;
@@ -709,7 +720,7 @@
       ["Started", fmtTime(r.started_at)],
       ["Finished", fmtTime(r.finished_at)],
       ["Queued for", fmtSecs(r.queue_s)],
-      ["Ran for", fmtSecs(r.run_s)],
+      ["Ran for", r.status === "running" ? "…" : fmtSecs(r.run_s)],
     ];
     if (r.usage && typeof r.usage === "object") {
       const u = r.usage;
@@ -730,6 +741,11 @@
       if (ref) list.push(el("div", null, el("dt", null, name), el("dd", null, el("a", { className: "mono", href: taskHref(ref, r.tenant) }, ref))));
     }
     $("t-fields").replaceChildren(...list);
+    // While it runs, "Ran for" counts up (from the server's clock, as the record's times).
+    const since = Date.parse(r.started_at || "");
+    const ran = Array.from($("t-fields").querySelectorAll("dt")).find((dt) => dt.textContent === "Ran for");
+    if (ran) ran.nextSibling.dataset.since = r.status === "running" && !Number.isNaN(since) ? String(since) : "";
+    tickElapsed();
     if (r.error) showTaskError(r.error.message || "", r.error.code || "error");
     else $("t-error").hidden = true;
     if (r.result !== null && r.result !== undefined) {
@@ -739,6 +755,16 @@
       }
     }
   }
+
+  function tickElapsed() {
+    for (const node of $("t-fields").querySelectorAll("dd[data-since]")) {
+      const since = Number(node.dataset.since);
+      if (since) setText(node, `${fmtSecs(Math.max(0, serverNow() - since) / 1000)} so far`);
+    }
+  }
+  setInterval(() => {
+    if (current.name === "task" && !document.hidden) tickElapsed();
+  }, 1000);
 
   function logEvent(type, text) {
     const list = $("t-events");
