@@ -218,6 +218,31 @@ async def test_task_past_its_timeout_fails_and_frees_its_slot(make_settings, sta
     assert after["status"] == "succeeded"
 
 
+def test_a_task_past_its_timeout_is_a_timeout_on_uvloop_too(make_settings):
+    """uvloop's clock counts whole milliseconds: its timer may fire before
+    time.monotonic() reaches the deadline; that is still the task's timeout."""
+    import uvloop
+
+    async def slow(ctx: TaskContext, input: Any) -> None:
+        await asyncio.sleep(30)
+
+    async def run() -> list[dict[str, Any]]:
+        settings = make_settings(MAX_USER_FREE=50, MAX_FAKE_FREE=50)
+        worker = Worker(settings, tasks=tasks_with(("slow", slow)))
+        await worker.start()
+        try:
+            ids = [
+                (await worker.admitter.submit(TaskSpec(kind="slow", timeout_s=0.013)))[0]
+                for _ in range(30)
+            ]
+            return [await final(worker, task_id) for task_id in ids]
+        finally:
+            await worker.stop()
+
+    records = uvloop.run(run())
+    assert {r["error"]["code"] for r in records} == {"timeout"}
+
+
 async def test_a_type_error_in_the_handler_is_reported_as_such(make_settings, start_worker):
     async def buggy(ctx: TaskContext, input: Any) -> int:
         return len(5)  # type: ignore[arg-type]

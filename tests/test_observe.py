@@ -369,6 +369,12 @@ async def test_failures_are_listed_filtered_and_a_retry_makes_a_new_task(make_se
         )
         seen = (await client.get(f"/v1/tasks/{again['id']}", headers=tenant)).json()
         assert seen["retry_of"] == timed_out["id"]
+        old = (await client.get(f"/v1/tasks/{timed_out['id']}", headers=tenant)).json()
+        assert old["retried_as"] == again["id"]
+        listed = (
+            await client.get("/v1/failures", params={"error": "timeout"}, headers=admin)
+        ).json()
+        assert listed["failures"][0]["retried_as"] == again["id"]
         # Not the default tenant's task; and a task still running cannot be retried.
         assert (
             await client.post(f"/v1/tasks/{timed_out['id']}/retry", headers=admin)

@@ -165,6 +165,8 @@ class Api:
             admitted = await self.worker.admitter.submit(
                 spec, tenant, {"retry_of": public_id(ref)}, source="api"
             )
+        # The old task points to its newest retry (the dashboard links them).
+        await self.worker.queue.mark(ref, "retried_as", public_id(admitted[0]))
         return await self._admitted(*admitted, caller)
 
     async def _admitted(

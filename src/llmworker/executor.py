@@ -94,17 +94,20 @@ class Executor:
         deadline = started + timeout_s
         status, result, error = "failed", "", ""
         ctx: TaskContext | None = None
+        # The deadline's own scope says whether it expired: the event loop's clock (uvloop
+        # counts whole milliseconds) may fire it a moment before time.monotonic() agrees.
+        scope = asyncio.timeout(timeout_s)
         try:
             try:
                 ctx = self._context(claimed, events, deadline)
-                async with asyncio.timeout(timeout_s):
+                async with scope:
                     value = await self._call(ctx, claimed)
                 status, result, error = self._serialise(value)
             except TimeoutError as exc:
                 error = _err(
                     TaskTimeout(f"The task ran past its timeout of {timeout_s:g} s (timeout_s).")
-                    if time.monotonic() >= deadline
-                    else HandlerError(f"The handler timed out: {exc}")
+                    if scope.expired()
+                    else HandlerError(f"The handler timed out: {exc or type(exc).__name__}")
                 )
             except TaskError as exc:
                 error = _err(exc)

@@ -57,6 +57,7 @@ class TaskRecord(Open):
     callback_url: str | None
     metadata: dict[str, Any] | None
     retry_of: str | None = Field(None, description="The task this one retries.")
+    retried_as: str | None = Field(None, description="The latest retry of this task.")
     qstash: QStashDelivery | None = None
     callback: CallbackState | None = None
 
@@ -173,6 +174,7 @@ class FailedTask(Open):
     error: dict[str, Any] | None
     finished_at: str | None
     attempts: int
+    retried_as: str | None = None
 
 
 class Failures(Open):

@@ -206,6 +206,10 @@ class Queue:
             flat += [task_id, token]
         return list(await self._run("renew", replica, lease_ms, *flat))
 
+    async def mark(self, task_id: str, field: str, value: str) -> bool:
+        """Set ``field`` on a task's record, if the record still exists."""
+        return bool(await self._run("mark", task_id, field, value))
+
     async def find(self, idempotency_key: str) -> str | None:
         """The id of the task admitted with ``idempotency_key``, while it is kept."""
         found = await self.scripts.command("GET", self.keys.idem(idempotency_key))

@@ -50,6 +50,7 @@ NAMES = (
     "snapshot",
     "health_add",
     "failures",
+    "mark",
 )
 
 # Past this many calls a batch is cut, so one reply never grows without bound.

@@ -2,14 +2,14 @@
 -- expired are dropped from the list on the way.
 -- ARGV: status, model, error code, tenant ('' = any), how many at most.
 -- Returns JSON: {tasks = {{id, tenant, kind, tier, model, user, status, error json,
--- finished_at, attempts}, ...}, facets = {status = {...}, model = {...}, error = {...}}}.
+-- finished_at, attempts, retried_as}, ...}, facets = {status = {...}, model = {...}, error = {...}}}.
 local want_status, want_model, want_error, want_tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local limit = tonumber(ARGV[5])
 local tasks, gone = {}, {}
 local seen = {status = {}, model = {}, error = {}}
 for _, id in ipairs(redis.call('ZREVRANGE', P .. 'failures', 0, -1)) do
   local t = redis.call('HMGET', task_key(id), 'status', 'model', 'kind', 'tier', 'user', 'error',
-    'finished_at', 'attempts', 'tenant')
+    'finished_at', 'attempts', 'tenant', 'retried_as')
   if not t[1] then
     gone[#gone + 1] = id
   else
@@ -26,7 +26,7 @@ for _, id in ipairs(redis.call('ZREVRANGE', P .. 'failures', 0, -1)) do
       if #tasks < limit and (want_status == '' or want_status == t[1])
         and (want_model == '' or want_model == t[2]) and (want_error == '' or want_error == code) then
         tasks[#tasks + 1] = {id, tenant, t[3] or '', t[4] or '', t[2] or '', t[5] or '', t[1],
-          t[6] or '', tonumber(t[7]) or 0, tonumber(t[8]) or 0}
+          t[6] or '', tonumber(t[7]) or 0, tonumber(t[8]) or 0, t[10] or ''}
       end
     end
   end

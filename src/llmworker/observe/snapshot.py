@@ -155,7 +155,7 @@ def failures_view(raw: bytes | str) -> dict[str, Any]:
     data = orjson.loads(raw)
     out = []
     for row in data.get("tasks") or []:
-        ref, tenant, kind, tier, model, user, status, error, finished, attempts = row
+        ref, tenant, kind, tier, model, user, status, error, finished, attempts, retried = row
         err = None
         if error:
             try:
@@ -176,6 +176,7 @@ def failures_view(raw: bytes | str) -> dict[str, Any]:
                 "error": err,
                 "finished_at": iso_ms(finished),
                 "attempts": attempts,
+                "retried_as": retried or None,
             }
         )
     facets = data.get("facets") or {}

@@ -514,7 +514,7 @@
       c[6].title = f.finished_at || "";
       setText(c[7], fmtNum(f.attempts));
       c[7].classList.toggle("one", f.attempts <= 1);
-      const done = retried.get(key);
+      const done = retried.get(key) || f.retried_as;
       fill(c[8], done ? `retried:${done}` : "retry", () => (done ? retriedLink(done, f.tenant) : retryButton(f, key)));
     });
   }
