@@ -13,10 +13,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /build
 RUN python -m venv /opt/venv
 # Dependencies first, from pyproject.toml alone: this layer is reused until they change.
-# The server's, without the "embedded" extra: containers use the compose file's Redis.
+# The server's and the tracing's (OTEL_EXPORTER_OTLP_ENDPOINT), without the "embedded"
+# extra: containers use the compose file's Redis.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > requirements.txt \
+    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server'] + p['optional-dependencies']['otel']))" > requirements.txt \
     && pip install -r requirements.txt
 COPY README.md ./
 COPY src ./src

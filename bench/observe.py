@@ -31,7 +31,7 @@ from bench.common import (
     worker_env,
 )
 
-ROUNDS = 3
+ROUNDS = 5
 NOOP_TASKS = 10_000
 INGRESS_S = 5
 TIERS = [f"t{i}" for i in range(10)]
@@ -68,8 +68,18 @@ def _noop(bench: Bench, metrics: bool) -> tuple[float, float]:
         cleanup(bench, prefix)
 
 
-def _ingress(bench: Bench, metrics: bool) -> float:
-    """Submissions/s into `serve --workers 2` (tasks wait: the model is busy)."""
+def _cpu_s(proc: psutil.Process) -> float:
+    """CPU seconds of a process and its children (the worker processes of --workers)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def _ingress(bench: Bench, metrics: bool) -> tuple[float, float]:
+    """Submissions/s into `serve --workers 2` (tasks wait: the model is busy), and the
+    worker's CPU us per submission."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     port = free_port()
     env = worker_env(
@@ -83,14 +93,17 @@ def _ingress(bench: Bench, metrics: bool) -> float:
         METRICS_ENABLED=str(metrics).lower(),
     )
     try:
-        with bench.serve(port, env, workers=2):
+        with bench.serve(port, env, workers=2) as proc:
             wait_http(f"http://127.0.0.1:{port}/ready")
             url = f"http://127.0.0.1:{port}/v1/tasks"
+            server = psutil.Process(proc.pid)
+            before = _cpu_s(server)
             if shutil.which("wrk"):
                 rate, _, _ = _wrk(bench, url, INGRESS_S)
             else:
                 rate, _, _ = asyncio.run(_python_load(url, 64, INGRESS_S))
-        return rate
+            used = _cpu_s(server) - before
+        return rate, used / (rate * INGRESS_S) * 1e6
     finally:
         cleanup(bench, prefix)
 
@@ -119,14 +132,22 @@ def metrics_cost(bench: Bench) -> None:
     bench.add("f", "no-op rate, on / off (medians)", _ratio(rates[True], rates[False]), ">= 0.95")
     bench.add("f", "worker CPU per task, on / off (medians)", _ratio(cpu[True], cpu[False]))
     ingress: dict[bool, list[float]] = {False: [], True: []}
+    ingress_cpu: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(ROUNDS):
         for metrics in (False, True):
-            ingress[metrics].append(_ingress(bench, metrics))
+            rate, us = _ingress(bench, metrics)
+            ingress[metrics].append(rate)
+            ingress_cpu[metrics].append(us)
     for metrics in (False, True):
         runs = ", ".join(f"{r:,.0f}" for r in ingress[metrics])
         bench.add("f", f"submissions/s, metrics {'on' if metrics else 'off'} (runs)", runs)
     bench.add(
         "f", "submissions/s, on / off (medians)", _ratio(ingress[True], ingress[False]), ">= 0.95"
+    )
+    bench.add(
+        "f",
+        "worker CPU per submission, on / off (medians)",
+        _ratio(ingress_cpu[True], ingress_cpu[False]),
     )
 
 

