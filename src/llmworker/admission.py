@@ -17,14 +17,22 @@ from llmworker.auth import DEFAULT_TENANT, public_id, scoped, task_ref
 from llmworker.errors import InvalidField, QueueFull
 from llmworker.handlers import Registry
 from llmworker.notify import check_callback_url
+from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.queue import Queue
 from llmworker.record import TaskSpec, invalid_field, new_task_id
 from llmworker.settings import Settings, env_token
 
 
 class Admitter:
-    def __init__(self, settings: Settings, queue: Queue, registry: Registry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: Queue,
+        registry: Registry,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or NoMetrics()
         self.queue = queue
         self.registry = registry
         # Derived once: the settings' properties recompute on every access.
@@ -79,11 +87,13 @@ class Admitter:
         spec: TaskSpec,
         tenant: str = DEFAULT_TENANT,
         extra: dict[str, str] | None = None,
+        source: str = "api",
     ) -> tuple[str, dict[str, str] | None]:
         """Queue a task of ``tenant``. Returns its stored id (see auth.py) and, when it is
         new, its stored fields (None: the tenant's task with the same id or idempotency
         key was found instead). Raises :class:`QueueFull` at the tier's cap. ``extra``:
-        more fields to store (how it was delivered)."""
+        more fields to store (how it was delivered); ``source``: api, qstash or handler
+        (the metrics' label)."""
         tier, model, value = self.resolve(spec)
         task_id = task_ref(tenant, spec.id or new_task_id())
         idem = scoped(tenant, spec.idempotency_key) if spec.idempotency_key else ""
@@ -113,6 +123,7 @@ class Admitter:
             raise QueueFull(tier, cap, self.settings.queue_full_retry_after_s)
         if admission.outcome == "exists":
             return admission.task_id, None
+        self.metrics.submitted(tier, model, source)
         self.on_admitted()
         # As stored by admit.lua: the caller can answer without reading it back.
         stored = {
@@ -135,7 +146,7 @@ class Admitter:
             spec = TaskSpec.model_validate(body)
         except ValidationError as exc:
             raise invalid_field(exc) from None
-        task_id, _ = await self.submit(spec, tenant)
+        task_id, _ = await self.submit(spec, tenant, source="handler")
         return public_id(task_id)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import structlog
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,14 +22,15 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from llmworker import signature
-from llmworker.auth import DEFAULT_TENANT, Caller, KeyRing
+from llmworker import pages, signature
+from llmworker.auth import DEFAULT_TENANT, Caller, KeyRing, public_id, unscoped
 from llmworker.errors import (
     BadRequest,
     BodyTooLarge,
     Forbidden,
     InvalidField,
     NotConfigured,
+    NotFinished,
     NotFound,
     RequestError,
     SignatureInvalid,
@@ -44,7 +46,8 @@ from llmworker.httpapp import (
     request_error,
     require_json,
 )
-from llmworker.record import ID_RE, TaskSpec, record_view
+from llmworker.observe.metrics import CONTENT_TYPE, exposition
+from llmworker.record import ID_RE, TaskSpec, invalid_field, record_view
 from llmworker.settings import Settings, load_settings
 from llmworker.states import FINAL_STATES
 from llmworker.worker import Worker
@@ -116,11 +119,49 @@ class Api:
         return caller
 
     async def submit(self, request: Request) -> Response:
-        caller = self.authorize(request)
-        require_json(request)
-        body = await read_body(request, self.settings.max_body_bytes)
-        spec = TaskSpec.parse(body)
-        admitted = await self.worker.admitter.submit(spec, caller.tenant)
+        try:
+            caller = self.authorize(request)
+            require_json(request)
+            body = await read_body(request, self.settings.max_body_bytes)
+            spec = TaskSpec.parse(body)
+            admitted = await self.worker.admitter.submit(spec, caller.tenant)
+        except RequestError as exc:
+            self.worker.metrics.rejected(exc.code)
+            raise
+        return await self._admitted(*admitted, caller)
+
+    async def retry(self, request: Request) -> Response:
+        """``POST /v1/tasks/{id}/retry``: a new task from a finished task's input (its
+        kind, user, tier, model, callback and metadata), marked ``retry_of``."""
+        ref, caller = self._task_ref(request)
+        fields = await self._record(ref, caller)
+        status = fields.get("status")
+        if status not in FINAL_STATES:
+            raise NotFinished(
+                f"Task {public_id(ref)!r} is {status}: only a finished task can be retried "
+                "(cancel it first to start over)."
+            )
+        tenant = fields.get("tenant") or DEFAULT_TENANT
+        body: dict[str, Any] = {
+            "kind": fields.get("kind"),
+            "input": orjson.loads(fields.get("input") or "{}"),
+            "user": unscoped(tenant, fields.get("user") or "") or "anonymous",
+            "tier": fields.get("tier"),
+            "model": fields.get("model"),
+        }
+        if fields.get("callback_url"):
+            body["callback_url"] = fields["callback_url"]
+        if fields.get("timeout_s"):
+            body["timeout_s"] = float(fields["timeout_s"])
+        if fields.get("metadata"):
+            body["metadata"] = orjson.loads(fields["metadata"])
+        try:
+            spec = TaskSpec.model_validate(body)
+        except ValidationError as exc:
+            raise invalid_field(exc) from None
+        admitted = await self.worker.admitter.submit(
+            spec, tenant, {"retry_of": public_id(ref)}, source="api"
+        )
         return await self._admitted(*admitted, caller)
 
     async def _admitted(
@@ -155,9 +196,14 @@ class Api:
         try:
             body = await read_body(request, self.settings.max_body_bytes)
         except BodyTooLarge as exc:
+            self.worker.metrics.rejected(exc.code)
             return non_retryable_answer(exc)
         if not self.settings.qstash_skip_verify:
-            await self._verify(request, body, keys, message_id)
+            try:
+                await self._verify(request, body, keys, message_id)
+            except SignatureInvalid as exc:
+                self.worker.metrics.rejected(exc.code)
+                raise
         retried = request.headers.get("upstash-retried", "")
         delivery = {
             "qstash_message_id": message_id or "",
@@ -168,11 +214,15 @@ class Api:
             # validated like a body field (it ends up in a key name).
             spec = TaskSpec.parse(body, idempotency_key=message_id)
             admitted = await self.worker.admitter.submit(
-                spec, self.settings.qstash_tenant, delivery
+                spec, self.settings.qstash_tenant, delivery, source="qstash"
             )
         except (BadRequest, InvalidField) as exc:
             log.warning("qstash_invalid_task", error=exc.code, message_id=_shown(message_id))
+            self.worker.metrics.rejected(exc.code)
             return non_retryable_answer(exc)
+        except RequestError as exc:
+            self.worker.metrics.rejected(exc.code)
+            raise
         return await self._admitted(*admitted)
 
     async def _verify(
@@ -248,12 +298,18 @@ class Api:
 
     async def cancel(self, request: Request) -> Response:
         ref, caller = self._task_ref(request)
-        if not ID_RE.match(ref.rpartition("/")[2]) or (
-            await self.worker.queue.cancel(ref, self.settings.result_ttl_s) is None
-        ):
+        before = None
+        if ID_RE.match(ref.rpartition("/")[2]):
+            before = await self.worker.queue.cancel(ref, self.settings.result_ttl_s)
+        if before is None:
             await self._record(ref, caller)  # raises the 404, naming the tenant looked in
         self.worker.notifier.wake()
-        return JSON(record_view(await self._record(ref)))
+        fields = await self._record(ref)
+        if before in ("queued", "running"):
+            self.worker.metrics.finished(
+                fields.get("tier", ""), fields.get("model", ""), "cancelled"
+            )
+        return JSON(record_view(fields))
 
     async def events(self, request: Request) -> Response:
         ref, caller = self._task_ref(request)
@@ -345,6 +401,37 @@ class Api:
         self._admin(request)
         return JSON(await self.worker.stats())
 
+    async def failures(self, request: Request) -> Response:
+        """``GET /v1/failures``: the latest tasks that failed or were cancelled."""
+        caller = self._admin(request)
+        q = request.query_params
+        status = q.get("status", "")
+        if status not in ("", "failed", "cancelled"):
+            raise BadRequest(f"?status={status[:30]!r}: use failed or cancelled (or leave it out).")
+        raw_limit = q.get("limit", "50")
+        if not raw_limit.isascii() or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
+            raise BadRequest(f"?limit={raw_limit[:30]!r}: a whole number from 1 to 500.")
+        tenant = q.get("tenant", "") if caller.tenant == DEFAULT_TENANT else caller.tenant
+        return JSON(
+            await self.worker.failures(
+                status, q.get("model", "")[:64], q.get("error", "")[:64], tenant, int(raw_limit)
+            )
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        """``GET /metrics``: Prometheus text. The deployment's gauges are left out (and
+        the scrape still answers) when Redis cannot be read."""
+        if not self.settings.metrics_enabled:
+            raise NotFound("Metrics are off here (METRICS_ENABLED=false).")
+        if not self.settings.metrics_public:
+            self._admin(request)
+        try:
+            snap = await self.worker.snapshot()
+        except (RedisError, OSError) as exc:
+            log.warning("metrics_without_redis", error=str(exc))
+            snap = None
+        return Response(exposition(snap), media_type=CONTENT_TYPE)
+
 
 def create_app(settings: Settings | None = None, worker: Worker | None = None) -> Starlette:
     """The ASGI app; it starts and stops its :class:`Worker` with its lifespan."""
@@ -372,7 +459,11 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         Route("/v1/tasks/{id}", api.cancel, methods=["DELETE"]),
         Route("/v1/tasks/{id}/events", api.events, methods=["GET"]),
         Route("/v1/qstash", api.qstash, methods=["POST"]),
+        Route("/v1/tasks/{id}/retry", api.retry, methods=["POST"]),
         Route("/v1/stats", api.stats, methods=["GET"]),
+        Route("/v1/failures", api.failures, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        *pages.routes(),
         Route("/health", api.health, methods=["GET"]),
         Route("/ready", api.ready, methods=["GET"]),
     ]

@@ -297,6 +297,8 @@ class Dispatcher:
             )
             if result.requeued or result.failed:
                 log.warning("reaped", requeued=result.requeued, failed=result.failed)
+            for tier, model in result.failed_lanes:
+                self.executor.metrics.finished(tier, model, "failed")
             wait_s = every_s
             if result.next_lapse_ms is not None:
                 # Wake just after the earliest lease lapses, if that comes sooner.

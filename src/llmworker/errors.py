@@ -10,7 +10,8 @@
     │   ├── NotJSON            415: the body is not declared as application/json
     │   ├── ClientGone         499: the client went away before its request was read
     │   ├── BodyTooLarge       413: body past MAX_BODY_BYTES
-    │   ├── NotFound           404: unknown or expired task
+    │   ├── NotFound           404: unknown or expired task (or a switched-off endpoint)
+    │   ├── NotFinished        409: the task must be final first (retry)
     │   ├── QueueFull          429: the tier's queue is at its cap; carries retry_after_s
     │   ├── SignatureInvalid   401: a QStash delivery failed one check; the code names it
     │   └── NotConfigured      503: the endpoint needs settings this worker lacks
@@ -107,6 +108,11 @@ class BodyTooLarge(RequestError):
 class NotFound(RequestError):
     status = 404
     code = "not_found"
+
+
+class NotFinished(RequestError):
+    status = 409
+    code = "not_finished"
 
 
 class QueueFull(RequestError):

@@ -30,6 +30,7 @@ from llmworker.context import SubmitFn, TaskContext
 from llmworker.errors import HandlerError, TaskError, TaskTimeout
 from llmworker.events import EventWriter
 from llmworker.handlers import Registry
+from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.providers import Providers
 from llmworker.queue import Claimed, Queue
 from llmworker.settings import Settings
@@ -61,8 +62,10 @@ class Executor:
         registry: Registry,
         providers: Providers,
         submit: SubmitFn,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or NoMetrics()
         self.queue = queue
         self.registry = registry
         self.providers = providers
@@ -76,6 +79,11 @@ class Executor:
     async def run(self, claimed: Claimed, run: Run) -> None:
         structlog.contextvars.bind_contextvars(task_id=claimed.id, kind=claimed.fields.get("kind"))
         started = time.monotonic()
+        fields = claimed.fields
+        tier, model = fields.get("tier", ""), fields.get("model", "")
+        if fields.get("created_at") and fields.get("started_at"):
+            queued_ms = int(fields["started_at"]) - int(fields["created_at"])
+            self.metrics.started(tier, model, max(0, queued_ms) / 1000)
         events = EventWriter(self.queue.scripts, self.queue.keys, claimed.id)
         timeout_s = float(claimed.fields.get("timeout_s") or self.settings.task_timeout_s)
         deadline = started + timeout_s
@@ -108,13 +116,12 @@ class Executor:
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
         outcome = {"result": result, "error": error, "usage": usage}
         recorded = await asyncio.shield(self._record(claimed, status, outcome))
-        if recorded and claimed.fields.get("callback_url"):
-            self.on_callback()
-        log.info(
-            "task_finished",
-            status=status if recorded else "stale",
-            run_s=round(time.monotonic() - started, 3),
-        )
+        run_s = time.monotonic() - started
+        if recorded:
+            self.metrics.finished(tier, model, status, run_s)
+            if claimed.fields.get("callback_url"):
+                self.on_callback()
+        log.info("task_finished", status=status if recorded else "stale", run_s=round(run_s, 3))
 
     async def _record(self, claimed: Claimed, status: str, outcome: dict[str, str]) -> bool:
         """Store the outcome, for as long as Redis stays away: the result was computed,

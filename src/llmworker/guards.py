@@ -13,17 +13,14 @@ The guards of a task:
 - the model's total over all tiers, limit ``MAX_<MODEL>`` (only when set);
 - ``guardUser``: per user, limit ``MAX_USER_<TIER>`` of the task's tier.
 
-This module turns the settings into what the scripts take, and reads guard usage.
+This module turns the settings into what the scripts take (observe/snapshot.py reads
+the slots in use).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from redis.asyncio import Redis
-
-from llmworker.keys import Keys
 from llmworker.settings import Settings
 
 
@@ -71,31 +68,3 @@ class GuardPlan:
             ranked=" ".join(ranked),
             limit_args=tuple(args),
         )
-
-
-async def guard_usage(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
-    """Slots in use (live leases only) and limits of every model guard, per tier."""
-    now_s, now_us = await redis.time()
-    now_ms = now_s * 1000 + now_us // 1000
-    pipe = redis.pipeline(transaction=False)
-    names: list[tuple[str, str | None]] = []
-    for model in settings.available_models:
-        tier: str | None
-        for tier in settings.tier_names:
-            pipe.zcount(keys.guard_model(model, tier), f"({now_ms}", "+inf")
-            names.append((model, tier))
-        if model in settings.model_total_limits:
-            pipe.zcount(keys.guard_model_total(model), f"({now_ms}", "+inf")
-            names.append((model, None))
-    counts = await pipe.execute()
-    usage: dict[str, Any] = {}
-    for (model, guard_tier), used in zip(names, counts, strict=True):
-        entry = usage.setdefault(model, {"tiers": {}})
-        if guard_tier is None:
-            entry["total"] = {"in_use": used, "limit": settings.model_total_limits[model]}
-        else:
-            entry["tiers"][guard_tier] = {
-                "in_use": used,
-                "limit": settings.model_limit(model, guard_tier),
-            }
-    return usage

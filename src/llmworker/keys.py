@@ -43,6 +43,14 @@ key                                    type     lifetime
                                                 with a callback_url, scored by when the
                                                 next attempt is due (ms); left once
                                                 delivered, failed or the record expired
+``tp:<minute>``                        hash     two hours: tasks that reached each final
+                                                state in that minute (the dashboard's chart)
+``failures``                           zset     ids of the latest tasks that failed or were
+                                                cancelled (at most 500), scored by when;
+                                                left once their record expires
+``ph:<minute>``                        hash     two hours: provider calls in that minute,
+                                                by model and outcome, duration and time to
+                                                first token buckets (observe/health.py)
 =====================================  =======  ==========================================
 
 Channels: ``wake`` (a task was queued or a slot freed: idle dispatchers try a claim) and

@@ -43,6 +43,7 @@ from yarl import URL
 
 from llmworker import __version__
 from llmworker.errors import InvalidField
+from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.providers.errors import retry_after_s
 from llmworker.queue import Queue
 from llmworker.record import record_view
@@ -231,9 +232,10 @@ QSTASH_CALLBACK_RETRIES = 2
 class Notifier:
     """Delivers the callbacks of finished tasks, from the outbox every replica shares."""
 
-    def __init__(self, settings: Settings, queue: Queue) -> None:
+    def __init__(self, settings: Settings, queue: Queue, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.queue = queue
+        self.metrics = metrics or NoMetrics()
         self.key = signing_key(settings.callback_secret) if settings.callback_secret else None
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -347,6 +349,7 @@ class Notifier:
         outcome: Literal["delivered", "published"] = (
             "published" if self.settings.callback_via == "qstash" else "delivered"
         )
+        self.metrics.callback("delivered")
         if await self.queue.callback_end(task_id, attempt, outcome):
             log.info("callback_" + outcome, task_id=task_id, attempts=int(attempt))
 
@@ -359,12 +362,14 @@ class Notifier:
         give_up_at = finished_s + self.settings.callback_deadline_s
         if failure.final or time.time() + delay > give_up_at:
             log.error("callback_failed", task_id=task_id, attempts=int(attempt), error=error)
+            self.metrics.callback("failed")
             await self.queue.callback_end(task_id, attempt, "failed", 0, error)
             return
         log.warning(
             "callback_retry", task_id=task_id, attempts=int(attempt), delay_s=round(delay, 1),
             error=error,
         )  # fmt: skip
+        self.metrics.callback("retry")
         await self.queue.callback_end(task_id, attempt, "retry", int(delay * 1000), error)
         self._wake.set()  # the loop sleeps until the next due time: this one may be sooner
 

@@ -32,6 +32,8 @@ class ReapResult:
     requeued: int
     failed: int
     next_lapse_ms: int | None
+    # (tier, model) of each task failed for having used MAX_ATTEMPTS
+    failed_lanes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,14 @@ class Queue:
     async def reap(
         self, max_attempts: int, ttl_s: int, lease_ms: int, limit: int = 100
     ) -> ReapResult:
-        requeued, failed, wait = await self._run("reap", max_attempts, ttl_s, limit, lease_ms)
-        return ReapResult(int(requeued), int(failed), None if int(wait) < 0 else int(wait))
+        reply = await self._run("reap", max_attempts, ttl_s, limit, lease_ms)
+        requeued, failed, wait, lanes = reply[0], reply[1], reply[2], reply[3] or []
+        return ReapResult(
+            int(requeued),
+            int(failed),
+            None if int(wait) < 0 else int(wait),
+            tuple(tuple(lane.split("|", 1)) for lane in lanes),
+        )
 
     async def cancel(self, task_id: str, ttl_s: int) -> str | None:
         """Cancel a task; the status it had, or None if unknown."""
@@ -222,10 +230,3 @@ class Queue:
         pipe.zrem(self.keys.replicas, replica)
         pipe.zrem(self.keys.idle, replica)
         await pipe.execute()
-
-    async def running_count(self) -> int:
-        return int(await self.redis.zcard(self.keys.running))
-
-    async def callbacks_waiting(self) -> int:
-        """Callbacks in the outbox: due, being attempted, or waiting for a retry."""
-        return int(await self.redis.zcard(self.keys.callbacks))

@@ -157,6 +157,8 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
 def _delivery(h: dict[str, str]) -> dict[str, Any]:
     """How the task arrived and how its callback went, where there is something to say."""
     out: dict[str, Any] = {}
+    if h.get("retry_of"):
+        out["retry_of"] = h["retry_of"]
     if h.get("qstash_message_id"):
         out["qstash"] = {
             "message_id": h["qstash_message_id"],

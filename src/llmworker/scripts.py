@@ -47,6 +47,9 @@ NAMES = (
     "callback_claim",
     "callback_end",
     "callback_renew",
+    "snapshot",
+    "health_add",
+    "failures",
 )
 
 # Past this many calls a batch is cut, so one reply never grows without bound.

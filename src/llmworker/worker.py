@@ -16,12 +16,15 @@ from llmworker.admission import Admitter
 from llmworker.connection import connect, wait_for_redis
 from llmworker.dispatcher import Dispatcher
 from llmworker.executor import Executor
-from llmworker.guards import guard_usage
 from llmworker.handlers import Registry, import_task_modules, registry
 from llmworker.keys import Keys
 from llmworker.notify import Notifier
-from llmworker.providers import Providers
+from llmworker.observe.health import ProviderHealth
+from llmworker.observe.metrics import Metrics, NoMetrics
+from llmworker.observe.snapshot import Observer, Snapshot, failures_view
+from llmworker.providers import CallReport, Providers
 from llmworker.queue import Queue
+from llmworker.record import iso_ms
 from llmworker.settings import Settings, is_loopback
 
 log = structlog.get_logger("llmworker.worker")
@@ -44,17 +47,26 @@ class Worker:
         self.keys = Keys(settings.redis_prefix)
         self.redis = connect(settings.redis_url)
         self.queue = Queue(self.redis, self.keys, settings.redis_timeout_s)
-        self.admitter = Admitter(settings, self.queue, self.registry)
+        self.metrics = Metrics() if settings.metrics_enabled else NoMetrics()
+        self.observer = Observer(settings, self.queue.scripts)
+        self.health = ProviderHealth(self.queue.scripts)
+        self.admitter = Admitter(settings, self.queue, self.registry, self.metrics)
         # A task admitted here may be claimable here: look now, not after the Pub/Sub hop.
         self.admitter.on_admitted = lambda: self.dispatcher.wake()
         self.providers = Providers(settings)
+        self.providers.observe = self._provider_call
         self.executor = Executor(
-            settings, self.queue, self.registry, self.providers, self.admitter.submit_json
+            settings,
+            self.queue,
+            self.registry,
+            self.providers,
+            self.admitter.submit_json,
+            self.metrics,
         )
         self.dispatcher = Dispatcher(
             settings, self.redis, self.keys, self.queue, self.executor, self.replica_id
         )
-        self.notifier = Notifier(settings, self.queue)
+        self.notifier = Notifier(settings, self.queue, self.metrics)
         self.executor.on_callback = self.notifier.wake
         self.started = False
 
@@ -67,6 +79,7 @@ class Worker:
         if self.dispatch:
             self.dispatcher.start()
             self.notifier.start()
+        self.health.start()
         self.started = True
         log.info(
             "worker_started",
@@ -123,6 +136,7 @@ class Worker:
             except (RedisError, OSError) as exc:
                 log.warning("replica_not_removed", error=str(exc))
         self.started = False
+        await self.health.stop()
         await self.providers.aclose()
         await self.redis.aclose()
         log.info("worker_stopped", replica=self.replica_id)
@@ -135,28 +149,68 @@ class Worker:
         except (RedisError, OSError):
             return False
 
+    def _provider_call(self, call: CallReport) -> None:
+        self.metrics.provider_call(
+            call.alias,
+            call.provider,
+            call.model,
+            call.outcome,
+            call.duration_s,
+            call.ttft_s,
+            call.error,
+            call.usage,
+        )
+        self.health.note(call.alias, call.outcome, call.duration_s, call.ttft_s)
+
+    async def snapshot(self, detail: bool = False) -> Snapshot:
+        return await self.observer.read(detail)
+
+    async def failures(
+        self, status: str = "", model: str = "", error: str = "", tenant: str = "", limit: int = 50
+    ) -> dict[str, Any]:
+        """The latest tasks that failed or were cancelled, newest first, filtered."""
+        raw = await self.queue.scripts.call("failures", status, model, error, tenant, limit)
+        return failures_view(raw)
+
     async def stats(self) -> dict[str, Any]:
-        depths = await self.queue.depths()
+        """What ``GET /v1/stats``, the dashboard and ``llmworker top`` show."""
+        snap = await self.observer.read(detail=True)
+        s = self.settings
         queues: dict[str, Any] = {}
-        for tier in self.settings.tier_names:
-            models = {
-                key.split("|", 1)[1]: n
-                for key, n in depths.items()
-                if key.startswith(tier + "|") and n > 0
+        guards: dict[str, Any] = {}
+        for tier in s.tier_names:
+            queues[tier] = {"waiting": snap.waiting_by_tier[tier], "cap": s.queue_caps[tier]}
+            queues[tier]["models"] = {
+                lane.model: lane.waiting
+                for lane in snap.lanes
+                if lane.tier == tier and lane.waiting
             }
-            queues[tier] = {
-                "waiting": depths.get(tier, 0),
-                "cap": self.settings.queue_caps[tier],
-                "models": models,
-            }
-        users = {t: self.settings.user_limits[t] for t in self.settings.tier_names}
+        for lane in snap.lanes:
+            entry = guards.setdefault(lane.model, {"tiers": {}})
+            entry["tiers"][lane.tier] = {"in_use": lane.running, "limit": lane.limit}
+            total = snap.guards.get(f"model:{lane.model}")
+            if total is not None:
+                entry["total"] = {"in_use": total[0], "limit": total[1]}
         return {
+            "now": iso_ms(snap.now_ms),
+            "lanes": [
+                {
+                    "tier": lane.tier,
+                    "model": lane.model,
+                    "waiting": lane.waiting,
+                    "running": lane.running,
+                    "limit": lane.limit,
+                    "oldest_wait_s": lane.oldest_wait_s,
+                }
+                for lane in snap.lanes
+            ],
+            **snap.detail,
             "queues": queues,
-            "running": await self.queue.running_count(),
-            "callbacks_waiting": await self.queue.callbacks_waiting(),
-            "guards": await guard_usage(self.redis, self.keys, self.settings),
-            "user_limits": users,
-            "replicas_alive": await self.queue.replicas_alive(),
+            "running": snap.running,
+            "callbacks_waiting": snap.callbacks,
+            "guards": guards,
+            "user_limits": {t: s.user_limits[t] for t in s.tier_names},
+            "replicas_alive": snap.replicas,
             "replica": {
                 "id": self.replica_id,
                 "running": len(self.dispatcher.runs),

@@ -112,6 +112,23 @@ local function release(guards, token)
   for g in string.gmatch(guards, '[^\n]+') do redis.call('ZREM', g, token) end
 end
 
+-- What the dashboard shows of finished tasks, kept in Redis so every replica counts and
+-- a restart forgets nothing: final states per minute ('tp:<minute>', two hours), and the
+-- latest tasks that did not succeed ('failures', the newest FAILURES_KEPT).
+local THROUGHPUT_TTL_S = 7200
+local FAILURES_KEPT = 500
+local function count_final(id, status, now)
+  local tp = P .. 'tp:' .. math.floor(now / 60000)
+  if redis.call('HINCRBY', tp, status, 1) == 1 then redis.call('EXPIRE', tp, THROUGHPUT_TTL_S) end
+  if status ~= 'succeeded' then
+    local failures = P .. 'failures'
+    redis.call('ZADD', failures, now, id)
+    if redis.call('ZCARD', failures) > FAILURES_KEPT then
+      redis.call('ZREMRANGEBYRANK', failures, 0, -FAILURES_KEPT - 1)
+    end
+  end
+end
+
 -- A final state: the record, its events and its idempotency key expire together. A task
 -- with a callback_url enters the callback outbox, due now, in the same step: a replica
 -- that dies right after cannot lose the callback.
@@ -127,6 +144,7 @@ local function finalize(id, status, ttl_s, now, fields)
     redis.call('ZADD', P .. 'callbacks', now, id)
   end
   redis.call('HSET', tk, unpack(changes))
+  count_final(id, status, now)
   redis.call('ZREM', P .. 'running', id)
   redis.call('EXPIRE', tk, ttl_s)
   redis.call('EXPIRE', P .. 'ev:' .. id, ttl_s)

@@ -2,11 +2,12 @@
 -- them once they have used MAX_ATTEMPTS. The run token stays on a requeued task until
 -- a claim starts it again: an outcome its run records meanwhile still counts (finish).
 -- ARGV: max attempts, ttl s, how many at most, lease ms.
--- Returns {requeued, failed, ms until the next lease lapses (-1: none)}.
+-- Returns {requeued, failed, ms until the next lease lapses (-1: none), the failed tasks'
+-- '<tier>|<model>' (for the metrics)}.
 local max_attempts, ttl_s, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
 local cutoff, paused_till = lapse_cutoff(now, tonumber(ARGV[4]))
-local requeued, failed = 0, 0
+local requeued, failed, failed_lanes = 0, 0, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', cutoff, 'LIMIT', 0, limit)) do
   local tk = task_key(id)
   local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'attempts', 'kind')
@@ -20,6 +21,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', cutoff, 
       finalize(id, 'failed', ttl_s, now, {'error', err})
       status_event(id, 'failed', t[7], err)
       failed = failed + 1
+      failed_lanes[failed] = t[4] .. '|' .. t[5]
     else
       redis.call('HSET', tk, 'status', 'queued')
       redis.call('HDEL', tk, 'holder')
@@ -39,4 +41,4 @@ if #nxt > 0 then
   -- Leases that lapsed during the gap wait for the pause to end, not for nothing.
   if paused_till then wait = math.max(wait, paused_till - now) end
 end
-return {requeued, failed, wait}
+return {requeued, failed, wait, failed_lanes}

@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
-from llmworker.providers.client import LLMClient
+from llmworker.providers.client import CallReport, LLMClient
 from llmworker.providers.errors import retry_after_s
 from llmworker.providers.pool import Providers
 from llmworker.providers.stream import ChatResult, Choice
 
-__all__ = ["ChatResult", "Choice", "LLMClient", "Providers", "retry_after_s"]
+__all__ = ["CallReport", "ChatResult", "Choice", "LLMClient", "Providers", "retry_after_s"]

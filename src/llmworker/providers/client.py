@@ -11,13 +11,14 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from llmworker.errors import ProviderError
 from llmworker.providers.base import ChatBackend
-from llmworker.providers.errors import translate
+from llmworker.providers.errors import outcome_of, translate
 from llmworker.providers.stream import ChatResult, Sink
 from llmworker.settings import ModelAlias, Provider
 
@@ -26,6 +27,46 @@ log = structlog.get_logger("llmworker.providers")
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_TRIES = 8  # per call, even when the deadline is far
+
+
+@dataclass(frozen=True)
+class CallReport:
+    """One try of a provider call, as metrics and provider health count it."""
+
+    alias: str
+    provider: str
+    model: str  # the provider's name for it
+    outcome: str  # ok, rate_limited, server_error, timeout, client_error
+    duration_s: float
+    ttft_s: float | None
+    error: str  # the ProviderError's code; "" when ok
+    usage: dict[str, Any] | None
+
+
+CallObserver = Callable[[CallReport], None]
+
+
+class _Timed:
+    """Passes tokens on to the task's events (if they stream) and notes when the first
+    one came: the time to first token."""
+
+    __slots__ = ("first", "inner")
+
+    def __init__(self, inner: Sink | None) -> None:
+        self.inner = inner
+        self.first: float | None = None
+
+    def token(self, text: str) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        if self.inner is not None:
+            self.inner.token(text)
+
+    def reasoning(self, text: str) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        if self.inner is not None:
+            self.inner.reasoning(text)
 
 
 class LLMClient:
@@ -37,6 +78,7 @@ class LLMClient:
         on_usage: Callable[[dict[str, Any]], None] | None = None,
         deadline: float | None = None,
         sink: Sink | None = None,
+        observe: CallObserver | None = None,
     ) -> None:
         self.alias = alias
         self.provider = provider
@@ -44,6 +86,7 @@ class LLMClient:
         self.on_usage = on_usage
         self.deadline = deadline
         self.sink = sink
+        self.observe = observe
         self.attempts = 0
 
     async def chat(
@@ -58,12 +101,15 @@ class LLMClient:
         while True:
             tries += 1
             self.attempts += 1
+            timed = _Timed(sink)
+            began = time.monotonic()
             try:
-                result = await self.backend.complete(request, sink)
+                result = await self.backend.complete(request, timed)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 err = translate(exc, self.alias, self.provider)
+                self._report(began, timed, outcome_of(err), err.code, None)
                 delay = self._delay(err, tries)
                 if delay is None:
                     if err.retryable and tries > 1:
@@ -78,9 +124,34 @@ class LLMClient:
                 )
                 await asyncio.sleep(delay)
                 continue
+            self._report(began, timed, "ok", "", result.usage)
             if self.on_usage and result.usage:
                 self.on_usage(result.usage)
             return result
+
+    def _report(
+        self,
+        began: float,
+        timed: _Timed,
+        outcome: str,
+        error: str,
+        usage: dict[str, Any] | None,
+    ) -> None:
+        if self.observe is None:
+            return
+        ttft = None if timed.first is None else timed.first - began
+        self.observe(
+            CallReport(
+                self.alias.alias,
+                self.provider.name,
+                self.alias.model,
+                outcome,
+                time.monotonic() - began,
+                ttft,
+                error,
+                usage,
+            )
+        )
 
     def _delay(self, err: ProviderError, tries: int) -> float | None:
         """Seconds to wait before the next try, or None to give up."""

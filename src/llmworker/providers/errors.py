@@ -129,6 +129,18 @@ def unreachable_error(root: object, alias: ModelAlias, provider: Provider) -> Pr
     )
 
 
+def outcome_of(err: ProviderError) -> str:
+    """The metrics' name for how a call failed: rate_limited, timeout, server_error (the
+    provider failed or could not be reached) or client_error (it refused the request)."""
+    if err.code == "provider_rate_limited":
+        return "rate_limited"
+    if err.code == "provider_timeout":
+        return "timeout"
+    if err.retryable or err.code == "provider_error":
+        return "server_error"
+    return "client_error"
+
+
 def translate(exc: Exception, alias: ModelAlias, provider: Provider) -> ProviderError:
     """Any exception of a provider call -> :class:`ProviderError`."""
     if isinstance(exc, ProviderError):

@@ -10,7 +10,7 @@ import aiohttp
 from llmworker import __version__
 from llmworker.errors import ProviderError
 from llmworker.providers.base import ChatBackend
-from llmworker.providers.client import LLMClient
+from llmworker.providers.client import CallObserver, LLMClient
 from llmworker.providers.direct import DirectBackend
 from llmworker.providers.fake import FakeBackend
 from llmworker.settings import FAKE_PROVIDER, Provider, Settings
@@ -25,6 +25,8 @@ class Providers:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._sdk_clients: dict[str, openai.AsyncOpenAI] = {}
         self._fake = FakeBackend(settings.fake_latency_ms, settings.fake_tokens)
+        # Told of every provider call's outcome (metrics, provider health).
+        self.observe: CallObserver | None = None
 
     def backend(self, alias_name: str) -> ChatBackend:
         alias = self.settings.models[alias_name]
@@ -100,7 +102,11 @@ class Providers:
     ) -> LLMClient:
         alias = self.settings.models[alias_name]
         return LLMClient(
-            alias, self.settings.providers[alias.provider], self.backend(alias_name), on_usage
+            alias,
+            self.settings.providers[alias.provider],
+            self.backend(alias_name),
+            on_usage,
+            observe=self.observe,
         )
 
     async def aclose(self) -> None:

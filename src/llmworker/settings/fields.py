@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     http_idle_timeout_s: float = Field(20.0, gt=0, le=3600)
     http_max_headers: int = Field(100, ge=16, le=10000)
     http_max_header_bytes: int = Field(32768, ge=4096, le=1048576)
+    # GET /metrics (Prometheus): counted in every process; with keys configured it takes
+    # an admin key unless METRICS_PUBLIC (for a scraper on a private network).
+    metrics_enabled: bool = True
+    metrics_public: bool = False
 
     tiers: str = "paid,free"
     default_tier: str = "free"

@@ -1,0 +1,463 @@
+"""The HTTP contract as OpenAPI 3.1 (``GET /openapi.json``), built from the pydantic
+models: the submission is the :class:`~llmworker.record.TaskSpec` admission validates;
+the answers are the models below, which tests check the real answers against."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from llmworker import __version__, errors
+from llmworker.handlers import registry
+from llmworker.httpapp import NON_RETRYABLE_STATUS
+from llmworker.record import TaskSpec
+from llmworker.settings import Settings
+
+
+class Open(BaseModel):
+    # Answers may gain fields: clients must ignore what they do not know.
+    model_config = ConfigDict(extra="allow")
+
+
+class QStashDelivery(Open):
+    message_id: str
+    retried: int
+
+
+class CallbackState(Open):
+    status: Literal["waiting", "pending", "delivered", "published", "retry", "failed"]
+    attempts: int
+    error: str | None
+
+
+class TaskRecord(Open):
+    """A task as ``POST``/``GET /v1/tasks`` answer it, and as the callback and the last
+    event carry it. ``result`` and ``error`` stay null until a final state."""
+
+    id: str
+    kind: str | None
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None
+    user: str
+    tier: str | None
+    model: str | None
+    attempts: int
+    result: Any = Field(description="The handler's result (chat: content, model, usage ...).")
+    error: dict[str, Any] | None = Field(description="{code, message, ...} when it failed.")
+    usage: dict[str, Any] | None
+    created_at: str | None = Field(description="ISO 8601 UTC")
+    started_at: str | None
+    finished_at: str | None
+    queue_s: float | None
+    run_s: float | None
+    idempotency_key: str | None
+    tenant: str
+    callback_url: str | None
+    metadata: dict[str, Any] | None
+    retry_of: str | None = Field(None, description="The task this one retries.")
+    qstash: QStashDelivery | None = None
+    callback: CallbackState | None = None
+
+
+def _error_codes() -> list[str]:
+    codes = {
+        code
+        for cls in _subclasses(errors.RequestError)
+        if isinstance(code := getattr(cls, "code", None), str)
+    }
+    checks = ("missing", "malformed", "expired", "not_yet_valid", "issuer", "subject")
+    codes |= {f"signature_{c}" for c in (*checks, "body_mismatch", "invalid", "replayed")}
+    return sorted(codes | {"not_found", "method_not_allowed", "http_error", "unavailable"})
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
+class ErrorAnswer(Open):
+    """Every refusal: a code to branch on and a sentence a person can act on."""
+
+    error: str = Field(description="A machine-readable code (see the list in this schema).")
+    message: str
+    field: str | None = Field(None, description="The field that is wrong (422).")
+    retry_after: int | None = Field(None, description="Seconds to wait (429).")
+    tier: str | None = None
+
+
+class StatusEvent(Open):
+    """``event: status``: the task changed state. ``run`` numbers the runs: a reader
+    that showed a previous run's text drops it."""
+
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    attempts: int
+    run: int | None = None
+    error: dict[str, Any] | None = None
+
+
+class TextEvent(Open):
+    """``event: tokens`` (the answer) and ``event: reasoning``: text since the last one."""
+
+    text: str
+    n: int = Field(description="How many streamed pieces the text joins.")
+
+
+class Lane(Open):
+    tier: str
+    model: str
+    waiting: int
+    running: int
+    limit: int
+    oldest_wait_s: float | None
+
+
+class Throughput(Open):
+    start: str | None
+    minute_s: int
+    succeeded: list[int]
+    failed: list[int]
+    cancelled: list[int]
+
+
+class ProviderHealth(Open):
+    window_s: int
+    requests: dict[str, int]
+    duration_p50_s: float | None
+    duration_p95_s: float | None
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+
+
+class RunningTask(Open):
+    id: str
+    tenant: str
+    kind: str | None
+    tier: str | None
+    model: str | None
+    user: str
+    started_at: str | None
+    attempts: int
+    run_s: float
+
+
+class Stats(Open):
+    """The deployment as Redis holds it (every replica answers the same) and this
+    replica's own counts."""
+
+    now: str | None
+    lanes: list[Lane]
+    throughput: Throughput
+    providers: dict[str, ProviderHealth]
+    running_tasks: list[RunningTask]
+    queues: dict[str, dict[str, Any]]
+    running: int
+    callbacks_waiting: int
+    guards: dict[str, dict[str, Any]]
+    user_limits: dict[str, int]
+    replicas_alive: int
+    replica: dict[str, Any]
+
+
+class FailedTask(Open):
+    id: str
+    tenant: str
+    kind: str
+    tier: str
+    model: str
+    user: str
+    status: Literal["failed", "cancelled"]
+    error: dict[str, Any] | None
+    finished_at: str | None
+    attempts: int
+
+
+class Failures(Open):
+    failures: list[FailedTask]
+    facets: dict[str, list[str]]
+
+
+class Health(Open):
+    status: Literal["ok"]
+
+
+class Readiness(Open):
+    status: Literal["ready", "not_ready"]
+    reason: str | None = None
+
+
+MODELS: list[type[BaseModel]] = [
+    TaskSpec,
+    TaskRecord,
+    ErrorAnswer,
+    StatusEvent,
+    TextEvent,
+    Stats,
+    Failures,
+    Health,
+    Readiness,
+]
+REF = "#/components/schemas/{model}"
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=name)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    reasons = {
+        400: "The request is malformed (the message says how).",
+        401: "No valid API key (send `Authorization: Bearer <key>`).",
+        403: "The key may not do this (admin only, or another tenant).",
+        404: "Unknown, expired, or not the caller's.",
+        409: "The task is not finished yet.",
+        413: "The body is over MAX_BODY_BYTES.",
+        415: "The body is not declared as application/json.",
+        422: "A field is missing or wrong; `field` names it.",
+        429: "The tier's queue is full; retry after `retry_after` s (also `Retry-After`).",
+        503: "Redis is unreachable, or the endpoint is not configured here.",
+        NON_RETRYABLE_STATUS: "QStash: the task can never be admitted (dead-letter it).",
+    }
+    out: dict[str, Any] = {}
+    for status in statuses:
+        answer: dict[str, Any] = {"description": reasons[status], "content": _json("ErrorAnswer")}
+        if status == 429:
+            answer["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+        out[str(status)] = answer
+    return out
+
+
+TENANT = {
+    "name": "tenant",
+    "in": "query",
+    "required": False,
+    "description": "Admin keys: act for this tenant.",
+    "schema": {"type": "string"},
+}
+TASK_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "The task's id (as its tenant knows it).",
+    "schema": {"type": "string"},
+}
+# Every endpoint that reads or writes tasks may refuse for these reasons.
+AUTHED = (400, 401, 403)
+
+
+def _task_answer(description: str, status: str = "200") -> dict[str, Any]:
+    return {status: {"description": description, "content": _json("TaskRecord")}}
+
+
+def _paths(settings: Settings) -> dict[str, Any]:
+    submitted = {
+        **_task_answer("Admitted: the new task.", "202"),
+        **_task_answer("The same id or idempotency key was admitted before: that task."),
+        **_errors(*AUTHED, 413, 415, 422, 429, 503),
+    }
+    events_doc = (
+        "Server-Sent Events: `status` (StatusEvent), `progress` (the handler's JSON), "
+        "`tokens` and `reasoning` (TextEvent), and last `record` (TaskRecord), each with "
+        "an `id:` to resume from (`Last-Event-ID`, or `?after=`). A comment line "
+        "(`: ping`) every 15 s keeps proxies from closing the stream."
+    )
+    open_: dict[str, Any] = {"security": []}
+    return {
+        "/v1/tasks": {
+            "post": {
+                "operationId": "submitTask",
+                "summary": "Submit a task",
+                "parameters": [TENANT],
+                "requestBody": {"required": True, "content": _json("TaskSpec")},
+                "responses": submitted,
+            },
+            "get": {
+                "operationId": "findTask",
+                "summary": "Find the caller's task by its idempotency key",
+                "parameters": [
+                    {
+                        "name": "idempotency_key",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    TENANT,
+                ],
+                "responses": {**_task_answer("The task."), **_errors(*AUTHED, 404, 503)},
+            },
+        },
+        "/v1/tasks/{id}": {
+            "parameters": [TASK_ID, TENANT],
+            "get": {
+                "operationId": "getTask",
+                "summary": "A task's record",
+                "responses": {**_task_answer("The task."), **_errors(*AUTHED, 404, 503)},
+            },
+            "delete": {
+                "operationId": "cancelTask",
+                "summary": "Cancel a task (a finished one stays as it is)",
+                "responses": {
+                    **_task_answer("The task after the cancel."),
+                    **_errors(*AUTHED, 404, 503),
+                },
+            },
+        },
+        "/v1/tasks/{id}/retry": {
+            "parameters": [TASK_ID, TENANT],
+            "post": {
+                "operationId": "retryTask",
+                "summary": "A new task from a finished task's input (`retry_of` names it)",
+                "responses": {
+                    **_task_answer("The new task.", "202"),
+                    **_errors(*AUTHED, 404, 409, 422, 429, 503),
+                },
+            },
+        },
+        "/v1/tasks/{id}/events": {
+            "parameters": [TASK_ID, TENANT],
+            "get": {
+                "operationId": "taskEvents",
+                "summary": "The task's events, live",
+                "description": events_doc,
+                "parameters": [
+                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": events_doc,
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(*AUTHED, 404, 503),
+                },
+                "x-events": {
+                    "status": {"$ref": REF.format(model="StatusEvent")},
+                    "tokens": {"$ref": REF.format(model="TextEvent")},
+                    "reasoning": {"$ref": REF.format(model="TextEvent")},
+                    "progress": {"type": "object"},
+                    "record": {"$ref": REF.format(model="TaskRecord")},
+                },
+            },
+        },
+        "/v1/qstash": {
+            "post": {
+                "operationId": "qstashDelivery",
+                "summary": "A task delivered by Upstash QStash",
+                "description": "Verified by `Upstash-Signature` (QSTASH_*_SIGNING_KEY); "
+                "`Upstash-Message-Id` is the idempotency key. Tasks of QSTASH_TENANT.",
+                "security": [],
+                "parameters": [
+                    {"name": "Upstash-Signature", "in": "header", "schema": {"type": "string"}},
+                    {"name": "Upstash-Message-Id", "in": "header", "schema": {"type": "string"}},
+                ],
+                "requestBody": {"required": True, "content": _json("TaskSpec")},
+                "responses": {**submitted, **_errors(NON_RETRYABLE_STATUS)},
+            }
+        },
+        "/v1/stats": {
+            "get": {
+                "operationId": "stats",
+                "summary": "Queues, guards, throughput, provider health (admin)",
+                "parameters": [TENANT],
+                "responses": {
+                    "200": {"description": "The deployment.", "content": _json("Stats")},
+                    **_errors(*AUTHED, 503),
+                },
+            }
+        },
+        "/v1/failures": {
+            "get": {
+                "operationId": "failures",
+                "summary": "The latest tasks that failed or were cancelled (admin)",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["failed", "cancelled"]},
+                    },
+                    {"name": "model", "in": "query", "schema": {"type": "string"}},
+                    {"name": "error", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                    },
+                    TENANT,
+                ],
+                "responses": {
+                    "200": {"description": "Newest first.", "content": _json("Failures")},
+                    **_errors(*AUTHED, 503),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics (an admin key unless METRICS_PUBLIC)",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(*AUTHED, 404),
+                },
+            }
+        },
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness",
+                **open_,
+                "responses": {"200": {"description": "Serving.", "content": _json("Health")}},
+            }
+        },
+        "/ready": {
+            "get": {
+                "operationId": "ready",
+                "summary": "Readiness: Redis answers and the replica is not draining",
+                **open_,
+                "responses": {
+                    "200": {"description": "Ready.", "content": _json("Readiness")},
+                    "503": {"description": "Not ready.", "content": _json("Readiness")},
+                },
+            }
+        },
+    }
+
+
+def document(settings: Settings) -> dict[str, Any]:
+    """The document for this worker's kinds, tiers and models (built once per app)."""
+    kinds = registry.names
+    _, defs = models_json_schema([(m, "serialization") for m in MODELS], ref_template=REF)
+    schemas: dict[str, Any] = defs["$defs"]
+    spec = schemas["TaskSpec"]["properties"]
+    spec["kind"]["examples"] = list(kinds)
+    spec["tier"]["examples"] = [*settings.tier_names]
+    spec["model"]["examples"] = sorted(settings.available_models)
+    schemas["ErrorAnswer"]["properties"]["error"]["examples"] = _error_codes()
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "llmworker",
+            "version": __version__,
+            "description": "Slow LLM jobs for web apps: admitted by tier, queued durably, "
+            "run within every concurrency guard, streamed, reported. Errors are "
+            "`{error, message}` plus what helps (`field`, `retry_after`).",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearerAuth": []}, {}],
+        "paths": _paths(settings),
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API_KEYS entry (tenants) or an ADMIN_KEYS entry; none "
+                    "when the worker has no keys (loopback only).",
+                }
+            },
+        },
+    }
