@@ -185,6 +185,14 @@ def test_an_older_workers_answer_shows_lanes_from_queues_and_guards():
         assert absent not in text
 
 
+def test_a_worker_with_nothing_to_report_says_so():
+    quiet = {**OLD_STATS, "lanes": [], "providers": {}, "running_tasks": [], "running": 0}
+    text = text_of(render(quiet, url=URL))
+    assert "Lanes: none reported" in text
+    assert "Provider health: no provider calls recorded lately" in text
+    assert "Running tasks: none" in text
+
+
 @pytest.mark.parametrize(
     "stats",
     [
@@ -225,6 +233,7 @@ def serve(redis_url: str, prefix: str, tmp_path: Path, port: int) -> Iterator[st
         "PORT": str(port),
         "LOG_LEVEL": "WARNING",
         "FAKE_LATENCY_MS": "60000",
+        "MAX_USER_FREE": "1",
         "SHUTDOWN_GRACE_S": "0",
         "ADMIN_KEYS": ADMIN_KEY,
         "API_KEYS": f"app:{APP_KEY}",
@@ -236,14 +245,15 @@ def serve(redis_url: str, prefix: str, tmp_path: Path, port: int) -> Iterator[st
         yield url
 
 
-def submit_running(url: str) -> str:
-    headers = {"Authorization": f"Bearer {APP_KEY}"}
-    answer = httpx.post(f"{url}/v1/tasks", json={**CHAT, "tier": "paid"}, headers=headers)
+APP = {"Authorization": f"Bearer {APP_KEY}"}
+
+
+def submit(url: str, tier: str = "paid", user: str = "u1", status: str = "running") -> str:
+    """A task of the app tenant, once it is ``status``: its id."""
+    answer = httpx.post(f"{url}/v1/tasks", json={**CHAT, "tier": tier, "user": user}, headers=APP)
     task_id = str(answer.json()["id"])
     wait_until_sync(
-        lambda: (
-            httpx.get(f"{url}/v1/tasks/{task_id}", headers=headers).json()["status"] == "running"
-        )
+        lambda: httpx.get(f"{url}/v1/tasks/{task_id}", headers=APP).json()["status"] == status
     )
     return task_id
 
@@ -266,16 +276,28 @@ def run_top(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_top_once_shows_the_lane_of_a_submitted_task(redis_url: str, prefix: str, tmp_path: Path):
+def test_top_once_shows_the_lanes_throughput_and_running_tasks_of_a_real_worker(
+    redis_url: str, prefix: str, tmp_path: Path
+):
     with serve(redis_url, prefix, tmp_path, free_port()) as url:
-        submit_running(url)
+        paid = submit(url)
+        cancelled = submit(url, user="u2")
+        free = submit(url, tier="free", user="w")
+        submit(url, tier="free", user="w", status="queued")  # waits: one at a time for w
+        httpx.delete(f"{url}/v1/tasks/{cancelled}", headers=APP).raise_for_status()
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        wait_until_sync(lambda: httpx.get(f"{url}/v1/stats", headers=admin).json()["running"] == 2)
         frame = run_top("--once", "--url", url, "--api-key", ADMIN_KEY, cwd=tmp_path)
         assert frame.returncode == 0, frame.stderr
-        assert "replicas alive 1" in frame.stdout and "running 1" in frame.stdout
-        line_with(frame.stdout, "paid", "fake", "0", "1/10")
-        line_with(frame.stdout, "free", "fake", "0", "0/3")
-        if "Running tasks" in frame.stdout:  # a worker with the running_tasks field
-            line_with(frame.stdout, "app", "chat", "paid", "fake")
+        text = frame.stdout
+        assert "replicas alive 1" in text and "running 2" in text
+        line_with(text, "paid", "fake", "0", "1/10", "-")
+        waited = line_with(text, "free", "fake", "1", "1/3")
+        assert re.search(r"\d+s\s*$", waited), "the waiting task's wait"
+        line_with(text, "cancelled", "1", "1")
+        assert "Running tasks (2)" in text
+        line_with(text, paid, "app", "chat", "paid", "fake", "u1", "1")
+        line_with(text, free, "app", "chat", "free", "fake", "w", "1")
 
         for key, status in ((None, "401"), (APP_KEY, "403")):
             keyed = ["--api-key", key] if key else []
@@ -345,7 +367,7 @@ def test_top_refreshes_through_an_outage_and_ctrl_c_exits_0_restoring_the_termin
         terminal.wait_for(f"Cannot reach the worker at {url}", count=2)
         assert terminal.proc.poll() is None, "an unreachable worker is not the end"
         with serve(redis_url, prefix, tmp_path, port):
-            submit_running(url)
+            submit(url)
             mark = len(terminal.text)
             terminal.wait_for("running/limit", count=2, after=mark)
             os.killpg(terminal.proc.pid, signal.SIGINT)

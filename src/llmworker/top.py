@@ -171,7 +171,7 @@ def _header(stats: Stats, url: str, error: str | None, clock: datetime | None) -
         ("callbacks waiting ", _count(stats.get("callbacks_waiting"))),
         ("", shown),
     ):
-        line.append("   " + label)
+        line.append("  " + label)
         line.append(value, style="bold")
     if error is None:
         return Group(line)
@@ -266,10 +266,12 @@ PROVIDER_TIMES = (
 )
 
 
-def _providers(stats: Stats) -> Table | None:
+def _providers(stats: Stats) -> Table | Text | None:
+    if "providers" not in stats:
+        return None
     providers = _dict(stats.get("providers"))
     if not providers:
-        return None
+        return Text("Provider health: no provider calls recorded lately", style="dim")
     windows = {_num(_dict(p).get("window_s")) for p in providers.values()} - {None}
     window = ""
     if len(windows) == 1:
@@ -399,12 +401,12 @@ def watch(fetch: Fetch, console: Console, *, url: str, interval_s: float = 1.0) 
     fetched_at: datetime | None = None
     # ``after`` is left last: a second Ctrl+C is ignored while the screen is restored.
     with contextlib.ExitStack() as after, contextlib.ExitStack() as screen:
-        live = None
-        if console.is_terminal:
-            live = screen.enter_context(
-                Live(console=console, screen=True, auto_refresh=False, redirect_stderr=False)
-            )
         try:
+            live = None
+            if console.is_terminal:
+                live = screen.enter_context(
+                    Live(console=console, screen=True, auto_refresh=False, redirect_stderr=False)
+                )
             while True:
                 started = time.monotonic()
                 error = None
