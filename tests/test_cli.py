@@ -163,7 +163,7 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # one line per option: defaults are not wrapped
     root = parser({})
     subparsers = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
-    assert {"serve", "submit", "status", "cancel", "events", "stats", "check"} <= set(
+    assert {"serve", "submit", "status", "cancel", "events", "stats", "top", "check"} <= set(
         subparsers.choices
     )
     for name, sub in subparsers.choices.items():

@@ -33,7 +33,7 @@ def _normal(name: str) -> str:
 
 def test_importing_the_client_and_the_cli_loads_none_of_the_servers_dependencies():
     code = (
-        "import sys, llmworker.client, llmworker.cli\n"
+        "import sys, llmworker.client, llmworker.cli, llmworker.top\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER_ONLY!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -46,8 +46,8 @@ def test_task_and_task_context_still_import_from_the_package():
     assert out.stdout.split() == ["task", "TaskContext"]
 
 
-def test_the_client_needs_only_httpx_orjson_and_dotenv():
-    assert _names(_project()["dependencies"]) == {"httpx", "orjson", "python-dotenv"}
+def test_the_client_needs_only_httpx_orjson_dotenv_and_rich():
+    assert _names(_project()["dependencies"]) == {"httpx", "orjson", "python-dotenv", "rich"}
 
 
 def test_every_module_imported_is_a_declared_dependency():

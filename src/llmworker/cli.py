@@ -2,9 +2,9 @@
 
 Server commands: ``serve``, ``fake-llm``, ``qstash-dev`` (they need the server's
 dependencies). Client commands, which talk to a running worker over HTTP: ``submit``,
-``status``, ``cancel``, ``events``, ``stats``, ``check``. Client commands read ``.env``
-as ``serve`` does; the worker is ``--url`` (``LLMWORKER_URL``, else this machine's
-``PORT``) and the key ``--api-key`` (``LLMWORKER_API_KEY``, else the first of
+``status``, ``cancel``, ``events``, ``stats``, ``top``, ``check``. Client commands read
+``.env`` as ``serve`` does; the worker is ``--url`` (``LLMWORKER_URL``, else this
+machine's ``PORT``) and the key ``--api-key`` (``LLMWORKER_API_KEY``, else the first of
 ``ADMIN_KEYS``, else of ``API_KEYS``).
 
 Every mistake ends as one line on stderr and a non-zero exit, never a traceback.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -103,8 +104,8 @@ def _read_input(raw: str) -> Any:
         raise SystemExit(f"llmworker: --input is not valid JSON: {exc}") from None
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, api_key=args.api_key, tenant=getattr(args, "tenant", None))
+def _client(args: argparse.Namespace, **options: Any) -> Client:
+    return Client(args.url, api_key=args.api_key, tenant=getattr(args, "tenant", None), **options)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -196,6 +197,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
         total = f"  total {g['total']['in_use']}/{g['total']['limit']}" if "total" in g else ""
         print(f"model {model:<14} {tiers}{total}")
     return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from llmworker.top import REQUEST_TIMEOUT_S, top  # rich: loaded by this command only
+
+    with _client(args, timeout_s=REQUEST_TIMEOUT_S) as client:
+        top(client.stats, url=client.url, interval_s=args.interval, once=args.once)
+    return 0
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number of seconds above 0")
+    return value
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -331,6 +350,15 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
 
     c = client("stats", "queue depths, guard slots, replicas (an admin key)", cmd_stats)
     c.add_argument("--json", action="store_true", help="print the JSON answer")
+
+    c = client(
+        "top",
+        "the dashboard's numbers, redrawn live: lanes, throughput, provider health, running "
+        "tasks (an admin key; Ctrl+C ends it)",
+        cmd_top,
+    )
+    c.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes")
+    c.add_argument("--once", action="store_true", help="print one frame and exit")
 
     c = client(
         "check", "exit 0 if the worker is ready, else 1 (for health checks)", cmd_check, False
