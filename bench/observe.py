@@ -31,7 +31,9 @@ from bench.common import (
     worker_env,
 )
 
-ROUNDS = 5
+# Rounds alternate the order (off, on / on, off ...): a machine that slows down over the
+# run penalises both sides alike.
+ROUNDS = 6
 NOOP_TASKS = 10_000
 INGRESS_S = 5
 TIERS = [f"t{i}" for i in range(10)]
@@ -91,6 +93,8 @@ def _ingress(bench: Bench, metrics: bool) -> tuple[float, float]:
         MAX_USER_FREE=1,
         QUEUE_MAX_FREE=10_000_000,
         METRICS_ENABLED=str(metrics).lower(),
+        # The one running task goes back to the queue at once when the run ends.
+        SHUTDOWN_GRACE_S=0,
     )
     try:
         with bench.serve(port, env, workers=2) as proc:
@@ -108,6 +112,11 @@ def _ingress(bench: Bench, metrics: bool) -> tuple[float, float]:
         cleanup(bench, prefix)
 
 
+def _order() -> list[bool]:
+    """Metrics off and on, ROUNDS times each, in the order off, on, on, off, off, on ..."""
+    return [(i % 2 == 1) != (i // 2 % 2 == 1) for i in range(2 * ROUNDS)]
+
+
 def _ratio(on: list[float], off: list[float]) -> str:
     return f"{statistics.median(on) / statistics.median(off):.3f}"
 
@@ -120,11 +129,10 @@ def metrics_cost(bench: Bench) -> None:
     )
     rates: dict[bool, list[float]] = {False: [], True: []}
     cpu: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(ROUNDS):
-        for metrics in (False, True):
-            rate, us = _noop(bench, metrics)
-            rates[metrics].append(rate)
-            cpu[metrics].append(us)
+    for metrics in _order():
+        rate, us = _noop(bench, metrics)
+        rates[metrics].append(rate)
+        cpu[metrics].append(us)
     for metrics in (False, True):
         runs = ", ".join(f"{r:,.0f}" for r in rates[metrics])
         state = "on" if metrics else "off"
@@ -133,11 +141,10 @@ def metrics_cost(bench: Bench) -> None:
     bench.add("f", "worker CPU per task, on / off (medians)", _ratio(cpu[True], cpu[False]))
     ingress: dict[bool, list[float]] = {False: [], True: []}
     ingress_cpu: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(ROUNDS):
-        for metrics in (False, True):
-            rate, us = _ingress(bench, metrics)
-            ingress[metrics].append(rate)
-            ingress_cpu[metrics].append(us)
+    for metrics in _order():
+        rate, us = _ingress(bench, metrics)
+        ingress[metrics].append(rate)
+        ingress_cpu[metrics].append(us)
     for metrics in (False, True):
         runs = ", ".join(f"{r:,.0f}" for r in ingress[metrics])
         bench.add("f", f"submissions/s, metrics {'on' if metrics else 'off'} (runs)", runs)

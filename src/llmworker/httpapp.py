@@ -22,8 +22,9 @@ from llmworker.errors import BodyTooLarge, ClientGone, NotJSON, RequestError
 log = structlog.get_logger("llmworker.api")
 access = structlog.get_logger("llmworker.access")
 
-# Probes call these every few seconds: their access lines are DEBUG, the rest INFO.
-QUIET_PATHS = frozenset({"/health", "/ready"})
+# Probes, scrapers and the dashboard call these every few seconds: their access lines are
+# DEBUG, the rest INFO.
+QUIET_PATHS = frozenset({"/health", "/ready", "/metrics", "/v1/stats", "/v1/failures"})
 TASK_PATH_RE = re.compile(r"^/v1/tasks/([^/]+)")
 # QStash moves a delivery answered with this status and header to its dead-letter queue
 # instead of retrying it: for tasks that can never be admitted.
