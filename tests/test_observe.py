@@ -4,6 +4,7 @@ dashboard, failures and retry, provider health over replicas, and traces."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
 import time
@@ -225,37 +226,30 @@ def test_with_workers_every_scrape_counts_every_process(
         for _ in range(40):
             assert httpx.post(f"{base}/v1/tasks", json=body).status_code == 202
 
-        def counted() -> bool:
-            text = httpx.get(f"{base}/metrics").text
+        def counts() -> tuple[float, float]:
+            scrape = samples(httpx.get(f"{base}/metrics").text)
+            lane = {"tier": "paid", "model": "fake"}
             return (
-                value(
-                    samples(text),
-                    "llmworker_tasks_finished_total",
-                    tier="paid",
-                    model="fake",
-                    status="succeeded",
-                )
-                == 40
+                value(scrape, "llmworker_tasks_submitted_total", **lane, source="api"),
+                value(scrape, "llmworker_tasks_finished_total", **lane, status="succeeded"),
             )
 
+        # Scrapes land on either process (each a new connection); whichever answers, a
+        # count never goes back, and soon every scrape has every process's counts.
+        seen = [counts()]
         deadline = time.monotonic() + 20
-        while not counted():
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
-            time.sleep(0.1)
-        # Whichever process answers, the counts are every process's.
-        for _ in range(6):
-            scrape = samples(httpx.get(f"{base}/metrics").text)
-            assert (
-                value(
-                    scrape,
-                    "llmworker_tasks_submitted_total",
-                    tier="paid",
-                    model="fake",
-                    source="api",
-                )
-                == 40
+        while seen[-1] != (40, 40):
+            assert time.monotonic() < deadline, (
+                seen[-5:],
+                (tmp_path / "serve.log").read_text()[-2000:],
             )
-            assert value(scrape, "llmworker_replicas") == 2
+            time.sleep(0.05)
+            seen.append(counts())
+        seen += [counts() for _ in range(10)]
+        for before, after in itertools.pairwise(seen):
+            assert after[0] >= before[0] and after[1] >= before[1], seen
+        assert seen[-10:] == [(40, 40)] * 10
+        assert value(samples(httpx.get(f"{base}/metrics").text), "llmworker_replicas") == 2
 
 
 async def test_stats_show_lanes_oldest_wait_throughput_and_running_tasks(make_settings):

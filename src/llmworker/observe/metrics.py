@@ -220,16 +220,15 @@ class Metrics:
             tmp.replace(self._shared)
 
     def _merged(self) -> dict[str, Values]:
-        """This process's counts, plus every other process's last written ones."""
+        """This process's counts; with ``--workers N``, the sum of every process's file,
+        this process's written first. Every process answers from the same files, so a
+        count never goes back from one scrape to the next, whichever process answers
+        (Prometheus would read that as a restart)."""
         if self._shared is None:
             return self.values
-        merged: dict[str, Values] = {
-            name: {k: (list(v) if isinstance(v, list) else v) for k, v in values.items()}
-            for name, values in self.values.items()
-        }
+        self._write()
+        merged: dict[str, Values] = {name: {} for name in FAMILIES}
         for path in self._shared.parent.glob("llmworker-*.json"):
-            if path == self._shared:
-                continue
             try:
                 data = orjson.loads(path.read_bytes())
             except (OSError, orjson.JSONDecodeError):
