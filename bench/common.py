@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 import redis
 
 from llmworker.keys import Keys
@@ -315,3 +318,84 @@ async def _python_load(url: str, clients: int, seconds: float) -> tuple[float, f
 
         await asyncio.gather(*(loop() for _ in range(clients)))
     return len(latencies) / seconds, percentile(latencies, 50), percentile(latencies, 99)
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    """CPU seconds of a process and its children (the worker processes of --workers)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def drain(bench: Bench, n: int, **extra: Any) -> tuple[float, float]:
+    """One process draining ``n`` pre-filled tasks on a model with no latency: tasks/s
+    (first start to last finish) and CPU us per task. The CPU is counted from readiness
+    on, over the tasks started from then on: start-up (imports, connections) is left out."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = worker_env(
+        bench,
+        prefix,
+        None,
+        FAKE_LATENCY_MS=0,
+        FAKE_TOKENS=0,
+        MAX_FAKE_FREE=100_000,
+        MAX_USER_FREE=100_000,
+        QUEUE_MAX_FREE=1_000_000,
+        **extra,
+    )
+    try:
+        asyncio.run(_prefill(bench, prefix, env, n))
+        with bench.serve(port, env) as proc:
+            wait_http(f"http://127.0.0.1:{port}/ready")
+            server = psutil.Process(proc.pid)
+            cpu_ready, ready_ms = cpu_s(server), time.time() * 1000
+            ids = asyncio.run(_ids(bench, prefix))
+            rows = wait_finished(bench, prefix, ids, timeout_s=300)
+            cpu_used = cpu_s(server) - cpu_ready
+        first = min(int(r["started_at"]) for r in rows) / 1000
+        last = max(int(r["finished_at"]) for r in rows) / 1000
+        after_ready = sum(int(r["started_at"]) >= ready_ms for r in rows)
+        return n / (last - first), cpu_used / max(1, after_ready) * 1e6
+    finally:
+        cleanup(bench, prefix)
+
+
+def ingress_load(
+    bench: Bench, seconds: int, workers: int = 1, **extra: Any
+) -> tuple[float, float, float, float, str]:
+    """``POST /v1/tasks`` from 64 connections for ``seconds`` (the tasks wait: the one
+    slot is busy): submissions/s, p50 and p99 ms, the worker's CPU us per submission, and
+    the load generator used."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = worker_env(
+        bench,
+        prefix,
+        None,
+        FAKE_LATENCY_MS=60_000,
+        MAX_FAKE_FREE=1,
+        MAX_USER_FREE=1,
+        QUEUE_MAX_FREE=10_000_000,
+        # The one running task goes back to the queue at once when the run ends.
+        SHUTDOWN_GRACE_S=0,
+        **extra,
+    )
+    try:
+        with bench.serve(port, env, workers=workers) as proc:
+            wait_http(f"http://127.0.0.1:{port}/ready")
+            url = f"http://127.0.0.1:{port}/v1/tasks"
+            server = psutil.Process(proc.pid)
+            before = cpu_s(server)
+            if shutil.which("wrk"):
+                rate, p50, p99 = _wrk(bench, url, seconds)
+                tool = f"wrk -t1 -c64 -d{seconds}s"
+            else:
+                rate, p50, p99 = asyncio.run(_python_load(url, 64, float(seconds)))
+                tool = "httpx, 64 clients (install wrk for a lighter load generator)"
+            used = cpu_s(server) - before
+        return rate, p50, p99, used / (rate * seconds) * 1e6, tool
+    finally:
+        cleanup(bench, prefix)

@@ -8,25 +8,21 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import psutil
 
 from bench.common import (
     Bench,
-    _ids,
-    _prefill,
-    _python_load,
-    _wrk,
     cleanup,
+    drain,
     free_port,
+    ingress_load,
     percentile,
-    wait_finished,
     wait_http,
     worker_env,
 )
@@ -41,77 +37,6 @@ MODELS = [f"m{i}" for i in range(10)]
 WAITING = 100_000
 
 
-def _noop(bench: Bench, metrics: bool) -> tuple[float, float]:
-    """Tasks/s and CPU us per task of one process draining a pre-filled queue."""
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    env = worker_env(
-        bench,
-        prefix,
-        None,
-        FAKE_LATENCY_MS=0,
-        FAKE_TOKENS=0,
-        MAX_FAKE_FREE=100_000,
-        MAX_USER_FREE=100_000,
-        QUEUE_MAX_FREE=1_000_000,
-        METRICS_ENABLED=str(metrics).lower(),
-    )
-    try:
-        asyncio.run(_prefill(bench, prefix, env, NOOP_TASKS))
-        with bench.serve(port, env) as proc:
-            wait_http(f"http://127.0.0.1:{port}/ready")
-            ids = asyncio.run(_ids(bench, prefix))
-            rows = wait_finished(bench, prefix, ids, timeout_s=300)
-            cpu = psutil.Process(proc.pid).cpu_times()
-        first = min(int(r["started_at"]) for r in rows) / 1000
-        last = max(int(r["finished_at"]) for r in rows) / 1000
-        return NOOP_TASKS / (last - first), (cpu.user + cpu.system) / NOOP_TASKS * 1e6
-    finally:
-        cleanup(bench, prefix)
-
-
-def _cpu_s(proc: psutil.Process) -> float:
-    """CPU seconds of a process and its children (the worker processes of --workers)."""
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        times = p.cpu_times()
-        total += times.user + times.system
-    return total
-
-
-def _ingress(bench: Bench, metrics: bool) -> tuple[float, float]:
-    """Submissions/s into `serve --workers 2` (tasks wait: the model is busy), and the
-    worker's CPU us per submission."""
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    env = worker_env(
-        bench,
-        prefix,
-        None,
-        FAKE_LATENCY_MS=60_000,
-        MAX_FAKE_FREE=1,
-        MAX_USER_FREE=1,
-        QUEUE_MAX_FREE=10_000_000,
-        METRICS_ENABLED=str(metrics).lower(),
-        # The one running task goes back to the queue at once when the run ends.
-        SHUTDOWN_GRACE_S=0,
-    )
-    try:
-        with bench.serve(port, env, workers=2) as proc:
-            wait_http(f"http://127.0.0.1:{port}/ready")
-            url = f"http://127.0.0.1:{port}/v1/tasks"
-            server = psutil.Process(proc.pid)
-            before = _cpu_s(server)
-            if shutil.which("wrk"):
-                rate, _, _ = _wrk(bench, url, INGRESS_S)
-            else:
-                rate, _, _ = asyncio.run(_python_load(url, 64, INGRESS_S))
-            used = _cpu_s(server) - before
-        return rate, used / (rate * INGRESS_S) * 1e6
-    finally:
-        cleanup(bench, prefix)
-
-
 def _order() -> list[bool]:
     """Metrics off and on, ROUNDS times each, in the order off, on, on, off, off, on ..."""
     return [(i % 2 == 1) != (i // 2 % 2 == 1) for i in range(2 * ROUNDS)]
@@ -121,41 +46,61 @@ def _ratio(on: list[float], off: list[float]) -> str:
     return f"{statistics.median(on) / statistics.median(off):.3f}"
 
 
-def metrics_cost(bench: Bench) -> None:
-    print(
-        f"metrics cost: no-op rate ({NOOP_TASKS:,} tasks) and submissions/s ({INGRESS_S} s), "
-        f"metrics off then on, {ROUNDS} rounds",
-        flush=True,
-    )
+def _compare(
+    bench: Bench, what: str, unit: str, measure: Callable[[bool], tuple[float, float]]
+) -> None:
+    """``measure(metrics)`` -> (rate, CPU us per item), ROUNDS times each way, alternating."""
     rates: dict[bool, list[float]] = {False: [], True: []}
     cpu: dict[bool, list[float]] = {False: [], True: []}
     for metrics in _order():
-        rate, us = _noop(bench, metrics)
+        rate, us = measure(metrics)
         rates[metrics].append(rate)
         cpu[metrics].append(us)
     for metrics in (False, True):
         runs = ", ".join(f"{r:,.0f}" for r in rates[metrics])
-        state = "on" if metrics else "off"
-        bench.add("f", f"no-op tasks/s, metrics {state} (runs)", runs)
-    bench.add("f", "no-op rate, on / off (medians)", _ratio(rates[True], rates[False]), ">= 0.95")
-    bench.add("f", "worker CPU per task, on / off (medians)", _ratio(cpu[True], cpu[False]))
-    ingress: dict[bool, list[float]] = {False: [], True: []}
-    ingress_cpu: dict[bool, list[float]] = {False: [], True: []}
-    for metrics in _order():
-        rate, us = _ingress(bench, metrics)
-        ingress[metrics].append(rate)
-        ingress_cpu[metrics].append(us)
-    for metrics in (False, True):
-        runs = ", ".join(f"{r:,.0f}" for r in ingress[metrics])
-        bench.add("f", f"submissions/s, metrics {'on' if metrics else 'off'} (runs)", runs)
-    bench.add(
-        "f", "submissions/s, on / off (medians)", _ratio(ingress[True], ingress[False]), ">= 0.95"
-    )
+        bench.add("f", f"{what}, metrics {'on' if metrics else 'off'} (runs)", runs)
+    bench.add("f", f"{what}, on / off (medians)", _ratio(rates[True], rates[False]), ">= 0.95")
+    bench.add("f", f"worker CPU per {unit}, on / off (medians)", _ratio(cpu[True], cpu[False]))
     bench.add(
         "f",
-        "worker CPU per submission, on / off (medians)",
-        _ratio(ingress_cpu[True], ingress_cpu[False]),
+        f"worker CPU per {unit}, metrics off (median)",
+        f"{statistics.median(cpu[False]):.0f} us",
     )
+
+
+def _calls_per_task_us() -> float:
+    """What the metrics calls of one chat task cost, timed alone (admission, start,
+    one provider call, the end)."""
+    from llmworker.observe.metrics import Metrics
+
+    metrics, n = Metrics(), 100_000
+    usage = {"prompt_tokens": 12, "completion_tokens": 400}
+    started = time.process_time()
+    for _ in range(n):
+        metrics.submitted("free", "fake", "api")
+        metrics.started("free", "fake", 0.004)
+        metrics.provider_call("fake", "fake", "fake", "ok", 0.2, 0.05, "", usage)
+        metrics.finished("free", "fake", "succeeded", 0.21)
+    return (time.process_time() - started) / n * 1e6
+
+
+def metrics_cost(bench: Bench) -> None:
+    print(
+        f"metrics cost: no-op rate ({NOOP_TASKS:,} tasks) and submissions/s ({INGRESS_S} s, "
+        f"one process), metrics off and on, {ROUNDS} rounds each",
+        flush=True,
+    )
+
+    def noop(metrics: bool) -> tuple[float, float]:
+        return drain(bench, NOOP_TASKS, METRICS_ENABLED=str(metrics).lower())
+
+    def ingress(metrics: bool) -> tuple[float, float]:
+        rate, _, _, us, _ = ingress_load(bench, INGRESS_S, METRICS_ENABLED=str(metrics).lower())
+        return rate, us
+
+    _compare(bench, "no-op tasks/s", "task", noop)
+    _compare(bench, "submissions/s", "submission", ingress)
+    bench.add("f", "the metrics calls of one task, timed alone", f"{_calls_per_task_us():.1f} us")
 
 
 def _deployment_env(bench: Bench, prefix: str) -> dict[str, str]:

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,12 +35,10 @@ from bench.common import (
     ROOT,
     Bench,
     RawHTTP,
-    _ids,
-    _prefill,
-    _python_load,
-    _wrk,
     cleanup,
+    drain,
     free_port,
+    ingress_load,
     percentile,
     submit_all,
     wait_finished,
@@ -190,64 +187,19 @@ def noop_rate(bench: Bench) -> None:
     print(
         "no-op rate: 1 replica, 20,000 queued tasks, in-process model with no latency", flush=True
     )
-    n = 20_000
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    env = worker_env(
-        bench,
-        prefix,
-        None,
-        FAKE_LATENCY_MS=0,
-        FAKE_TOKENS=0,
-        MAX_FAKE_FREE=100_000,
-        MAX_USER_FREE=100_000,
-        QUEUE_MAX_FREE=1_000_000,
-    )
-    try:
-        asyncio.run(_prefill(bench, prefix, env, n))
-        with bench.serve(port, env) as proc:
-            wait_http(f"http://127.0.0.1:{port}/ready")
-            ids = asyncio.run(_ids(bench, prefix))
-            rows = wait_finished(bench, prefix, ids, timeout_s=300)
-            cpu = psutil.Process(proc.pid).cpu_times()
-        first = min(int(r["started_at"]) for r in rows) / 1000
-        last = max(int(r["finished_at"]) for r in rows) / 1000
-        bench.add("c", "no-op tasks/s, one process", f"{n / (last - first):,.0f}", ">= 5,000")
-        bench.add("c", "worker CPU per task", f"{(cpu.user + cpu.system) / n * 1e6:,.0f} us")
-    finally:
-        cleanup(bench, prefix)
+    rate, cpu_us = drain(bench, 20_000)
+    bench.add("c", "no-op tasks/s, one process", f"{rate:,.0f}", ">= 5,000")
+    bench.add("c", "worker CPU per task", f"{cpu_us:,.0f} us")
 
 
 def ingress(bench: Bench) -> None:
     """(d) POST /v1/tasks throughput and latency, `serve --workers 2`, 64 connections."""
     print("ingress: serve --workers 2, 64 connections, 10 s", flush=True)
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    env = worker_env(
-        bench,
-        prefix,
-        None,
-        FAKE_LATENCY_MS=60_000,
-        MAX_FAKE_FREE=1,
-        MAX_USER_FREE=1,
-        QUEUE_MAX_FREE=10_000_000,
-    )
-    try:
-        with bench.serve(port, env, workers=2):
-            wait_http(f"http://127.0.0.1:{port}/ready")
-            url = f"http://127.0.0.1:{port}/v1/tasks"
-            if shutil.which("wrk"):
-                rate, p50, p99 = _wrk(bench, url)
-                tool = "wrk -t1 -c64 -d10s"
-            else:
-                rate, p50, p99 = asyncio.run(_python_load(url, 64, 10.0))
-                tool = "httpx, 64 clients (install wrk for a lighter load generator)"
-        bench.add("d", "load generator", tool)
-        bench.add("d", "submissions/s", f"{rate:,.0f}", ">= 5,000")
-        bench.add("d", "POST /v1/tasks p50", f"{p50:.2f} ms")
-        bench.add("d", "POST /v1/tasks p99", f"{p99:.2f} ms", "<= 20 ms")
-    finally:
-        cleanup(bench, prefix)
+    rate, p50, p99, _, tool = ingress_load(bench, 10, workers=2)
+    bench.add("d", "load generator", tool)
+    bench.add("d", "submissions/s", f"{rate:,.0f}", ">= 5,000")
+    bench.add("d", "POST /v1/tasks p50", f"{p50:.2f} ms")
+    bench.add("d", "POST /v1/tasks p99", f"{p99:.2f} ms", "<= 20 ms")
 
 
 def rss(bench: Bench) -> None:

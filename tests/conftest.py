@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -218,6 +219,21 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(every_s)
+
+
+def installed(tool: str, package: str) -> str:
+    """A program ``.ci/run`` installs: missing under CI is a failure, elsewhere a skip."""
+    found = shutil.which(tool)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed (.ci/run installs Debian's {package} package)")
+        pytest.skip(f"{tool} is not installed (apt-get install {package})")
+    return found
+
+
+def worker_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
+    """The environment of a worker process of this test: its Redis, its key prefix."""
+    return {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "LOG_LEVEL": "WARNING", **extra}
 
 
 def llmworker_command(*args: str) -> list[str]:

@@ -5,7 +5,6 @@ to artifacts/dashboard/ (look at them after a change to the page)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
 
-from .conftest import ROOT, llmworker_command, process
+from .conftest import ROOT, installed, llmworker_command, process
 from .test_processes import _redis_env, wait_ready
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts" / "dashboard"
 KEY = "dashboard-test-key-0123456789"
 DESKTOP: ViewportSize = {"width": 1280, "height": 900}
@@ -31,12 +29,9 @@ WAITING = "#lanes tr[data-lane='paid|fake'] td.c-waiting"
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     """Debian's Chromium; CI installs it, so there its absence is a failure, not a skip."""
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    executable = installed("chromium", "chromium")
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        chromium = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:
             yield chromium
         finally:

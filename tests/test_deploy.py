@@ -5,7 +5,6 @@ No Docker engine runs here, so the Docker files are checked statically."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import ROOT, free_port, llmworker_command, process
+from .conftest import ROOT, free_port, installed, llmworker_command, process
 from .test_processes import wait_ready
 
 BIN = Path(sys.executable).parent
@@ -30,12 +29,7 @@ SHELL_SCRIPTS = [DEPLOY / "provision.sh", ROOT / ".ci" / "run"]
 
 def caddy() -> str:
     """The caddy binary; CI installs it, so there its absence is a failure, not a skip."""
-    found = shutil.which("caddy")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("caddy is not installed (.ci/run installs Debian's caddy package)")
-        pytest.skip("caddy is not installed (apt-get install caddy)")
-    return found
+    return installed("caddy", "caddy")
 
 
 def run(*args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:

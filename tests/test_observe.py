@@ -28,9 +28,11 @@ from .conftest import (
     process,
     tasks_with,
     wait_until,
+    worker_env,
 )
 from .conftest import serve_api as api
 from .test_notify import Receiver
+from .test_ops import COUNTERS, GAUGES, HISTOGRAMS
 from .test_processes import wait_ready
 
 ADMIN = "admin-key-0123456789abcdef"
@@ -38,26 +40,8 @@ TENANT_KEY = "tenant-key-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "hello"}]
 CHAT: dict[str, Any] = {"kind": "chat", "input": {"messages": MESSAGES}}
 
-# Every name dashboards and alerts rely on (DESIGN.md, "Metrics").
-REQUIRED = {
-    "llmworker_tasks_submitted",
-    "llmworker_tasks_finished",
-    "llmworker_tasks_rejected",
-    "llmworker_queue_waiting",
-    "llmworker_queue_oldest_age_seconds",
-    "llmworker_tasks_running",
-    "llmworker_guard_slots_used",
-    "llmworker_guard_slots_limit",
-    "llmworker_replicas",
-    "llmworker_callbacks_pending",
-    "llmworker_task_queue_seconds",
-    "llmworker_task_run_seconds",
-    "llmworker_provider_ttft_seconds",
-    "gen_ai_client_operation_duration_seconds",
-    "gen_ai_client_token_usage",
-    "llmworker_provider_requests",
-    "llmworker_callbacks",
-}
+# Every name the ops kit's dashboard and alerts rely on (as the parser names families).
+REQUIRED = {name.removesuffix("_total") for name in COUNTERS | GAUGES | HISTOGRAMS}
 
 
 def alias() -> str:
@@ -211,13 +195,7 @@ def test_with_workers_every_scrape_counts_every_process(
 ):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "LOG_LEVEL": "WARNING",
-        "FAKE_LATENCY_MS": "20",
-        "MAX_FAKE_PAID": "20",
-    }
+    env = worker_env(redis_url, prefix, FAKE_LATENCY_MS="20", MAX_FAKE_PAID="20")
     command = llmworker_command("serve", "--workers", "2", "--port", str(port))
     with process(command, env, tmp_path / "serve.log"):
         wait_ready(base)

@@ -13,7 +13,7 @@ from pathlib import Path
 from llmworker.api import create_app
 from llmworker.openapi import document
 
-from .conftest import free_port, llmworker_command, process
+from .conftest import free_port, llmworker_command, process, worker_env
 from .conftest import serve_api as api
 from .test_processes import wait_ready
 
@@ -51,17 +51,16 @@ def test_schemathesis_finds_no_server_error_and_every_answer_matches_the_schema(
 ):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "LOG_LEVEL": "WARNING",
-        "FAKE_LATENCY_MS": "20",
-        "API_KEYS": KEY,
-        # The QStash edge is tested as deployments use it: configured.
-        "QSTASH_CURRENT_SIGNING_KEY": "sig_current_0123456789",
-        "QSTASH_NEXT_SIGNING_KEY": "sig_next_0123456789",
-        "PUBLIC_URL": base,
-    }
+    # The QStash edge is tested as deployments use it: configured.
+    env = worker_env(
+        redis_url,
+        prefix,
+        FAKE_LATENCY_MS="20",
+        API_KEYS=KEY,
+        QSTASH_CURRENT_SIGNING_KEY="sig_current_0123456789",
+        QSTASH_NEXT_SIGNING_KEY="sig_next_0123456789",
+        PUBLIC_URL=base,
+    )
     with process(llmworker_command("serve", "--port", str(port)), env, tmp_path / "serve.log"):
         wait_ready(base)
         checks = (

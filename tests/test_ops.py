@@ -5,17 +5,16 @@ dashboard's expressions parsed by promtool and held to the worker's metric names
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from .conftest import ROOT
+from .conftest import ROOT, installed
+from .test_deploy import load, run
 
 OPS = ROOT / "deploy" / "ops"
 PROMETHEUS = OPS / "prometheus"
@@ -65,24 +64,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": "llmworker-career-worker"
 
 def promtool() -> str:
     """The promtool binary; CI installs it, so there its absence is a failure, not a skip."""
-    found = shutil.which("promtool")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is not installed (.ci/run installs Debian's prometheus package)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    return found
-
-
-def run(*args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, timeout=120, **kwargs
-    )
-
-
-def load(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text())
-    assert isinstance(data, dict)
-    return data
+    return installed("promtool", "prometheus")
 
 
 def alert_rules() -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ def _normal(name: str) -> str:
 
 def test_importing_the_client_and_the_cli_loads_none_of_the_servers_dependencies():
     code = (
-        "import sys, llmworker.client, llmworker.cli, llmworker.top\n"
+        "import sys, llmworker.client, llmworker.cli, llmworker.observe.top\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER_ONLY!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from rich.console import Console
 
-from llmworker.top import fit, format_duration, format_wait, render, sparkline
+from llmworker.observe.top import fit, format_duration, format_wait, render, sparkline
 
 from .conftest import free_port, llmworker_command, process
 from .test_processes import wait_ready, wait_until_sync

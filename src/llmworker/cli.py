@@ -200,7 +200,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from llmworker.top import REQUEST_TIMEOUT_S, top  # rich: loaded by this command only
+    from llmworker.observe.top import REQUEST_TIMEOUT_S, top  # rich: loaded by this command only
 
     with _client(args, timeout_s=REQUEST_TIMEOUT_S) as client:
         top(client.stats, url=client.url, interval_s=args.interval, once=args.once)

@@ -13,6 +13,7 @@ from llmworker import __version__, errors
 from llmworker.auth import DEFAULT_TENANT, KeyRing
 from llmworker.handlers import registry
 from llmworker.httpapp import NON_RETRYABLE_STATUS
+from llmworker.observe.snapshot import Lane
 from llmworker.record import ID_RE, TaskSpec
 from llmworker.settings import Settings
 
@@ -105,15 +106,6 @@ class TextEvent(Open):
 
     text: str
     n: int = Field(description="How many streamed pieces the text joins.")
-
-
-class Lane(Open):
-    tier: str
-    model: str
-    waiting: int
-    running: int
-    limit: int
-    oldest_wait_s: float | None
 
 
 class Throughput(Open):

@@ -3,6 +3,7 @@ stopped together. The HTTP app (api.py) holds one; tests build one directly."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import uuid
@@ -199,17 +200,7 @@ class Worker:
                 entry["total"] = {"in_use": total[0], "limit": total[1]}
         return {
             "now": iso_ms(snap.now_ms),
-            "lanes": [
-                {
-                    "tier": lane.tier,
-                    "model": lane.model,
-                    "waiting": lane.waiting,
-                    "running": lane.running,
-                    "limit": lane.limit,
-                    "oldest_wait_s": lane.oldest_wait_s,
-                }
-                for lane in snap.lanes
-            ],
+            "lanes": [dataclasses.asdict(lane) for lane in snap.lanes],
             **snap.detail,
             "queues": queues,
             "running": snap.running,

@@ -101,14 +101,11 @@ def submit_span(headers: Mapping[str, str], source: str) -> Iterator[None]:
         yield
         return
     parent = _context(headers.get("traceparent"))
+    # A span records the exception that ends it and its error status by itself.
     with _tracer.start_as_current_span(
         "llmworker.submit", context=parent, attributes={"llmworker.source": source}
-    ) as span:
-        try:
-            yield
-        except Exception as exc:
-            _failed(span, exc)
-            raise
+    ):
+        yield
 
 
 def _ns(ms: str | None) -> int | None:
@@ -139,12 +136,8 @@ def run_span(fields: Mapping[str, str]) -> Iterator[None]:
         wait.end(end_time=max(created, started))
     with _tracer.start_as_current_span(
         "llmworker.run", context=parent, start_time=started, attributes=attributes
-    ) as span:
-        try:
-            yield
-        except Exception as exc:
-            _failed(span, exc)
-            raise
+    ):
+        yield
 
 
 def provider_call(call: CallReport) -> None:
@@ -201,17 +194,7 @@ def callback_span(fields: Mapping[str, str], headers: dict[str, str]) -> Iterato
         context=_context(fields.get("trace")),
         kind=SpanKind.CLIENT,
         attributes=attributes,
-    ) as span:
+    ):
         if parent := _traceparent():
             headers["traceparent"] = parent
-        try:
-            yield
-        except Exception as exc:
-            _failed(span, exc)
-            raise
-
-
-def _failed(span: Any, exc: BaseException) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
+        yield
