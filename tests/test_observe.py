@@ -325,10 +325,12 @@ async def test_failures_are_listed_filtered_and_a_retry_makes_a_new_task(make_se
             await client.get("/v1/failures", params={"limit": "0"}, headers=admin)
         ).status_code == 400
 
+        # A retry is JSON, as a submission is: a cross-site form cannot send one.
+        retry = f"/v1/tasks/{timed_out['id']}/retry"
+        form = {**tenant, "Content-Type": "application/x-www-form-urlencoded"}
+        assert (await client.post(retry, content=b"", headers=form)).status_code == 415
         # The admin retries the tenant's task: a new task of that tenant, same input.
-        r = await client.post(
-            f"/v1/tasks/{timed_out['id']}/retry", params={"tenant": "app"}, headers=admin
-        )
+        r = await client.post(retry, json={}, params={"tenant": "app"}, headers=admin)
         assert r.status_code == 202, r.text
         again = r.json()
         TaskRecord.model_validate(again)
@@ -348,11 +350,49 @@ async def test_failures_are_listed_filtered_and_a_retry_makes_a_new_task(make_se
         ).json()
         assert listed["failures"][0]["retried_as"] == again["id"]
         # Not the default tenant's task; and a task still running cannot be retried.
-        assert (
-            await client.post(f"/v1/tasks/{timed_out['id']}/retry", headers=admin)
-        ).status_code == 404
-        r = await client.post(f"/v1/tasks/{again['id']}/retry", headers=tenant)
+        assert (await client.post(retry, json={}, headers=admin)).status_code == 404
+        r = await client.post(f"/v1/tasks/{again['id']}/retry", json={}, headers=tenant)
         assert r.status_code == 409 and r.json()["error"] == "not_finished"
+
+
+async def test_a_failure_whose_id_a_new_task_took_is_no_longer_listed(make_settings):
+    async with api(make_settings(), dispatch=False) as (client, worker):
+        await client.post("/v1/tasks", json={**CHAT, "id": "job-1"})
+        await client.delete("/v1/tasks/job-1")
+        assert [f["id"] for f in (await client.get("/v1/failures")).json()["failures"]] == ["job-1"]
+        await worker.redis.delete(worker.keys.task("job-1"))  # as when its record expires
+        await client.post("/v1/tasks", json={**CHAT, "id": "job-1"})
+        listed = (await client.get("/v1/failures")).json()
+        assert listed["failures"] == [] and listed["facets"]["status"] == []
+        assert await worker.redis.zcard(f"{worker.keys.base}failures") == 0
+
+
+async def test_a_process_that_cannot_share_its_metrics_still_counts_them(make_settings, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    settings = make_settings(METRICS_DIR=str(blocked / "metrics"))
+    async with api(settings, dispatch=False) as (client, _):
+        await client.post("/v1/tasks", json=CHAT)
+        scrape = samples((await client.get("/metrics")).text)
+    assert (
+        value(scrape, "llmworker_tasks_submitted_total", tier="free", model="fake", source="api")
+        == 1
+    )
+
+
+async def test_static_serves_scripts_and_styles_not_the_pages_or_other_files(make_settings):
+    async with api(make_settings(), dispatch=False) as (client, _):
+        assert (await client.get("/static/dashboard.js")).status_code == 200
+        page = await client.get("/")
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        # A page only at its own path, with its policy; of Swagger UI only what /docs loads.
+        for path in (
+            "/static/dashboard.html",
+            "/static/docs.html",
+            "/docs/assets/oauth2-redirect.html",
+        ):
+            assert (await client.get(path)).status_code == 404, path
+        assert (await client.get("/static/dashboard.js")).headers["cache-control"] == "no-cache"
 
 
 async def _status(

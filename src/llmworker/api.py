@@ -135,7 +135,16 @@ class Api:
     async def retry(self, request: Request) -> Response:
         """``POST /v1/tasks/{id}/retry``: a new task from a finished task's input (its
         kind, user, tier, model, callback and metadata), marked ``retry_of``."""
-        ref, caller = self._task_ref(request)
+        try:
+            ref, caller = self._task_ref(request)
+            # As for submissions: a browser's cross-site form cannot send JSON.
+            require_json(request)
+            return await self._retry(request, ref, caller)
+        except RequestError as exc:
+            self.worker.metrics.rejected(exc.code)
+            raise
+
+    async def _retry(self, request: Request, ref: str, caller: Caller) -> Response:
         fields = await self._record(ref, caller)
         status = fields.get("status")
         if status not in FINAL_STATES:
@@ -165,8 +174,12 @@ class Api:
             admitted = await self.worker.admitter.submit(
                 spec, tenant, {"retry_of": public_id(ref)}, source="api"
             )
-        # The old task points to its newest retry (the dashboard links them).
-        await self.worker.queue.mark(ref, "retried_as", public_id(admitted[0]))
+        # The old task points to its newest retry (the dashboard links them). The new task
+        # exists either way: a failure here must not make the caller retry again.
+        try:
+            await self.worker.queue.mark(ref, "retried_as", public_id(admitted[0]))
+        except (RedisError, OSError) as exc:
+            log.warning("retried_as_not_noted", task_id=ref, error=str(exc))
         return await self._admitted(*admitted, caller)
 
     async def _admitted(

@@ -445,7 +445,9 @@ class Notifier:
             self._qstash = AsyncQStash(
                 self.settings.qstash_token or "", retry=False, base_url=self.settings.qstash_url
             )
-        forward = {k: v for k, v in headers.items() if k.startswith("webhook-")}
+        forward = {
+            k: v for k, v in headers.items() if k.startswith("webhook-") or k == "traceparent"
+        }
         try:
             await self._qstash.message.publish(
                 url=url,

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from llmworker import __version__, errors
-from llmworker.auth import DEFAULT_TENANT, KeyRing
+from llmworker.auth import TENANT_RE
 from llmworker.handlers import registry
 from llmworker.httpapp import NON_RETRYABLE_STATUS
 from llmworker.observe.snapshot import Lane
@@ -273,14 +273,14 @@ TASK_LINKS = {
 
 
 def _tenant(settings: Settings) -> dict[str, Any]:
-    keys, _ = KeyRing.parse(settings.api_keys, settings.admin_keys)
-    tenants = sorted(keys.tenants | {DEFAULT_TENANT, settings.qstash_tenant})
+    # The tenants are not listed: the document is public, the tenants are the admin's.
     return {
         "name": "tenant",
         "in": "query",
         "required": False,
-        "description": "Admin keys: act for this tenant.",
-        "schema": {"type": "string", "enum": tenants},
+        "description": "Admin keys: act for this tenant (an unknown one is a 400 that names "
+        "the tenants).",
+        "schema": {"type": "string", "pattern": TENANT_RE.pattern},
     }
 
 
@@ -368,9 +368,15 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "post": {
                 "operationId": "retryTask",
                 "summary": "A new task from a finished task's input (`retry_of` names it)",
+                "description": "Sent as JSON (`Content-Type: application/json`, the body `{}`), "
+                "as a submission is: a browser's cross-site form cannot send it.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
                 "responses": {
                     **_task_answer("The new task.", "202"),
-                    **_errors(*AUTHED, 404, 409, 422, 429, 503),
+                    **_errors(*AUTHED, 404, 409, 415, 422, 429, 503),
                 },
             },
         },
@@ -419,7 +425,6 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "get": {
                 "operationId": "stats",
                 "summary": "Queues, guards, throughput, provider health (admin)",
-                "parameters": [tenant],
                 "responses": {
                     "200": {"description": "The deployment.", "content": _json("Stats")},
                     **_errors(*AUTHED, 503),

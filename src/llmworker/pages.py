@@ -24,8 +24,14 @@ CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
     "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-# The files of a release never change: browsers may keep them a day.
-ASSET_CACHE = "public, max-age=86400"
+# The page's own scripts and styles change with a release at the same URLs: browsers
+# check them again each time. Swagger UI's files change only with its package.
+PAGE_ASSET_CACHE = "no-cache"
+SWAGGER_CACHE = "public, max-age=86400"
+# What /static serves: the pages themselves only at their own paths, with their CSP.
+ASSET_SUFFIXES = (".js", ".css", ".png", ".svg", ".ico")
+# Of Swagger UI's folder, only what /docs loads.
+SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-16x16.png", "favicon-32x32.png")
 
 
 @functools.cache
@@ -35,16 +41,29 @@ def _swagger_dir() -> Path:
 
 
 @functools.cache
-def _files(folder: Path) -> dict[str, Path]:
-    """The files a folder serves, by name: only these, so no request path can reach
-    anything else."""
+def _files(
+    folder: Path, names: tuple[str, ...] = (), suffixes: tuple[str, ...] = ()
+) -> dict[str, Path]:
+    """The files a folder serves, by name (those named, or those ending so): only these,
+    so no request path can reach anything else."""
     if not folder.is_dir():
         return {}
-    return {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".map")}
+    return {
+        p.name: p
+        for p in folder.iterdir()
+        if p.is_file() and (p.name in names or (suffixes and p.name.endswith(suffixes)))
+    }
 
 
-def _file(folder: Path, name: str, *, page: bool = False) -> Response:
-    path = _files(folder).get(name)
+def _file(
+    folder: Path,
+    name: str,
+    *,
+    page: bool = False,
+    assets: dict[str, Path] | None = None,
+    cache: str = PAGE_ASSET_CACHE,
+) -> Response:
+    path = (assets if assets is not None else _files(folder, (name,))).get(name)
     if path is None:
         raise NotFound(f"No file {name[:80]!r} here.")
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
@@ -54,7 +73,7 @@ def _file(folder: Path, name: str, *, page: bool = False) -> Response:
     if page:
         headers |= {"Content-Security-Policy": CSP, "Cache-Control": "no-cache"}
     else:
-        headers["Cache-Control"] = ASSET_CACHE
+        headers["Cache-Control"] = cache
     return Response(path.read_bytes(), media_type=media, headers=headers)
 
 
@@ -63,7 +82,7 @@ async def dashboard(request: Request) -> Response:
 
 
 async def static(request: Request) -> Response:
-    return _file(WEB, request.path_params["name"])
+    return _file(WEB, request.path_params["name"], assets=_files(WEB, suffixes=ASSET_SUFFIXES))
 
 
 async def docs(request: Request) -> Response:
@@ -71,7 +90,9 @@ async def docs(request: Request) -> Response:
 
 
 async def docs_asset(request: Request) -> Response:
-    return _file(_swagger_dir(), request.path_params["name"])
+    folder = _swagger_dir()
+    assets = _files(folder, SWAGGER_FILES)
+    return _file(folder, request.path_params["name"], assets=assets, cache=SWAGGER_CACHE)
 
 
 async def openapi_json(request: Request) -> Response:

@@ -149,22 +149,22 @@ def _run(settings: Settings, sock: socket.socket, workers: int, reload: bool) ->
     if reload:
         ChangeReload(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
         return
-    with shared_metrics():
+    with shared_metrics(settings.metrics_dir):
         Multiprocess(config, sockets=[sock]).run()
 
 
 @contextlib.contextmanager
-def shared_metrics() -> Iterator[None]:
+def shared_metrics(given: Path | None) -> Iterator[None]:
     """Worker processes write their metrics to files in one folder, and whichever
     process a scrape reaches reads them all (observe/metrics.py). The folder is
     ``METRICS_DIR`` if set (emptied first: files of an earlier run would count twice),
     else a temporary one removed at the end."""
-    given = os.environ.get("METRICS_DIR")
-    if given:
-        folder = Path(given)
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("llmworker-*.json"):
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        for stale in given.glob("llmworker-*.json"):
             stale.unlink()
+        # The worker processes read their settings from the environment.
+        os.environ["METRICS_DIR"] = str(given)
         yield
         return
     folder = Path(tempfile.mkdtemp(prefix="llmworker-metrics-"))

@@ -1,5 +1,5 @@
 -- The latest tasks that did not succeed, newest first, filtered. Entries whose record
--- expired are dropped from the list on the way.
+-- expired, or whose id a new task has taken since, are dropped from the list on the way.
 -- ARGV: status, model, error code, tenant ('' = any), how many at most.
 -- Returns JSON: {tasks = {{id, tenant, kind, tier, model, user, status, error json,
 -- finished_at, attempts, retried_as}, ...}, facets = {status = {...}, model = {...}, error = {...}}}.
@@ -7,10 +7,14 @@ local want_status, want_model, want_error, want_tenant = ARGV[1], ARGV[2], ARGV[
 local limit = tonumber(ARGV[5])
 local tasks, gone = {}, {}
 local seen = {status = {}, model = {}, error = {}}
-for _, id in ipairs(redis.call('ZREVRANGE', P .. 'failures', 0, -1)) do
+local listed = redis.call('ZREVRANGE', P .. 'failures', 0, -1, 'WITHSCORES')
+for i = 1, #listed, 2 do
+  local id, when = listed[i], listed[i + 1]
   local t = redis.call('HMGET', task_key(id), 'status', 'model', 'kind', 'tier', 'user', 'error',
     'finished_at', 'attempts', 'tenant', 'retried_as')
-  if not t[1] then
+  -- Gone: the record expired, or the id was taken again by a new task since (ids may be
+  -- chosen by the submitter), which is no failure until it ends as one.
+  if (t[1] ~= 'failed' and t[1] ~= 'cancelled') or t[7] ~= when then
     gone[#gone + 1] = id
   else
     local code = ''

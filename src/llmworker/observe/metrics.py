@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -41,6 +42,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from llmworker.observe.snapshot import Snapshot
+
+log = structlog.get_logger("llmworker.observe")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # How often a process of `serve --workers N` writes its counts for the others.
@@ -77,7 +80,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...], tuple[float, ...] | None]] = {
         None,
     ),
     "llmworker_task_queue_seconds": (
-        "Time from admission to the start of a run.",
+        "Time from admission to the start of the first run.",
         ("tier", "model"),
         QUEUE_BUCKETS,
     ),
@@ -143,6 +146,7 @@ class Metrics:
         self._duration = v["gen_ai_client_operation_duration_seconds"]
         self._tokens = v["gen_ai_client_token_usage"]
         self._shared: Path | None = None
+        self._write_failed = False
         self._sharing: asyncio.Task[None] | None = None
 
     def submitted(self, tier: str, model: str, source: str) -> None:
@@ -195,6 +199,11 @@ class Metrics:
         """Start writing this process's counts to ``folder`` (``METRICS_DIR``), if any."""
         if folder is None or self._sharing is not None:
             return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("metrics_not_shared", folder=str(folder), error=str(exc))
+            return
         self._shared = folder / f"llmworker-{os.getpid()}.json"
         self._sharing = asyncio.create_task(self._share_forever())
 
@@ -211,14 +220,22 @@ class Metrics:
             self._write()
             await asyncio.sleep(SHARE_S)
 
-    def _write(self) -> None:
+    def _write(self) -> bool:
+        """Write this process's counts for the others; False if the file cannot be."""
         if self._shared is None:
-            return
+            return False
         data = {name: [[*k, v] for k, v in values.items()] for name, values in self.values.items()}
         tmp = self._shared.with_suffix(".tmp")
-        with contextlib.suppress(OSError):
+        try:
             tmp.write_bytes(orjson.dumps(data))
             tmp.replace(self._shared)
+        except OSError as exc:
+            if not self._write_failed:
+                log.warning("metrics_not_shared", file=str(self._shared), error=str(exc))
+            self._write_failed = True
+            return False
+        self._write_failed = False
+        return True
 
     def _merged(self) -> dict[str, Values]:
         """This process's counts; with ``--workers N``, the sum of every process's file,
@@ -227,9 +244,15 @@ class Metrics:
         (Prometheus would read that as a restart)."""
         if self._shared is None:
             return self.values
-        self._write()
+        written = self._write()
         merged: dict[str, Values] = {name: {} for name in FAMILIES}
+        if not written:  # the others cannot see this process's counts: add them here
+            for name, values in self.values.items():
+                for key, value in values.items():
+                    _add(merged[name], key, value)
         for path in self._shared.parent.glob("llmworker-*.json"):
+            if path == self._shared and not written:
+                continue
             try:
                 data = orjson.loads(path.read_bytes())
             except (OSError, orjson.JSONDecodeError):

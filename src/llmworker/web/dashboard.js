@@ -200,9 +200,11 @@
   async function api(path, method = "GET", signal) {
     let res;
     try {
+      const post = method === "POST";
       res = await fetch(path, {
         method,
-        headers: authHeaders({ Accept: "application/json" }),
+        headers: authHeaders(post ? { Accept: "application/json", "Content-Type": "application/json" } : { Accept: "application/json" }),
+        body: post ? "{}" : undefined,
         cache: "no-store",
         signal,
       });
