@@ -124,7 +124,7 @@ def test_client_commands_read_dotenv_as_serve_does(tmp_path: Path, make_settings
     asyncio.run(run())
 
 
-async def test_cancel_from_the_command_line(make_settings):
+async def test_cancel_and_retry_from_the_command_line(make_settings):
     async with serve_api(make_settings(), dispatch=False) as (client, _):
         queued = (await client.post("/v1/tasks", json=CHAT)).json()
         cancelled = await acli("cancel", queued["id"], LLMWORKER_URL=str(client.base_url))
@@ -133,6 +133,13 @@ async def test_cancel_from_the_command_line(make_settings):
         missing = await acli("cancel", "no-such-task", LLMWORKER_URL=str(client.base_url))
         assert missing.returncode == 1 and "404" in missing.stderr
         assert "Traceback" not in missing.stderr
+        # A cancelled task is finished: retried, it is a new task from the same input.
+        retried = await acli("retry", queued["id"], LLMWORKER_URL=str(client.base_url))
+        assert retried.returncode == 0, retried.stderr
+        again = json.loads(retried.stdout)
+        assert again["retry_of"] == queued["id"] and again["status"] == "queued"
+        busy = await acli("retry", again["id"], LLMWORKER_URL=str(client.base_url))
+        assert busy.returncode == 1 and "409" in busy.stderr and "is queued" in busy.stderr
 
 
 async def test_events_follow_a_task_from_the_command_line_and_resume(make_settings):
@@ -163,9 +170,17 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # one line per option: defaults are not wrapped
     root = parser({})
     subparsers = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
-    assert {"serve", "submit", "status", "cancel", "events", "stats", "top", "check"} <= set(
-        subparsers.choices
-    )
+    assert {
+        "serve",
+        "submit",
+        "status",
+        "cancel",
+        "retry",
+        "events",
+        "stats",
+        "top",
+        "check",
+    } <= set(subparsers.choices)
     for name, sub in subparsers.choices.items():
         text = sub.format_help()
         for action in sub._actions:

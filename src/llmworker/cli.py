@@ -167,6 +167,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.retry(args.id)
+    _print_json(record)
+    return 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     """Follow a task's events, one JSON object per line, until its final record."""
     with _client(args) as client:
@@ -343,6 +350,9 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
 
     c = client("cancel", "cancel a task: a queued one never runs, a running one stops", cmd_cancel)
     c.add_argument("id", help="the task's id")
+
+    c = client("retry", "submit a finished task's input again as a new task", cmd_retry)
+    c.add_argument("id", help="the finished task's id")
 
     c = client("events", "follow a task's events (one JSON object per line)", cmd_events)
     c.add_argument("id", help="the task's id")

@@ -288,6 +288,10 @@ class Client(_Base):
     def cancel(self, task_id: str) -> dict[str, Any]:
         return dict(self._request("DELETE", f"/v1/tasks/{task_id}"))
 
+    def retry(self, task_id: str) -> dict[str, Any]:
+        """A new task from a finished task's input; its record (``retry_of`` names the old)."""
+        return dict(self._request("POST", f"/v1/tasks/{task_id}/retry", json={}))
+
     def stats(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/stats"))
 
@@ -427,6 +431,9 @@ class AsyncClient(_Base):
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
         return dict(await self._request("DELETE", f"/v1/tasks/{task_id}"))
+
+    async def retry(self, task_id: str) -> dict[str, Any]:
+        return dict(await self._request("POST", f"/v1/tasks/{task_id}/retry", json={}))
 
     async def stats(self) -> dict[str, Any]:
         return dict(await self._request("GET", "/v1/stats"))
