@@ -224,6 +224,22 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _count(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of 0 or more")
+    return int(raw)
+
+
+def _amount(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number of 0 or more")
+    return value
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         response = httpx.get(f"{args.url}/ready", timeout=args.timeout)
@@ -248,6 +264,19 @@ def cmd_fake_llm(args: argparse.Namespace) -> int:
         rate_timeout=args.rate_timeout,
         retry_after_s=args.retry_after_s,
         seed=args.seed,
+        capacity=args.capacity,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        error_style=args.error_style,
+        load_knee=args.load_knee,
+        load_ttft_ms=args.load_ttft_ms,
+        keepalive_s=args.keepalive_s,
+        quota_tokens=args.quota_tokens,
+        quota_status=args.quota_status,
+        down=[m for m in (args.down or "").split(",") if m],
+        down_status=args.down_status,
+        outage_after_s=args.outage_after_s,
+        outage_for_s=args.outage_for_s,
     )
     run_fake_llm(config, host=args.host, port=args.port)
     return 0
@@ -390,6 +419,50 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     f.add_argument(
         "--seed", type=int, default=None, help="seed for the error draws (default: random)"
     )
+    real = f.add_argument_group("how real providers push back (per model; 0: not at all)")
+    real.add_argument("--capacity", type=_count, default=0, help="calls in flight; more get 429")
+    real.add_argument("--rpm", type=_count, default=0, help="requests per minute (x-ratelimit-*)")
+    real.add_argument("--tpm", type=_count, default=0, help="tokens per minute (x-ratelimit-*)")
+    real.add_argument(
+        "--error-style",
+        choices=["openai", "glm", "gemini"],
+        default="openai",
+        help="how a 429 reads (glm: error code 1302; gemini: RESOURCE_EXHAUSTED)",
+    )
+    real.add_argument(
+        "--load-knee", type=_count, default=0, help="calls in flight before load slows it"
+    )
+    real.add_argument(
+        "--load-ttft-ms",
+        type=float,
+        default=0.0,
+        help="added to the first token per call past the knee",
+    )
+    real.add_argument(
+        "--keepalive-s",
+        type=float,
+        default=0.0,
+        help="SSE keep-alive comments while the first token waits",
+    )
+    real.add_argument(
+        "--quota-tokens", type=_count, default=0, help="tokens before the quota runs out"
+    )
+    real.add_argument(
+        "--quota-status",
+        type=int,
+        choices=[429, 402],
+        default=429,
+        help="429 insufficient_quota, or 402",
+    )
+    real.add_argument("--down", help="models that are down, comma-separated ('*': all)")
+    real.add_argument("--down-status", type=int, default=503, help="what a down model answers")
+    real.add_argument(
+        "--outage-after-s",
+        type=float,
+        default=0.0,
+        help="every model goes down this long after start",
+    )
+    real.add_argument("--outage-for-s", type=_amount, default=0.0, help="for this long")
 
     q = command(
         "qstash-dev", "a QStash-compatible server for development and tests", cmd_qstash_dev

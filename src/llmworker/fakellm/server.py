@@ -1,6 +1,7 @@
 """``llmworker fake-llm``: an OpenAI-compatible provider for development, tests and
 benchmarks. It is a real HTTP server speaking OpenAI's chat completions protocol
-(streaming and not), with latency, jitter and injected errors.
+(streaming and not), with latency, jitter and injected errors, and the ways real
+providers push back (capacity, per-minute windows, load, quota, outages: shapes.py).
 
 It counts calls in flight per model and remembers the most seen at once, so a test can
 prove that llmworker never sent more concurrent calls than a model's cap.
@@ -40,6 +41,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from llmworker.fakellm.shapes import Shapes
+
 HANG_S = 3600.0
 COMPLETION_PATHS = ("/v1/chat/completions", "/chat/completions")
 
@@ -58,6 +61,20 @@ class FakeConfig:
     seed: int | None = None
     models: list[str] = field(default_factory=list)
     reject_params: list[str] = field(default_factory=list)
+    # How real providers push back (shapes.py); 0 or empty: not at all.
+    capacity: int = 0
+    rpm: int = 0
+    tpm: int = 0
+    error_style: str = "openai"  # how a 429 reads: openai, glm (code 1302), gemini
+    load_knee: int = 0
+    load_ttft_ms: float = 0.0
+    keepalive_s: float = 0.0
+    quota_tokens: int = 0
+    quota_status: int = 429
+    down: list[str] = field(default_factory=list)
+    down_status: int = 503
+    outage_after_s: float = 0.0
+    outage_for_s: float = 0.0
 
 
 async def _send_json(
@@ -90,6 +107,7 @@ class FakeLLM:
         self.errors: dict[str, int] = defaultdict(int)
         self.timeline: list[tuple[float, float, str]] = []
         self.last_body: dict[str, Any] = {}
+        self.shapes = Shapes(self.config, time.time())
 
     def _injected(self) -> int | None:
         """The status this call fails with, if any (0: hang until the client gives up)."""
@@ -143,6 +161,17 @@ class FakeLLM:
         if refusal is not None:
             await _send_json(send, *refusal)
             return
+        words = self._reply(messages, body.get("max_tokens"))
+        now = time.time()
+        pushed_back = self.shapes.refuse(
+            model, self.inflight[model], _prompt_tokens(messages) + len(words), now
+        )
+        if pushed_back is not None:
+            self.calls[model] += 1
+            self.errors[model] += 1
+            await _send_json(send, *pushed_back)
+            return
+        limits = self.shapes.headers(model, now)
         self.calls[model] += 1
         self.inflight[model] += 1
         self.max_inflight[model] = max(self.max_inflight[model], self.inflight[model])
@@ -150,15 +179,14 @@ class FakeLLM:
         disconnected = asyncio.ensure_future(receive())
         try:
             status = self._injected()
+            held = self.shapes.extra_ttft_s(self.inflight[model])
             if status is not None:
                 await self._fail(send, model, status, disconnected)
             elif body.get("stream"):
-                words = self._reply(messages, body.get("max_tokens"))
-                await self._stream(send, body, words, disconnected)
+                await self._stream(send, body, words, disconnected, limits, held)
             else:
-                words = self._reply(messages, body.get("max_tokens"))
-                await asyncio.wait([disconnected], timeout=self._latency_s())
-                await _send_json(send, 200, self._completion(model, words, messages))
+                await asyncio.wait([disconnected], timeout=self._latency_s() + held)
+                await _send_json(send, 200, self._completion(model, words, messages), limits)
         finally:
             disconnected.cancel()
             self.inflight[model] -= 1
@@ -201,7 +229,7 @@ class FakeLLM:
         return [f"tok{i}" for i in range(n)]
 
     def _usage(self, messages: list[dict[str, Any]], words: list[str]) -> dict[str, int]:
-        prompt = sum(len(str(m.get("content", "")).split()) for m in messages)
+        prompt = _prompt_tokens(messages)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": len(words),
@@ -232,6 +260,8 @@ class FakeLLM:
         body: dict[str, Any],
         words: list[str],
         disconnected: asyncio.Future[Any],
+        limits: dict[str, str] | None = None,
+        held_s: float = 0.0,
     ) -> None:
         model = str(body["model"])
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -259,7 +289,10 @@ class FakeLLM:
             return [dict(delta) for _ in range(choices)]
 
         headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        headers += [(k.encode(), v.encode()) for k, v in (limits or {}).items()]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if held_s and not await self._hold(send, held_s, disconnected):
+            return
         steps = _script(body, model, words)
         latency = self._latency_s()
         step = latency / max(1, len(steps))
@@ -287,6 +320,23 @@ class FakeLLM:
             pieces.append(chunk(None, usage=self._usage([], words)))
         pieces.append(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": False})
+
+    async def _hold(self, send: Send, seconds: float, disconnected: asyncio.Future[Any]) -> bool:
+        """Hold the first token back (a busy provider), with a keep-alive comment every
+        ``keepalive_s``; False if the client left meanwhile."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        every = self.config.keepalive_s
+        while not disconnected.done():
+            left = until - loop.time()
+            if left <= 0:
+                return True
+            await asyncio.wait([disconnected], timeout=min(left, every) if every else left)
+            if every and not disconnected.done() and until - loop.time() > 0:
+                await send(
+                    {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
+                )
+        return False
 
     async def models(self, request: Request) -> Response:
         return json_response(
@@ -318,6 +368,8 @@ class FakeLLM:
             )
         for name, value in changes.items():
             setattr(self.config, name, value)
+        if {"outage_after_s", "outage_for_s"} & set(changes):
+            self.shapes.started = time.time()  # a scripted outage counts from now
         if "seed" in changes:
             self.random.seed(changes["seed"])
         return json_response(asdict(self.config))
@@ -348,6 +400,10 @@ class FakeLLM:
                 Route("/_fake/last", self.last_endpoint, methods=["GET"]),
             ]
         )
+
+
+def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    return sum(len(str(m.get("content", "")).split()) for m in messages)
 
 
 def _script(body: dict[str, Any], model: str, words: list[str]) -> list[dict[str, Any]]:
