@@ -38,6 +38,8 @@ log = structlog.get_logger("llmworker.dispatcher")
 # A dispatcher stays listed as idle this much longer than it waits, so a slow claim
 # reply cannot open a window in which nobody wakes it.
 IDLE_MARGIN_S = 5.0
+# A held model is looked at again this long after its hold expires (clocks, timers).
+HOLD_MARGIN_S = 0.01
 # A failing loop retries after 0.1 s, doubling up to 2 s.
 RETRY_AFTER_ERROR_S = 0.1
 RETRY_MAX_S = 2.0
@@ -82,6 +84,7 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self._claim_loop: asyncio.Task[None] | None = None
         executor.on_release = self.wake
+        executor.on_pause = self.held
 
     @property
     def draining(self) -> bool:
@@ -111,6 +114,20 @@ class Dispatcher:
             if want > 0:
                 self._next_claim = (self._claim_soon(want), want)
         self._wake.set()
+
+    def held(self, seconds: float) -> None:
+        """A model is held for ``seconds`` (pause.lua): then every replica looks again,
+        told on the wake channel by this one (claims skip the model until then, and an
+        idle replica would otherwise look only when its wait runs out)."""
+        asyncio.get_running_loop().call_later(seconds + HOLD_MARGIN_S, self._hold_ended)
+
+    def _hold_ended(self) -> None:
+        if self._draining.is_set():
+            return
+        told = self.queue.scripts.command("PUBLISH", self.keys.wake_channel, "hold")
+        # Another replica's own idle wait covers a wake that could not be sent.
+        told.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.wake()
 
     def _want(self) -> int:
         free = self.settings.worker_concurrency - len(self.runs)

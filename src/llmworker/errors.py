@@ -16,7 +16,8 @@
     │   ├── SignatureInvalid   401: a QStash delivery failed one check; the code names it
     │   └── NotConfigured      503: the endpoint needs settings this worker lacks
     ├── TaskError              a run ended badly; becomes the task record's ``error``
-    │   ├── ProviderError      the LLM provider failed (translated once, in llm.py)
+    │   ├── ProviderError      the LLM provider failed (translated once, in providers/)
+    │   │   └── ModelPaused    it asked to wait long enough to give the slot back
     │   ├── TaskTimeout        the task's deadline passed
     │   ├── LeaseLost          the run kept no lease (its replica stalled or died too often)
     │   └── HandlerError       the user's handler raised
@@ -180,6 +181,22 @@ class ProviderError(TaskError):
         if self.status is not None:
             record["status"] = self.status
         return record
+
+
+class ModelPaused(ProviderError):
+    """The provider asked to wait (a 429's ``Retry-After``) before this run's first call
+    got anywhere: the run gives its task and slots back and the model's dispatch is held
+    for ``wait_s`` (executor.py), instead of the run sleeping on its slots."""
+
+    def __init__(self, cause: ProviderError, wait_s: float) -> None:
+        super().__init__(
+            cause.message,
+            code=cause.code,
+            status=cause.status,
+            retryable=True,
+            retry_after_s=wait_s,
+        )
+        self.wait_s = wait_s
 
 
 class TaskTimeout(TaskError):

@@ -8,6 +8,10 @@ A run ends in exactly one of these ways:
   frees its slots;
 - its lease was lost (its process stalled past ``LEASE_TTL_S``): it frees its slots and
   the reaper requeues the task;
+- its provider asks for a long wait before anything came of the run (a 429 with
+  ``Retry-After`` of a second or more): the task goes back to the queue, its slots
+  freed, and the model takes no task until then (``Queue.pause``), at most
+  ``MAX_PAUSES`` times per task, then the wait is done on the slot as any retry;
 - its outcome cannot be stored (Redis away): it is kept and stored when Redis answers
   again, and wins over a requeue as long as no other run of the task started
   (``finish.lua``); a replica that stops waits for such outcomes (:meth:`settle`);
@@ -27,7 +31,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from llmworker.context import SubmitFn, TaskContext
-from llmworker.errors import HandlerError, TaskError, TaskTimeout
+from llmworker.errors import HandlerError, ModelPaused, TaskError, TaskTimeout
 from llmworker.events import EventWriter
 from llmworker.handlers import Registry
 from llmworker.observe import tracing
@@ -41,6 +45,7 @@ log = structlog.get_logger("llmworker.executor")
 # While Redis is away, an outcome is offered again at most this long apart, so it lands
 # within a second of Redis's return.
 RECORD_RETRY_MAX_S = 1.0
+MAX_PAUSES = 8
 
 StopReason = Literal["cancelled", "lease_lost", "shutdown"]
 
@@ -74,6 +79,8 @@ class Executor:
         self.on_release: Callable[[], None] = lambda: None
         # A final state with a callback_url was recorded: the notifier may deliver now.
         self.on_callback: Callable[[], None] = lambda: None
+        # A model was held for this many seconds: dispatchers must look again then.
+        self.on_pause: Callable[[float], None] = lambda _s: None
         # Outcomes being stored, each until Redis has taken it.
         self._recording: dict[str, asyncio.Task[bool]] = {}
 
@@ -110,6 +117,10 @@ class Executor:
                     if scope.expired()
                     else HandlerError(f"The handler timed out: {exc or type(exc).__name__}")
                 )
+            except ModelPaused as paused:
+                if await self._pause(claimed, paused):
+                    return
+                error = _err(paused)
             except TaskError as exc:
                 error = _err(exc)
             finally:
@@ -174,6 +185,21 @@ class Executor:
                 if failures % 30 == 0:
                     log.warning("outcome_waiting_for_redis", error=str(exc), tries=failures)
 
+    async def _pause(self, claimed: Claimed, paused: ModelPaused) -> bool:
+        """Give the task back and hold its model; False if that cannot be done now."""
+        model = claimed.fields.get("model", "")
+        try:
+            held_ms = await self.queue.pause(
+                claimed.id, claimed.token, model, max(1, int(paused.wait_s * 1000))
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("pause_not_recorded", model=model, error=str(exc))
+            return False
+        if held_ms is not None:
+            log.info("model_paused", model=model, wait_s=round(held_ms / 1000, 3), code=paused.code)
+            self.on_pause(held_ms / 1000)
+        return True
+
     async def settle(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for outcomes still being stored; give up on the rest,
         saying which (their tasks run again once their leases lapse)."""
@@ -208,6 +234,7 @@ class Executor:
         llm.on_usage = ctx.add_usage
         llm.deadline = deadline
         llm.sink = events
+        llm.may_pause = int(claimed.fields.get("pauses") or 0) < MAX_PAUSES
         return ctx
 
     async def _call(self, ctx: TaskContext, claimed: Claimed) -> Any:

@@ -48,6 +48,9 @@ key                                    type     lifetime
 ``failures``                           zset     ids of the latest tasks that failed or were
                                                 cancelled (at most 500), scored by when;
                                                 left once their record expires
+``hold:<model>``                       string   while the model's provider asked to wait
+                                                (a 429's Retry-After): claims skip the
+                                                model until the key expires (pause.lua)
 ``ph:<minute>``                        hash     two hours: provider calls in that minute,
                                                 by model and outcome, duration and time to
                                                 first token buckets (observe/health.py)
@@ -118,6 +121,9 @@ class Keys:
 
     def guard_model_total(self, model: str) -> str:
         return f"{self.base}g:t:{model}"
+
+    def hold(self, model: str) -> str:
+        return f"{self.base}hold:{model}"
 
     def guard_user(self, user: str) -> str:
         return f"{self.base}g:u:{user}"

@@ -152,6 +152,10 @@ class Stats(Open):
     guards: dict[str, dict[str, Any]]
     user_limits: dict[str, int]
     replicas_alive: int
+    held: dict[str, float] = Field(
+        default_factory=dict,
+        description="Models whose provider asked to wait: seconds until they take tasks again.",
+    )
     replica: dict[str, Any]
 
 

@@ -182,6 +182,12 @@ class Queue:
     async def handback(self, task_id: str, token: str) -> bool:
         return bool(await self._run("handback", task_id, token))
 
+    async def pause(self, task_id: str, token: str, model: str, wait_ms: int) -> int | None:
+        """Hold ``model``'s dispatch for ``wait_ms`` and give the run's task back to the
+        queue; how long the model is held (ms), or None when the run was stale."""
+        handed, held_ms = await self._run("pause", task_id, token, model, wait_ms)
+        return int(held_ms) if handed else None
+
     async def reap(
         self, max_attempts: int, ttl_s: int, lease_ms: int, limit: int = 100
     ) -> ReapResult:

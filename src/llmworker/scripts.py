@@ -41,6 +41,7 @@ NAMES = (
     "claim",
     "finish",
     "handback",
+    "pause",
     "reap",
     "cancel",
     "renew",

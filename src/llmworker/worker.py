@@ -208,6 +208,7 @@ class Worker:
             "guards": guards,
             "user_limits": {t: s.user_limits[t] for t in s.tier_names},
             "replicas_alive": snap.replicas,
+            "held": snap.held,
             "replica": {
                 "id": self.replica_id,
                 "running": len(self.dispatcher.runs),

@@ -150,3 +150,20 @@ local function finalize(id, status, ttl_s, now, fields)
   redis.call('EXPIRE', P .. 'ev:' .. id, ttl_s)
   if t[1] and t[1] ~= '' then redis.call('EXPIRE', P .. 'ik:' .. t[1], ttl_s) end
 end
+
+-- Give a running task back to the queue: its slots are freed and it waits at the front
+-- of its user's queue; the interrupted run does not count as an attempt. Returns the
+-- task's attempts, or nil when the run was stale (it no longer holds the task).
+local function hand_back(id, token)
+  local tk = task_key(id)
+  local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'kind')
+  release(t[3], token)
+  if t[1] ~= token or t[2] ~= 'running' then return nil end
+  redis.call('ZREM', P .. 'running', id)
+  local attempts = redis.call('HINCRBY', tk, 'attempts', -1)
+  redis.call('HSET', tk, 'status', 'queued')
+  redis.call('HDEL', tk, 'holder')
+  enqueue(id, t[4], t[5], t[7], t[6], true)
+  status_event(id, 'queued', attempts)
+  return attempts
+end

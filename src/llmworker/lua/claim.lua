@@ -36,6 +36,13 @@ local function room(key, limit)
   return held[key] < limit
 end
 
+-- A model whose provider asked to wait (pause.lua) takes no task until its hold expires.
+local holds = {}
+local function held_back(model)
+  if holds[model] == nil then holds[model] = redis.call('EXISTS', P .. 'hold:' .. model) == 1 end
+  return holds[model]
+end
+
 local function routes_of(tier)
   if routes[tier] == nil then routes[tier] = redis.call('SMEMBERS', P .. 'lanes:' .. tier) end
   return routes[tier]
@@ -47,7 +54,7 @@ local function best_in_tier(tier)
   local best = nil
   for _, route in ipairs(routes_of(tier)) do
     local model, kind = string.match(route, '^(.-)|(.*)$')
-    if (kinds[kind] or kinds['*'])
+    if (kinds[kind] or kinds['*']) and not held_back(model)
         and room(P .. 'g:m:' .. tier .. ':' .. model, lim['m:' .. tier .. ':' .. model] or 0)
         and room(P .. 'g:t:' .. model, lim['t:' .. model]) then
       local lane = lane_key(tier, route)

@@ -47,6 +47,13 @@ for _, model in ipairs(totals) do
   used[#used + 1] = redis.call('ZCOUNT', P .. 'g:t:' .. model, live, '+inf')
 end
 out.guards = used
+-- Models whose provider asked to wait: how long still (ms).
+local holds = {}
+for _, model in ipairs(models) do
+  local left = redis.call('PTTL', P .. 'hold:' .. model)
+  if left > 0 then holds[#holds + 1] = model; holds[#holds + 1] = left end
+end
+out.holds = holds
 out.running = redis.call('ZCARD', P .. 'running')
 out.replicas = redis.call('ZCOUNT', P .. 'replicas', live, '+inf')
 out.callbacks = redis.call('ZCARD', P .. 'callbacks')

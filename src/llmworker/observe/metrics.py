@@ -378,6 +378,14 @@ class _Deployment(Collector):
             used.add_metric([name], n)
             limit.add_metric([name], cap)
         yield from (waiting, oldest, running, used, limit)
+        held = GaugeMetricFamily(
+            "llmworker_model_held_seconds",
+            "Seconds until a model takes tasks again after its provider asked to wait.",
+            labels=["model"],
+        )
+        for model in sorted({lane.model for lane in snap.lanes}):
+            held.add_metric([model], snap.held.get(model, 0.0))
+        yield held
         yield GaugeMetricFamily(
             "llmworker_replicas",
             "Replicas alive (heartbeat within its lease).",

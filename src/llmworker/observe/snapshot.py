@@ -46,6 +46,8 @@ class Snapshot:
     running: int
     replicas: int
     callbacks: int
+    # model -> seconds its provider still asked to wait (pause.lua)
+    held: dict[str, float] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -110,6 +112,7 @@ class Observer:
             running=int(data["running"]),
             replicas=int(data["replicas"]),
             callbacks=int(data["callbacks"]),
+            held={k: int(v) / 1000 for k, v in _pairs(data.get("holds")).items()},
         )
         if detail:
             snap.detail = _detail(data, now)

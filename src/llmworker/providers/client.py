@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from llmworker.errors import ProviderError
+from llmworker.errors import ModelPaused, ProviderError
 from llmworker.providers.base import ChatBackend
 from llmworker.providers.errors import outcome_of, translate
 from llmworker.providers.stream import ChatResult, Sink
@@ -26,6 +26,8 @@ log = structlog.get_logger("llmworker.providers")
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_TRIES = 8  # per call, even when the deadline is far
+# A provider's wait at least this long is waited out in the queue, not on a slot.
+PAUSE_MIN_S = 1.0
 
 
 class CallReport(NamedTuple):
@@ -86,6 +88,10 @@ class LLMClient:
         self.sink = sink
         self.observe = observe
         self.attempts = 0
+        # Set by the executor: this run may give its task back to wait out a long
+        # Retry-After (it has not used up its pauses).
+        self.may_pause = False
+        self.calls_done = 0
 
     async def chat(
         self, messages: list[dict[str, Any]], *, stream_tokens: bool = True, **params: Any
@@ -108,6 +114,8 @@ class LLMClient:
             except Exception as exc:
                 err = translate(exc, self.alias, self.provider)
                 self._report(began, timed, outcome_of(err), err.code, None)
+                if self._pausable(err, timed):
+                    raise ModelPaused(err, err.retry_after_s or PAUSE_MIN_S) from exc
                 delay = self._delay(err, tries)
                 if delay is None:
                     if err.retryable and tries > 1:
@@ -123,6 +131,7 @@ class LLMClient:
                 await asyncio.sleep(delay)
                 continue
             self._report(began, timed, "ok", "", result.usage)
+            self.calls_done += 1
             if self.on_usage and result.usage:
                 self.on_usage(result.usage)
             return result
@@ -149,6 +158,19 @@ class LLMClient:
                 error,
                 usage,
             )
+        )
+
+    def _pausable(self, err: ProviderError, timed: _Timed) -> bool:
+        """Wait in the queue rather than on the slot: the provider asked for a long wait,
+        and giving the task back loses nothing (no call of this run has answered, no
+        token has streamed)."""
+        return (
+            self.may_pause
+            and err.code == "provider_rate_limited"
+            and err.retry_after_s is not None
+            and err.retry_after_s >= PAUSE_MIN_S
+            and self.calls_done == 0
+            and timed.first is None
         )
 
     def _delay(self, err: ProviderError, tries: int) -> float | None:

@@ -1,0 +1,101 @@
+"""A provider that asks to wait (a 429 with a long Retry-After) holds its model's dispatch
+in the queue, not on a slot: the task goes back to waiting with its slots freed, other
+models keep running, and the model takes tasks again the moment the wait is over."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from llmworker.record import TaskSpec
+from llmworker.worker import Worker
+
+from .conftest import wait_until
+from .test_executor import MESSAGES, final
+
+ENV = {
+    "FAKEAI_BASE_URL": "",
+    "MODEL_M1": "fakeai/m1",
+    "MODEL_M2": "fakeai/m2",
+    "MAX_M1_FREE": 1,
+    "MAX_M2_FREE": 1,
+    "MAX_USER_FREE": 5,
+}
+
+
+async def submit(worker: Worker, model: str) -> str:
+    spec = TaskSpec.model_validate(
+        {"kind": "chat", "input": {"messages": MESSAGES}, "model": model}
+    )
+    task_id, _ = await worker.admitter.submit(spec)
+    return task_id
+
+
+async def status(worker: Worker, task_id: str) -> str:
+    fields = await worker.queue.get(task_id)
+    assert fields is not None
+    return fields["status"]
+
+
+async def test_a_long_retry_after_gives_the_slot_back_and_holds_only_that_model(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    fake.config.retry_after_s = 2.0
+    fake.config.fail_next = [429]
+    worker = await start_worker(make_settings(**{**ENV, "FAKEAI_BASE_URL": url}))
+    held_at = time.monotonic()
+    first = await submit(worker, "m1")
+
+    async def handed_back() -> Any:
+        fields = await worker.queue.get(first)
+        return fields if fields and fields.get("pauses") == "1" else None
+
+    fields = await wait_until(handed_back, 5)
+    assert fields["status"] == "queued" and fields["attempts"] == "0"
+    stats = await worker.stats()
+    assert 1.0 < stats["held"]["m1"] <= 2.0
+    assert stats["guards"]["m1"]["tiers"]["free"]["in_use"] == 0  # the slot is free
+    # Another model is not held back; this one takes nothing until the wait is over,
+    # though its slot is free.
+    other = await submit(worker, "m2")
+    later = await submit(worker, "m1")
+    assert (await final(worker, other))["status"] == "succeeded"
+    assert await status(worker, later) == "queued" and await status(worker, first) == "queued"
+    assert fake.calls["m1"] == 1
+    # Then both run, at once: a wake, not the dispatcher's idle wait (10 s here).
+    done = [await final(worker, t, timeout_s=10) for t in (first, later)]
+    assert all(r["status"] == "succeeded" for r in done), done
+    assert time.monotonic() - held_at < 4.5
+    started = [int(r["started_at"]) for r in done]
+    assert max(started) - min(started) < 1500
+    assert "held" not in (await worker.stats()) or "m1" not in (await worker.stats())["held"]
+
+
+async def test_a_short_retry_after_is_waited_on_the_slot_as_before(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm  # Retry-After 0.05 s
+    fake.config.fail_next = [429]
+    worker = await start_worker(make_settings(**{**ENV, "FAKEAI_BASE_URL": url}))
+    record = await final(worker, await submit(worker, "m1"))
+    assert record["status"] == "succeeded" and "pauses" not in record
+    assert fake.calls["m1"] == 2
+    assert (await worker.stats())["held"] == {}
+
+
+async def test_a_task_that_keeps_being_told_to_wait_stops_giving_its_slot_back(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    fake.config.retry_after_s = 1.0
+    fake.config.fail_next = [429] * 3
+    settings = make_settings(**{**ENV, "FAKEAI_BASE_URL": url})
+    admitting = await start_worker(settings, dispatch=False)
+    task_id = await submit(admitting, "m1")
+    await admitting.redis.hset(admitting.keys.task(task_id), "pauses", 7)
+    # One more pause, then the run waits on its slot: the next 429s are retried in place.
+    worker = await start_worker(settings)
+    record = await final(worker, task_id, timeout_s=15)
+    assert record["status"] == "succeeded"
+    assert record["pauses"] == "8" and fake.calls["m1"] == 4
