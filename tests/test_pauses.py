@@ -99,3 +99,64 @@ async def test_a_task_that_keeps_being_told_to_wait_stops_giving_its_slot_back(
     record = await final(worker, task_id, timeout_s=15)
     assert record["status"] == "succeeded"
     assert record["pauses"] == "8" and fake.calls["m1"] == 4
+
+
+def test_openais_reset_headers_say_how_long_a_used_up_limit_lasts():
+    from llmworker.providers.errors import limit_reset_s
+
+    used_up = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1m2.5s",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "120ms",
+    }
+    assert limit_reset_s(used_up) == 62.5
+    assert limit_reset_s({**used_up, "x-ratelimit-remaining-requests": "3"}) == 0.12
+    assert (
+        limit_reset_s({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1s"})
+        is None
+    )
+    assert (
+        limit_reset_s({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "soon"})
+        is None
+    )
+    assert (
+        limit_reset_s({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "2h"})
+        == 3600
+    )
+
+
+async def test_a_limit_the_provider_says_is_used_up_holds_the_model_until_it_resets(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    # Two requests per 2 s: the second answer says none is left, for about 2 s.
+    fake.config.rpm, fake.config.window_s, fake.config.latency_ms = 2, 2.0, 20
+    env = {**ENV, "FAKEAI_BASE_URL": url, "MAX_M1_FREE": 3}
+    worker = await start_worker(make_settings(**env))
+    ids = [await submit(worker, "m1") for _ in range(2)]
+    done = [await final(worker, t) for t in ids]
+
+    async def held() -> Any:
+        return (await worker.stats())["held"].get("m1")
+
+    assert 1.0 < await wait_until(held, 2) <= 2.0
+    third = await submit(worker, "m1")
+    record = await final(worker, third, timeout_s=6)
+    assert record["status"] == "succeeded"
+    # It waited for the window instead of meeting the provider's 429.
+    assert fake.errors.get("m1", 0) == 0 and fake.calls["m1"] == 3
+    assert int(record["started_at"]) - max(int(r["finished_at"]) for r in done) > 1000
+
+
+def test_a_429_without_retry_after_waits_for_the_reset_its_headers_name():
+    from llmworker.providers.errors import status_error
+    from llmworker.settings import ModelAlias, Provider
+
+    alias, provider = ModelAlias("m1", "p", "m1"), Provider("p", "http://p/v1", "k")
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"}
+    err = status_error(429, "slow down", headers, alias, provider)
+    assert err.retry_after_s == 360.0 and err.retryable
+    # Retry-After, where given, wins.
+    err = status_error(429, "slow down", {**headers, "retry-after": "2"}, alias, provider)
+    assert err.retry_after_s == 2.0

@@ -267,6 +267,7 @@ def cmd_fake_llm(args: argparse.Namespace) -> int:
         capacity=args.capacity,
         rpm=args.rpm,
         tpm=args.tpm,
+        window_s=args.window_s,
         error_style=args.error_style,
         load_knee=args.load_knee,
         load_ttft_ms=args.load_ttft_ms,
@@ -423,6 +424,9 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     real.add_argument("--capacity", type=_count, default=0, help="calls in flight; more get 429")
     real.add_argument("--rpm", type=_count, default=0, help="requests per minute (x-ratelimit-*)")
     real.add_argument("--tpm", type=_count, default=0, help="tokens per minute (x-ratelimit-*)")
+    real.add_argument(
+        "--window-s", type=_seconds, default=60.0, help="the length of the rpm and tpm windows"
+    )
     real.add_argument(
         "--error-style",
         choices=["openai", "glm", "gemini"],

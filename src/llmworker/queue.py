@@ -182,6 +182,11 @@ class Queue:
     async def handback(self, task_id: str, token: str) -> bool:
         return bool(await self._run("handback", task_id, token))
 
+    async def hold(self, model: str, wait_ms: int) -> tuple[int, bool]:
+        """Hold ``model``'s dispatch for ``wait_ms``: (ms held, whether this lengthened it)."""
+        held_ms, longer = await self._run("hold", model, wait_ms)
+        return int(held_ms), bool(longer)
+
     async def pause(self, task_id: str, token: str, model: str, wait_ms: int) -> int | None:
         """Hold ``model``'s dispatch for ``wait_ms`` and give the run's task back to the
         queue; how long the model is held (ms), or None when the run was stale."""

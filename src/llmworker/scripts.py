@@ -42,6 +42,7 @@ NAMES = (
     "finish",
     "handback",
     "pause",
+    "hold",
     "reap",
     "cancel",
     "renew",

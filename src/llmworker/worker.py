@@ -3,6 +3,7 @@ stopped together. The HTTP app (api.py) holds one; tests build one directly."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import socket
@@ -57,6 +58,7 @@ class Worker:
         self.admitter.on_admitted = lambda: self.dispatcher.wake()
         self.providers = Providers(settings)
         self.providers.observe = self._provider_call
+        self.providers.on_limit = self._limit_used_up
         self.executor = Executor(
             settings,
             self.queue,
@@ -69,6 +71,8 @@ class Worker:
             settings, self.redis, self.keys, self.queue, self.executor, self.replica_id
         )
         self.notifier = Notifier(settings, self.queue, self.metrics)
+        # Holds being recorded (a provider said a limit is used up).
+        self._holding: set[asyncio.Future[None]] = set()
         self.executor.on_callback = self.notifier.wake
         self.started = False
 
@@ -168,6 +172,24 @@ class Worker:
         )
         self.health.note(call.alias, call.outcome, call.duration_s, call.ttft_s)
         tracing.provider_call(call)
+
+    def _limit_used_up(self, model: str, seconds: float) -> None:
+        holding = asyncio.ensure_future(self._hold(model, seconds))
+        self._holding.add(holding)
+        holding.add_done_callback(self._holding.discard)
+
+    async def _hold(self, model: str, seconds: float) -> None:
+        """Hold the model until its provider's limit resets; every replica looks again then."""
+        try:
+            held_ms, longer = await self.queue.hold(model, max(1, int(seconds * 1000)))
+        except (RedisError, OSError) as exc:
+            log.warning("hold_not_recorded", model=model, error=str(exc))
+            return
+        if longer:
+            log.info(
+                "model_held", model=model, wait_s=round(held_ms / 1000, 3), reason="limit_used_up"
+            )
+            self.dispatcher.held(held_ms / 1000)
 
     async def snapshot(self, detail: bool = False) -> Snapshot:
         return await self.observer.read(detail)

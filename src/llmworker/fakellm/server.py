@@ -65,6 +65,7 @@ class FakeConfig:
     capacity: int = 0
     rpm: int = 0
     tpm: int = 0
+    window_s: float = 60.0
     error_style: str = "openai"  # how a 429 reads: openai, glm (code 1302), gemini
     load_knee: int = 0
     load_ttft_ms: float = 0.0

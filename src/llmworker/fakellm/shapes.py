@@ -3,7 +3,7 @@
 - **capacity** (Zhipu GLM): at most ``capacity`` calls in flight per model; the next gets
   a 429 at once (GLM's error code 1302, in ``error_style="glm"``);
 - **per-minute windows** (OpenAI, Gemini): ``rpm`` requests and ``tpm`` tokens per model
-  in any 60 s; every answer carries OpenAI's ``x-ratelimit-*`` headers, and a call over a
+  in any ``window_s`` (60 s; shorter in tests); every answer carries OpenAI's ``x-ratelimit-*`` headers, and a call over a
   limit gets a 429 with ``Retry-After`` (seconds until the window has room);
 - **load** (DeepSeek): past ``load_knee`` calls in flight, each more call adds
   ``load_ttft_ms`` before the first token, held back behind SSE keep-alive comments
@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llmworker.fakellm.server import FakeConfig
-
-WINDOW_S = 60.0
 
 # (status, JSON body, headers)
 Refusal = tuple[int, dict[str, Any], dict[str, str]]
@@ -76,7 +74,7 @@ class Shapes:
         self.quota_used = 0
 
     def _prune(self, model: str, now: float) -> None:
-        horizon = now - WINDOW_S
+        horizon = now - self.config.window_s
         requests, tokens = self.requests[model], self.tokens[model]
         while requests and requests[0] <= horizon:
             requests.popleft()
@@ -87,8 +85,8 @@ class Shapes:
         """Requests and tokens in the window, and seconds until each frees a unit."""
         requests, tokens = self.requests[model], self.tokens[model]
         used_tokens = sum(n for _, n in tokens)
-        request_reset = requests[0] + WINDOW_S - now if requests else 0.0
-        token_reset = tokens[0][0] + WINDOW_S - now if tokens else 0.0
+        request_reset = requests[0] + self.config.window_s - now if requests else 0.0
+        token_reset = tokens[0][0] + self.config.window_s - now if tokens else 0.0
         return len(requests), used_tokens, request_reset, token_reset
 
     def headers(self, model: str, now: float) -> dict[str, str]:
@@ -164,8 +162,8 @@ class Shapes:
         for at, n in self.tokens[model]:
             used -= n
             if used + tokens <= c.tpm:
-                return at + WINDOW_S - now
-        return WINDOW_S
+                return at + c.window_s - now
+        return c.window_s
 
     def extra_ttft_s(self, inflight: int) -> float:
         """The wait before the first token that load adds (``inflight``: this call too)."""

@@ -167,3 +167,16 @@ local function hand_back(id, token)
   status_event(id, 'queued', attempts)
   return attempts
 end
+
+-- Hold a model's dispatch for ms (its provider asked to wait, or said a limit is used
+-- up): claims skip it while 'hold:<model>' lives. A later hold never shortens an earlier
+-- one. Returns how long the model is held (ms), and whether this call lengthened it.
+local function hold_model(model, ms)
+  local hold = P .. 'hold:' .. model
+  local left = redis.call('PTTL', hold)
+  if left < ms then
+    redis.call('SET', hold, '1', 'PX', ms)
+    return ms, true
+  end
+  return left, false
+end

@@ -44,6 +44,8 @@ class CallReport(NamedTuple):
 
 
 CallObserver = Callable[[CallReport], None]
+# A model's provider said it is out of room for this many seconds (alias, seconds).
+HoldFn = Callable[[str, float], None]
 
 
 class _Timed:
@@ -87,6 +89,7 @@ class LLMClient:
         self.deadline = deadline
         self.sink = sink
         self.observe = observe
+        self.on_limit: HoldFn | None = None
         self.attempts = 0
         # Set by the executor: this run may give its task back to wait out a long
         # Retry-After (it has not used up its pauses).
@@ -132,6 +135,8 @@ class LLMClient:
                 continue
             self._report(began, timed, "ok", "", result.usage)
             self.calls_done += 1
+            if result.limit_reset_s and self.on_limit is not None:
+                self.on_limit(self.alias.alias, result.limit_reset_s)
             if self.on_usage and result.usage:
                 self.on_usage(result.usage)
             return result

@@ -4,13 +4,14 @@ of the SDK's path, and the SDK's ~50 MB of type modules are never imported."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 import orjson
 
 from llmworker.providers.base import ChatBackend
-from llmworker.providers.errors import MAX_ERROR_BODY, body_detail, status_error
+from llmworker.providers.errors import MAX_ERROR_BODY, body_detail, limit_reset_s, status_error
 from llmworker.providers.stream import ChatResult, Sink, StreamAccumulator, stream_body
 from llmworker.settings import ModelAlias, Provider
 
@@ -46,6 +47,11 @@ class DirectBackend(ChatBackend):
                     if line.startswith(b"data:"):
                         payload = line[5:].strip()
                         if payload == b"[DONE]":
-                            return acc.result()
+                            return _with_limits(acc.result(), response.headers)
                         acc.add(orjson.loads(payload))
-        return acc.result()
+        return _with_limits(acc.result(), response.headers)
+
+
+def _with_limits(result: ChatResult, headers: Mapping[str, str]) -> ChatResult:
+    result.limit_reset_s = limit_reset_s(headers)
+    return result

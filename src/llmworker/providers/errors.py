@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -43,6 +44,34 @@ def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
     return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
+DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def _duration_s(raw: str) -> float | None:
+    """OpenAI's reset durations: ``1s``, ``6m0s``, ``120ms``, ``1h2m3.5s``."""
+    parts = DURATION_RE.findall(raw.strip())
+    if not parts or "".join(n + u for n, u in parts) != raw.strip():
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def limit_reset_s(headers: Mapping[str, str] | None) -> float | None:
+    """How long until a limit the provider says is used up resets: OpenAI's
+    ``x-ratelimit-remaining-{requests,tokens}`` at 0 and their ``x-ratelimit-reset-*``
+    (the longest, within 0..MAX_RETRY_AFTER_S); None when no limit is used up."""
+    if headers is None:
+        return None
+    longest: float | None = None
+    for kind in ("requests", "tokens"):
+        if headers.get(f"x-ratelimit-remaining-{kind}", "").strip() != "0":
+            continue
+        reset = _duration_s(headers.get(f"x-ratelimit-reset-{kind}", ""))
+        if reset is not None and (longest is None or reset > longest):
+            longest = reset
+    return None if longest is None else min(MAX_RETRY_AFTER_S, longest)
+
+
 def status_error(
     status: int,
     detail: str,
@@ -76,7 +105,7 @@ def status_error(
             code="provider_rate_limited",
             status=status,
             retryable=True,
-            retry_after_s=retry_after,
+            retry_after_s=retry_after if retry_after is not None else limit_reset_s(headers),
         )
     if status >= 500 or status in (408, 409, 425):
         return ProviderError(

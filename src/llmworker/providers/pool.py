@@ -10,7 +10,7 @@ import aiohttp
 from llmworker import __version__
 from llmworker.errors import ProviderError
 from llmworker.providers.base import ChatBackend
-from llmworker.providers.client import CallObserver, LLMClient
+from llmworker.providers.client import CallObserver, HoldFn, LLMClient
 from llmworker.providers.direct import DirectBackend
 from llmworker.providers.fake import FakeBackend
 from llmworker.settings import FAKE_PROVIDER, Provider, Settings
@@ -25,8 +25,10 @@ class Providers:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._sdk_clients: dict[str, openai.AsyncOpenAI] = {}
         self._fake = FakeBackend(settings.fake_latency_ms, settings.fake_tokens)
-        # Told of every provider call's outcome (metrics, provider health).
+        # Told of every provider call's outcome (metrics, provider health), and of a
+        # limit the provider says is used up (the model is held until it resets).
         self.observe: CallObserver | None = None
+        self.on_limit: HoldFn | None = None
 
     def backend(self, alias_name: str) -> ChatBackend:
         alias = self.settings.models[alias_name]
@@ -101,13 +103,15 @@ class Providers:
         self, alias_name: str, on_usage: Callable[[dict[str, Any]], None] | None = None
     ) -> LLMClient:
         alias = self.settings.models[alias_name]
-        return LLMClient(
+        client = LLMClient(
             alias,
             self.settings.providers[alias.provider],
             self.backend(alias_name),
             on_usage,
             observe=self.observe,
         )
+        client.on_limit = self.on_limit
+        return client
 
     async def aclose(self) -> None:
         for session in self._sessions.values():

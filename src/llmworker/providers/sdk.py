@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from llmworker.providers.base import ChatBackend
+from llmworker.providers.errors import limit_reset_s
 from llmworker.providers.stream import ChatResult, Sink, StreamAccumulator, stream_body
 from llmworker.settings import ModelAlias, Provider
 
@@ -46,4 +47,6 @@ class OpenAIBackend(ChatBackend):
                 acc.add(orjson.loads(data))
         finally:
             await raw.close()  # type: ignore[attr-defined]
-        return acc.result()
+        result = acc.result()
+        result.limit_reset_s = limit_reset_s(raw.headers)  # type: ignore[attr-defined]
+        return result

@@ -52,6 +52,9 @@ class ChatResult:
     model: str
     usage: dict[str, Any]
     choices: list[Choice]
+    # The provider said a limit is used up (x-ratelimit-remaining-* at 0): seconds until
+    # it resets. The model is held that long (pause.lua), so nobody meets the 429.
+    limit_reset_s: float | None = None
 
     @property
     def first(self) -> Choice:
