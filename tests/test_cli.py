@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import os
 import socket
 import subprocess
@@ -122,6 +123,17 @@ def test_client_commands_read_dotenv_as_serve_does(tmp_path: Path, make_settings
             assert "--api-key or LLMWORKER_API_KEY" in denied.stderr
 
     asyncio.run(run())
+
+
+async def test_stats_say_which_model_is_held_and_for_how_long(make_settings):
+    async with serve_api(make_settings(), dispatch=False) as (client, worker):
+        plain = await acli("stats", LLMWORKER_URL=str(client.base_url))
+        assert plain.returncode == 0 and "held" not in plain.stdout
+        await worker.queue.hold("fake", 30_000)
+        held = await acli("stats", LLMWORKER_URL=str(client.base_url))
+        line = next(line for line in held.stdout.splitlines() if line.startswith("model fake"))
+        assert "the provider asked to wait" in line
+        assert re.search(r"held (29|30)\.\d s", line), line
 
 
 async def test_cancel_and_retry_from_the_command_line(make_settings):

@@ -202,7 +202,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for model, g in stats["guards"].items():
         tiers = "  ".join(f"{t} {u['in_use']}/{u['limit']}" for t, u in g["tiers"].items())
         total = f"  total {g['total']['in_use']}/{g['total']['limit']}" if "total" in g else ""
-        print(f"model {model:<14} {tiers}{total}")
+        held = (stats.get("held") or {}).get(model)
+        waiting = f"  held {held:.1f} s (the provider asked to wait)" if held else ""
+        print(f"model {model:<14} {tiers}{total}{waiting}")
     return 0
 
 
