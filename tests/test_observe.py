@@ -343,6 +343,10 @@ async def test_failures_are_listed_filtered_and_a_retry_makes_a_new_task(make_se
         )
         seen = (await client.get(f"/v1/tasks/{again['id']}", headers=tenant)).json()
         assert seen["retry_of"] == timed_out["id"]
+        # Once per task: a second retry (a double click) is answered with the first.
+        twice = await client.post(retry, json={}, headers=tenant)
+        assert twice.status_code == 200 and twice.json()["id"] == again["id"]
+        assert twice.headers["idempotent-replayed"] == "true"
         old = (await client.get(f"/v1/tasks/{timed_out['id']}", headers=tenant)).json()
         assert old["retried_as"] == again["id"]
         listed = (

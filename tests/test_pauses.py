@@ -160,3 +160,17 @@ def test_a_429_without_retry_after_waits_for_the_reset_its_headers_name():
     # Retry-After, where given, wins.
     err = status_error(429, "slow down", {**headers, "retry-after": "2"}, alias, provider)
     assert err.retry_after_s == 2.0
+
+
+async def test_an_account_out_of_quota_fails_the_task_at_once_with_its_own_code(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    fake.config.quota_tokens = 1
+    worker = await start_worker(make_settings(**{**ENV, "FAKEAI_BASE_URL": url}))
+    first = await final(worker, await submit(worker, "m1"))
+    assert first["status"] == "succeeded"
+    record = await final(worker, await submit(worker, "m1"))
+    assert record["status"] == "failed" and record["error"]["code"] == "provider_quota"
+    assert "out of quota" in record["error"]["message"]
+    assert fake.calls["m1"] == 2  # not retried: waiting cannot help

@@ -404,3 +404,9 @@ def test_top_into_a_pipe_prints_frame_after_frame_and_ctrl_c_exits_0(tmp_path: P
             proc.kill()
             proc.wait()
     assert errors >= 1 and "Traceback" not in rest and "KeyboardInterrupt" not in rest
+
+
+def test_a_held_model_is_named_with_its_wait():
+    stats = {"replicas_alive": 1, "running": 0, "callbacks_waiting": 0, "held": {"ds-chat": 65.2}}
+    text = text_of(render(stats, url="http://w"))
+    assert "held (the provider asked to wait): ds-chat 1m05s" in text

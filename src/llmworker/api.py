@@ -138,7 +138,7 @@ class Api:
         try:
             ref, caller = self._task_ref(request)
             # As for submissions: a browser's cross-site form cannot send JSON.
-            require_json(request)
+            require_json(request, "a retry as JSON (the body {})")
             return await self._retry(request, ref, caller)
         except RequestError as exc:
             self.worker.metrics.rejected(exc.code)
@@ -154,6 +154,8 @@ class Api:
             )
         tenant = fields.get("tenant") or DEFAULT_TENANT
         body: dict[str, Any] = {
+            # Once per task: a second retry (a double click) finds the first.
+            "idempotency_key": f"retry-of:{public_id(ref)}",
             "kind": fields.get("kind"),
             "input": orjson.loads(fields.get("input") or "{}"),
             "user": unscoped(tenant, fields.get("user") or "") or "anonymous",

@@ -70,13 +70,13 @@ def redis_answer(request: Request, exc: Exception) -> JSON:
     )
 
 
-def require_json(request: Request) -> None:
+def require_json(request: Request, what: str = "the task as JSON") -> None:
     """Submissions must say they are JSON: a browser's cross-site "simple request"
     (text/plain, form encodings) can then never submit a task."""
     declared = request.headers.get("content-type", "")
     if declared.split(";", 1)[0].strip().lower() != "application/json":
         shown = declared[:60] or "none"
-        raise NotJSON(f"Send the task as JSON with 'Content-Type: application/json' (got {shown}).")
+        raise NotJSON(f"Send {what} with 'Content-Type: application/json' (got {shown}).")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

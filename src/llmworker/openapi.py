@@ -371,8 +371,10 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "parameters": [TASK_ID, tenant],
             "post": {
                 "operationId": "retryTask",
-                "summary": "A new task from a finished task's input (`retry_of` names it)",
-                "description": "Sent as JSON (`Content-Type: application/json`, the body `{}`), "
+                "summary": "A new task from a finished task's input",
+                "description": "The new task's `retry_of` names the old one, the old one's "
+                "`retried_as` the new one. Once per task: a second retry answers 200 with the "
+                "first retry. Sent as JSON (`Content-Type: application/json`, the body `{}`), "
                 "as a submission is: a browser's cross-site form cannot send it.",
                 "requestBody": {
                     "required": True,
@@ -380,6 +382,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 },
                 "responses": {
                     **_task_answer("The new task.", "202"),
+                    **_task_answer("The task was retried before: that retry."),
                     **_errors(*AUTHED, 404, 409, 415, 422, 429, 503),
                 },
             },

@@ -61,6 +61,8 @@ class ProviderHealth:
     def note(self, model: str, outcome: str, duration_s: float, ttft_s: float | None) -> None:
         pending = self.pending
         pending[model, "n", outcome] += 1
+        if outcome != "ok":
+            return  # a refusal's few milliseconds say nothing of how long answers take
         pending[model, "d", bisect.bisect_left(BOUNDS_S, duration_s)] += 1
         if ttft_s is not None:
             pending[model, "t", bisect.bisect_left(BOUNDS_S, ttft_s)] += 1

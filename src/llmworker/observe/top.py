@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -173,9 +175,18 @@ def _header(stats: Stats, url: str, error: str | None, clock: datetime | None) -
     ):
         line.append("  " + label)
         line.append(value, style="bold")
-    if error is None:
-        return Group(line)
-    return Group(line, Text(f"! {error}", style="bold red"))
+    lines = [line]
+    held = stats.get("held")
+    if isinstance(held, dict) and held:
+        waits = ", ".join(
+            f"{model} {format_wait(s)}"
+            for model, s in sorted(held.items())
+            if isinstance(s, int | float)
+        )
+        lines.append(Text(f"held (the provider asked to wait): {waits}", style="yellow"))
+    if error is not None:
+        lines.append(Text(f"! {error}", style="bold red"))
+    return Group(*lines)
 
 
 def _lanes(stats: Stats) -> Table | Text:
@@ -428,7 +439,8 @@ def watch(fetch: Fetch, console: Console, *, url: str, interval_s: float = 1.0) 
 
 def top(fetch: Fetch, *, url: str, interval_s: float = 1.0, once: bool = False) -> None:
     """What ``llmworker top`` runs: one frame (``once``: errors are raised), or the loop."""
-    console = Console()
+    # Into a pipe or a file rich would assume 80 columns: COLUMNS, else a wide frame.
+    console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=140)
     if once:
         console.print(render(fetch(), url=url, clock=datetime.now()))
         return

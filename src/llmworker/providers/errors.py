@@ -44,6 +44,9 @@ def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
     return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
+# OpenAI's insufficient_quota ("You exceeded your current quota ..."); a per-minute limit
+# (Gemini's "Resource has been exhausted (e.g. check quota)") is not this.
+QUOTA_RE = re.compile(r"insufficient_quota|exceeded your current quota", re.IGNORECASE)
 DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -99,6 +102,13 @@ def status_error(
         )
     if status == 404:
         return _not_found(detail, alias, provider)
+    if status == 429 and QUOTA_RE.search(detail):
+        # Out of quota, not out of breath: retrying cannot help until the plan changes.
+        return ProviderError(
+            f"{where} says the account is out of quota (429): {detail}",
+            code="provider_quota",
+            status=status,
+        )
     if status == 429:
         return ProviderError(
             f"{where} is rate limiting (429): {detail}",

@@ -386,7 +386,12 @@
     syncRows(tbody, lanes, (l) => `${l.tier}|${l.model}`, cols, (tr, l, c) => {
       tr.classList.toggle("idle", !l.waiting && !l.running);
       tr.dataset.lane = `${l.tier}|${l.model}`;
-      fill(c[0], `${l.tier}|${l.model}`, () => [el("span", { className: "tier", text: l.tier }), " ", l.model]);
+      const held = ((lastStats && lastStats.held) || {})[l.model];
+      fill(c[0], `${l.tier}|${l.model}|${held ? Math.ceil(held) : ""}`, () => {
+        const parts = [el("span", { className: "tier", text: l.tier }), " ", l.model];
+        if (held) parts.push(" ", el("span", { className: "held", title: "Its provider asked to wait: no task starts on this model until then." }, `held ${fmtSecs(held)}`));
+        return parts;
+      });
       setText(c[1], fmtNum(l.waiting));
       const wait = l.oldest_wait_s;
       setText(c[2], wait === null || wait === undefined ? "—" : fmtSecs(wait));
@@ -748,6 +753,9 @@
     const ran = Array.from($("t-fields").querySelectorAll("dt")).find((dt) => dt.textContent === "Ran for");
     if (ran) ran.nextSibling.dataset.since = r.status === "running" && !Number.isNaN(since) ? String(since) : "";
     tickElapsed();
+    // A finished task's empty boxes say so, not "waiting".
+    $("t-output").classList.toggle("ended", Boolean(final));
+    $("t-result").classList.toggle("ended", Boolean(final));
     if (r.error) showTaskError(r.error.message || "", r.error.code || "error");
     else $("t-error").hidden = true;
     if (r.result !== null && r.result !== undefined) {
@@ -768,9 +776,12 @@
     if (current.name === "task" && !document.hidden) tickElapsed();
   }, 1000);
 
-  function logEvent(type, text) {
+  function logEvent(type, text, id) {
     const list = $("t-events");
-    const stamp = clock(new Date());
+    // An event's id starts with the milliseconds Redis stored it at: when it happened,
+    // not when this page read it.
+    const at = id ? Number(String(id).split("-")[0]) : NaN;
+    const stamp = clock(Number.isFinite(at) && at > 0 ? new Date(at) : new Date());
     list.append(el("li", { className: `ev-${type}` }, el("time", null, stamp), el("b", null, type), el("span", null, text)));
     while (list.children.length > 300) list.firstChild.remove();
     list.scrollTop = list.scrollHeight;
@@ -802,7 +813,7 @@
         let text = st || "";
         if (data && data.attempts) text += ` · attempt ${data.attempts}`;
         if (data && data.error) text += ` · ${data.error.code || ""} ${data.error.message || ""}`;
-        logEvent("status", text);
+        logEvent("status", text, ev.id);
         // The record's timings and attempts changed: read it again (the final one comes
         // as the stream's last event).
         if (!FINAL.has(st)) refreshRecord(run);
@@ -814,7 +825,7 @@
         run.done = true;
         break;
       default:
-        logEvent(ev.event, typeof data === "string" ? data : JSON.stringify(data));
+        logEvent(ev.event, typeof data === "string" ? data : JSON.stringify(data), ev.id);
     }
   }
 
