@@ -11,7 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
+
+from llmworker.keys import Keys
 
 from .conftest import ROOT, installed, llmworker_command, process
 from .test_processes import _redis_env, wait_ready
@@ -108,7 +111,7 @@ def screenshot(page: Page, name: str) -> None:
 
 
 def test_dashboard_follows_tasks_from_waiting_to_done_and_retries_a_failure(
-    browser: Browser, worker_url: str
+    browser: Browser, worker_url: str, redis_url: str, prefix: str
 ):
     context = browser.new_context(viewport=DESKTOP)
     page = context.new_page()
@@ -174,6 +177,18 @@ def test_dashboard_follows_tasks_from_waiting_to_done_and_retries_a_failure(
         record = client.get(f"/v1/tasks/{new_id}").json()
         assert record["retry_of"] == failed
         assert record["user"] == "bob"
+
+        # A model its provider asked to wait says so in its lanes, with the wait.
+        store = redis.Redis.from_url(redis_url)
+        store.set(Keys(prefix).hold("fake"), "1", px=20_000)
+        held = "#lanes tr[data-lane='paid|fake'] .held"
+        page.wait_for_selector(held, timeout=5000)
+        assert (page.text_content(held) or "").startswith("held ")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.locator("#lanes").screenshot(path=str(ARTIFACTS / "lanes-held.png"))
+        store.delete(Keys(prefix).hold("fake"))
+        store.close()
+        page.wait_for_selector(held, state="detached", timeout=5000)
 
         screenshot(page, "desktop.png")
         screenshot(task_page, "desktop-task.png")
