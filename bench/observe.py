@@ -72,14 +72,16 @@ def _calls_per_task_us() -> float:
     """What the metrics calls of one chat task cost, timed alone (admission, start,
     one provider call, the end)."""
     from llmworker.observe.metrics import Metrics
+    from llmworker.providers import CallReport
 
     metrics, n = Metrics(), 100_000
     usage = {"prompt_tokens": 12, "completion_tokens": 400}
+    call = CallReport("fake", "fake", "fake", "ok", 0.2, 0.05, "", usage)
     started = time.process_time()
     for _ in range(n):
         metrics.submitted("free", "fake", "api")
         metrics.started("free", "fake", 0.004)
-        metrics.provider_call("fake", "fake", "fake", "ok", 0.2, 0.05, "", usage)
+        metrics.provider_call(call)
         metrics.finished("free", "fake", "succeeded", 0.21)
     return (time.process_time() - started) / n * 1e6
 

@@ -166,3 +166,10 @@ def test_the_command_line_takes_the_shapes_and_refuses_bad_values(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "'-1' is not a whole number of 0 or more" in bad.stderr
+    for flag in ("--load-ttft-ms", "--keepalive-s", "--outage-after-s", "--outage-for-s"):
+        bad = subprocess.run(
+            [sys.executable, "-m", "llmworker", "fake-llm", flag, "-5"],
+            capture_output=True,
+            text=True,
+        )
+        assert bad.returncode == 2 and "is not a finite number of 0 or more" in bad.stderr, flag

@@ -176,12 +176,14 @@ class Api:
             admitted = await self.worker.admitter.submit(
                 spec, tenant, {"retry_of": public_id(ref)}, source="api"
             )
-        # The old task points to its newest retry (the dashboard links them). The new task
-        # exists either way: a failure here must not make the caller retry again.
-        try:
-            await self.worker.queue.mark(ref, "retried_as", public_id(admitted[0]))
-        except (RedisError, OSError) as exc:
-            log.warning("retried_as_not_noted", task_id=ref, error=str(exc))
+        # The old task points to its retry (the dashboard links them), once: a repeat
+        # found the retry by its key and the mark is there. The new task exists either
+        # way: a failure here must not make the caller retry again.
+        if admitted[1] is not None:
+            try:
+                await self.worker.queue.mark(ref, "retried_as", public_id(admitted[0]))
+            except (RedisError, OSError) as exc:
+                log.warning("retried_as_not_noted", task_id=ref, error=str(exc))
         return await self._admitted(*admitted, caller)
 
     async def _admitted(

@@ -216,12 +216,18 @@ def cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(raw: str) -> float:
+def _finite(raw: str) -> float:
+    """A finite number, else NaN (which fails every comparison below)."""
     try:
         value = float(raw)
     except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def _seconds(raw: str) -> float:
+    value = _finite(raw)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number of seconds above 0")
     return value
 
@@ -233,11 +239,8 @@ def _count(raw: str) -> int:
 
 
 def _amount(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (value >= 0 and math.isfinite(value)):
+    value = _finite(raw)
+    if not value >= 0:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number of 0 or more")
     return value
 
@@ -440,13 +443,13 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     )
     real.add_argument(
         "--load-ttft-ms",
-        type=float,
+        type=_amount,
         default=0.0,
         help="added to the first token per call past the knee",
     )
     real.add_argument(
         "--keepalive-s",
-        type=float,
+        type=_amount,
         default=0.0,
         help="SSE keep-alive comments while the first token waits",
     )
@@ -464,7 +467,7 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     real.add_argument("--down-status", type=int, default=503, help="what a down model answers")
     real.add_argument(
         "--outage-after-s",
-        type=float,
+        type=_amount,
         default=0.0,
         help="every model goes down this long after start",
     )

@@ -160,16 +160,7 @@ class Worker:
             return False
 
     def _provider_call(self, call: CallReport) -> None:
-        self.metrics.provider_call(
-            call.alias,
-            call.provider,
-            call.model,
-            call.outcome,
-            call.duration_s,
-            call.ttft_s,
-            call.error,
-            call.usage,
-        )
+        self.metrics.provider_call(call)
         self.health.note(call.alias, call.outcome, call.duration_s, call.ttft_s)
         tracing.provider_call(call)
 

@@ -63,9 +63,9 @@ class ProviderHealth:
         pending[model, "n", outcome] += 1
         if outcome != "ok":
             return  # a refusal's few milliseconds say nothing of how long answers take
-        pending[model, "d", bisect.bisect_left(BOUNDS_S, duration_s)] += 1
+        pending[model, "d", bucket(duration_s)] += 1
         if ttft_s is not None:
-            pending[model, "t", bisect.bisect_left(BOUNDS_S, ttft_s)] += 1
+            pending[model, "t", bucket(ttft_s)] += 1
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._flush_forever())

@@ -28,7 +28,7 @@ import os
 from bisect import bisect_left
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -42,6 +42,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from llmworker.observe.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from llmworker.providers import CallReport
 
 log = structlog.get_logger("llmworker.observe")
 
@@ -166,28 +169,18 @@ class Metrics:
         if run_s is not None:
             _observe(self._run_s, RUN_BUCKETS, key, run_s)
 
-    def provider_call(
-        self,
-        model: str,
-        provider: str,
-        provider_model: str,
-        outcome: str,
-        duration_s: float,
-        ttft_s: float | None,
-        error_type: str,
-        usage: dict[str, Any] | None,
-    ) -> None:
-        key = (model, outcome)
+    def provider_call(self, call: CallReport) -> None:
+        key = (call.alias, call.outcome)
         self._provider[key] = self._provider.get(key, 0) + 1
-        if ttft_s is not None:
-            _observe(self._ttft, TTFT_BUCKETS, (model,), ttft_s)
-        call = ("chat", provider, provider_model)
-        _observe(self._duration, GENAI_DURATION_BUCKETS, (*call, error_type), duration_s)
-        if usage:
+        if call.ttft_s is not None:
+            _observe(self._ttft, TTFT_BUCKETS, (call.alias,), call.ttft_s)
+        labels = ("chat", call.provider, call.model)
+        _observe(self._duration, GENAI_DURATION_BUCKETS, (*labels, call.error), call.duration_s)
+        if call.usage:
             for kind, name in (("input", "prompt_tokens"), ("output", "completion_tokens")):
-                n = usage.get(name)
+                n = call.usage.get(name)
                 if isinstance(n, int) and not isinstance(n, bool):
-                    _observe(self._tokens, GENAI_TOKEN_BUCKETS, (*call, kind), n)
+                    _observe(self._tokens, GENAI_TOKEN_BUCKETS, (*labels, kind), n)
 
     def callback(self, outcome: str) -> None:
         key = (outcome,)
@@ -305,7 +298,7 @@ class NoMetrics(Metrics):
     def finished(self, tier: str, model: str, status: str, run_s: float | None = None) -> None:
         pass
 
-    def provider_call(self, *args: Any, **kwargs: Any) -> None:
+    def provider_call(self, call: CallReport) -> None:
         pass
 
     def callback(self, outcome: str) -> None:
@@ -383,7 +376,7 @@ class _Deployment(Collector):
             "Seconds until a model takes tasks again after its provider asked to wait.",
             labels=["model"],
         )
-        for model in sorted({lane.model for lane in snap.lanes}):
+        for model in snap.models:
             held.add_metric([model], snap.held.get(model, 0.0))
         yield held
         yield GaugeMetricFamily(
