@@ -240,7 +240,7 @@ async def test_ready_health_and_stats(make_settings):
         stats = (await client.get("/v1/stats")).json()
         assert stats["queues"]["paid"]["waiting"] == 1
         assert stats["queues"]["paid"]["models"] == {"ds-chat": 1}
-        assert stats["guards"]["ds-chat"]["tiers"]["paid"] == {"in_use": 0, "limit": 7}
+        assert stats["guards"]["ds-chat"]["tiers"]["paid"] == {"in_use": 0, "limit": 7, "cap": 7}
         assert stats["replicas_alive"] >= 0
 
 

@@ -46,7 +46,7 @@ async def test_claim_never_exceeds_model_limit_and_fills_it(make_settings, start
     assert len(first) == 3
     assert await claim(worker, 10) == []
     stats = await worker.stats()
-    assert stats["guards"]["fake"]["tiers"]["free"] == {"in_use": 3, "limit": 3}
+    assert stats["guards"]["fake"]["tiers"]["free"] == {"in_use": 3, "limit": 3, "cap": 3}
     assert stats["queues"]["free"]["waiting"] == 7
 
 

@@ -180,13 +180,15 @@ def test_dashboard_follows_tasks_from_waiting_to_done_and_retries_a_failure(
 
         # A model its provider asked to wait says so in its lanes, with the wait.
         store = redis.Redis.from_url(redis_url)
-        store.set(Keys(prefix).hold("fake"), "1", px=20_000)
+        seconds, micros = store.time()  # type: ignore[misc]
+        until = seconds * 1000 + micros // 1000 + 20_000
+        store.hset(Keys(prefix).model_state("fake"), "hold", until)
         held = "#lanes tr[data-lane='paid|fake'] .held"
         page.wait_for_selector(held, timeout=5000)
         assert (page.text_content(held) or "").startswith("held ")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.locator("#lanes").screenshot(path=str(ARTIFACTS / "lanes-held.png"))
-        store.delete(Keys(prefix).hold("fake"))
+        store.hdel(Keys(prefix).model_state("fake"), "hold")
         store.close()
         page.wait_for_selector(held, state="detached", timeout=5000)
 

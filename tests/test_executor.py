@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from llmworker.context import TaskContext
+from llmworker.executor import MAX_PAUSES
 from llmworker.record import TaskSpec
 from llmworker.worker import Worker
 
@@ -96,17 +97,19 @@ async def test_a_provider_that_stops_answering_times_out_and_is_retried(
     assert fake.calls["m1"] == 2
 
 
-async def test_provider_auth_error_fails_the_task_with_an_actionable_message(
+async def test_a_key_refused_for_good_fails_the_task_with_an_actionable_message(
     make_settings, start_worker, fake_llm, client
 ):
+    """A 401 opens the model's circuit and the task waits for it; each probe refused
+    again reopens it, and the task fails once it has waited MAX_PAUSES times."""
     url, fake = fake_llm
-    fake.config.fail_next = [401]
-    worker = await start_worker(make_settings(**provider_env(url, client)))
+    fake.config.fail_next = [401] * (MAX_PAUSES + 1)
+    worker = await start_worker(make_settings(**provider_env(url, client), CIRCUIT_OPEN_S=0.05))
     record = await final(worker, await submit(worker, model="m1"))
     assert record["status"] == "failed"
     assert record["error"]["code"] == "provider_auth"
     assert "FAKEAI_API_KEY" in record["error"]["message"]
-    assert fake.calls["m1"] == 1
+    assert fake.calls["m1"] == MAX_PAUSES + 1
 
 
 async def test_provider_errors_stop_being_retried_at_the_task_deadline(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from llmworker.executor import MAX_PAUSES
 from llmworker.record import TaskSpec
 from llmworker.worker import Worker
 
@@ -162,15 +163,19 @@ def test_a_429_without_retry_after_waits_for_the_reset_its_headers_name():
     assert err.retry_after_s == 2.0
 
 
-async def test_an_account_out_of_quota_fails_the_task_at_once_with_its_own_code(
+async def test_an_account_out_of_quota_is_not_retried_and_fails_with_its_own_code(
     make_settings, start_worker, fake_llm
 ):
+    """Out of quota is no rate limit: no retries on the slot; the circuit opens, one probe
+    per opening, and the task fails with its own code once it has waited its pauses."""
     url, fake = fake_llm
     fake.config.quota_tokens = 1
-    worker = await start_worker(make_settings(**{**ENV, "FAKEAI_BASE_URL": url}))
+    worker = await start_worker(
+        make_settings(**{**ENV, "FAKEAI_BASE_URL": url}, CIRCUIT_OPEN_S=0.05)
+    )
     first = await final(worker, await submit(worker, "m1"))
     assert first["status"] == "succeeded"
     record = await final(worker, await submit(worker, "m1"))
     assert record["status"] == "failed" and record["error"]["code"] == "provider_quota"
     assert "out of quota" in record["error"]["message"]
-    assert fake.calls["m1"] == 2  # not retried: waiting cannot help
+    assert fake.calls["m1"] == 2 + MAX_PAUSES

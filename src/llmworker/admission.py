@@ -1,8 +1,9 @@
 """Admission: a submission becomes a queued task, or a clear refusal.
 
-Checks, in order: the body's shape (record.py), the kind, the tier, the model (named, or
-the kind's route for the tier, or the default), the kind's input; then one script
-admits it, idempotently (by id, then by idempotency key) and under the tier's cap.
+Checks, in order: the body's shape (record.py), the kind, the tier, the models (named,
+one or a list; or ROUTE_<KIND>_<TIER>; or the kind's own route for the tier; or the
+default), the kind's input; then one script admits it, idempotently (by id, then by
+idempotency key) and under the tier's cap.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ class Admitter:
         self._available = set(settings.available_models)
         self._tiers = settings.tier_names
         self._fallback_model = settings.fallback_model
+        self._counts_tokens = bool(settings.rates.tpm)
         self.on_admitted: Callable[[], None] = lambda: None
 
-    def resolve(self, spec: TaskSpec) -> tuple[str, str, Any]:
-        """The task's tier, model and validated input; :class:`InvalidField` if any is wrong."""
+    def resolve(self, spec: TaskSpec) -> tuple[str, list[str], Any]:
+        """The task's tier, models (first choice first) and validated input;
+        :class:`InvalidField` if any is wrong."""
         handler = self.registry.get(spec.kind)
         if handler is None:
             kinds = ", ".join(self.registry.names)
@@ -52,7 +55,26 @@ class Admitter:
         if tier not in self._tiers:
             tiers = ", ".join(self._tiers)
             raise InvalidField("tier", f"Unknown tier {tier!r}; the tiers are: {tiers}.")
-        model = spec.model or handler.model_for(tier) or self._fallback_model
+        if isinstance(spec.model, list):
+            models = spec.model
+        elif spec.model:
+            models = [spec.model]
+        else:
+            route = self.settings.rates.route(spec.kind, tier)
+            models = list(route) if route else [handler.model_for(tier) or self._fallback_model]
+        for model in models:
+            self._check_model(model, tier)
+        if spec.callback_url is not None:
+            check_callback_url(spec.callback_url, self.settings)
+        value = spec.input
+        if handler.input_model is not None:
+            try:
+                value = handler.input_model.model_validate(value).model_dump(exclude_none=True)
+            except ValidationError as exc:
+                raise invalid_field(exc, "input.", handler.input_noun) from None
+        return tier, models, value
+
+    def _check_model(self, model: str, tier: str) -> None:
         if model not in self.settings.models:
             models = ", ".join(sorted(self._available))
             raise InvalidField(
@@ -73,15 +95,6 @@ class Admitter:
                 f"Model {model!r} takes no {tier} tasks: "
                 f"MAX_{env_token(model)}_{env_token(tier)} is 0.",
             )
-        if spec.callback_url is not None:
-            check_callback_url(spec.callback_url, self.settings)
-        value = spec.input
-        if handler.input_model is not None:
-            try:
-                value = handler.input_model.model_validate(value).model_dump(exclude_none=True)
-            except ValidationError as exc:
-                raise invalid_field(exc, "input.", handler.input_noun) from None
-        return tier, model, value
 
     async def submit(
         self,
@@ -95,7 +108,8 @@ class Admitter:
         key was found instead). Raises :class:`QueueFull` at the tier's cap. ``extra``:
         more fields to store (how it was delivered); ``source``: api, qstash or handler
         (the metrics' label)."""
-        tier, model, value = self.resolve(spec)
+        tier, models, value = self.resolve(spec)
+        model = models[0]
         task_id = task_ref(tenant, spec.id or new_task_id())
         idem = scoped(tenant, spec.idempotency_key) if spec.idempotency_key else ""
         user = scoped(tenant, spec.user)
@@ -110,6 +124,13 @@ class Admitter:
             fields["metadata"] = _stored_json("metadata", spec.metadata)
         if trace := tracing.current():
             fields["trace"] = trace
+        if len(models) > 1:
+            fields["models"] = ",".join(models)
+        if self._counts_tokens and any(m in self.settings.rates.tpm for m in models):
+            # What TPM_* reserves when the task is claimed (settled to what it used).
+            fields["est_in"] = str(estimate_tokens(fields["input"]))
+            if isinstance(value, dict) and _whole(value.get("max_tokens")):
+                fields["max_out"] = str(value["max_tokens"])
         cap = self.settings.queue_caps[tier]
         admission = await self.queue.admit(
             task_id=task_id,
@@ -151,6 +172,18 @@ class Admitter:
             raise invalid_field(exc) from None
         task_id, _ = await self.submit(spec, tenant, source="handler")
         return public_id(task_id)
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens a text is likely to take, before any tokenizer has seen it: about four
+    characters each in Latin scripts, and one per character in CJK ones (erring high,
+    as a reservation should)."""
+    wide = sum(1 for ch in text if ord(ch) >= 0x2E80)
+    return wide + (len(text) - wide + 3) // 4
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _stored_json(field: str, value: Any) -> str:

@@ -30,7 +30,7 @@ from llmworker.connection import connect
 from llmworker.executor import Executor, Run, StopReason
 from llmworker.guards import GuardPlan
 from llmworker.keys import Keys
-from llmworker.queue import Claimed, Queue, claimed_tasks
+from llmworker.queue import Claimed, Queue, claim_wait_s, claimed_tasks
 from llmworker.settings import Settings
 
 log = structlog.get_logger("llmworker.dispatcher")
@@ -76,6 +76,9 @@ class Dispatcher:
         # queued at once, it rides the round trip of the finish that freed the slot.
         self._next_claim: tuple[asyncio.Future[Any], int] | None = None
         self._waiting = False
+        # The timer that wakes the claim loop when a model holding back tasks may take
+        # them (a hold or a circuit ends, a rate window frees up), and when it fires.
+        self._timer: asyncio.TimerHandle | None = None
         # Draining stops the claims; closing, once the runs are done or handed back,
         # stops the loops that keep them alive (renew, listen, reap).
         self._draining = asyncio.Event()
@@ -129,6 +132,21 @@ class Dispatcher:
         told.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.wake()
 
+    def _look_again_in(self, seconds: float) -> None:
+        """Claim again in ``seconds``: a model that held back waiting tasks may take them
+        then. One timer, for the earliest such time."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + seconds + HOLD_MARGIN_S
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self.wake()
+
     def _want(self) -> int:
         free = self.settings.worker_concurrency - len(self.runs)
         return min(free, self.settings.claim_batch)
@@ -144,6 +162,8 @@ class Dispatcher:
         self._draining.set()
         self._wake.set()
         self._room.set()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._claim_loop is not None:
             await asyncio.gather(self._claim_loop, return_exceptions=True)
         if self._next_claim is not None:
@@ -232,9 +252,13 @@ class Dispatcher:
             self._wake.clear()
             pending, want = self._next_claim or (self._claim_soon(want), want)
             self._next_claim = None
-            claimed = claimed_tasks(await pending)
+            reply = await pending
+            claimed = claimed_tasks(reply)
             for task in claimed:
                 self._start(task)
+            wait_s = claim_wait_s(reply)
+            if wait_s is not None:
+                self._look_again_in(wait_s)
             if len(claimed) == want:
                 continue
             self._waiting = True

@@ -12,6 +12,11 @@ A run ends in exactly one of these ways:
   ``Retry-After`` of a second or more): the task goes back to the queue, its slots
   freed, and the model takes no task until then (``Queue.pause``), at most
   ``MAX_PAUSES`` times per task, then the wait is done on the slot as any retry;
+- its call fails before anything came back, and the task has other models: it moves
+  to the next that fits the failure (``Queue.fallback``; rate limited or circuit open:
+  the next model not stopped; failing after its retries: the next; context too long:
+  the next with a larger context); a refused key or an exhausted quota also opens the
+  model's circuit, and a task with nowhere to go waits for the circuit to close;
 - its outcome cannot be stored (Redis away): it is kept and stored when Redis answers
   again, and wins over a requeue as long as no other run of the task started
   (``finish.lua``); a replica that stops waits for such outcomes (:meth:`settle`);
@@ -31,13 +36,15 @@ import structlog
 from redis.exceptions import RedisError
 
 from llmworker.context import SubmitFn, TaskContext
-from llmworker.errors import HandlerError, ModelPaused, TaskError, TaskTimeout
+from llmworker.errors import HandlerError, ModelPaused, ProviderError, TaskError, TaskTimeout
 from llmworker.events import EventWriter
 from llmworker.handlers import Registry
 from llmworker.observe import tracing
 from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.providers import Providers
-from llmworker.queue import Claimed, Queue
+from llmworker.providers.client import PAUSE_MIN_S
+from llmworker.providers.errors import fallback_reason
+from llmworker.queue import Claimed, Queue, Spent
 from llmworker.settings import Settings
 
 log = structlog.get_logger("llmworker.executor")
@@ -83,9 +90,15 @@ class Executor:
         self.on_pause: Callable[[float], None] = lambda _s: None
         # Outcomes being stored, each until Redis has taken it.
         self._recording: dict[str, asyncio.Task[bool]] = {}
+        # Circuits being closed by the probes that got an answer.
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def run(self, claimed: Claimed, run: Run) -> None:
         structlog.contextvars.bind_contextvars(task_id=claimed.id, kind=claimed.fields.get("kind"))
+        if moved_from := claimed.fields.get("spilled_from"):
+            model = claimed.fields.get("model", "")
+            self.metrics.fallback(moved_from, model, "spill")
+            log.info("task_spilled", model=model, source=moved_from)
         with tracing.run_span(claimed.fields):
             await self._run(claimed, run)
 
@@ -117,16 +130,16 @@ class Executor:
                     if scope.expired()
                     else HandlerError(f"The handler timed out: {exc or type(exc).__name__}")
                 )
-            except ModelPaused as paused:
-                if await self._pause(claimed, paused):
+            except ProviderError as exc:
+                if await self._diverted(claimed, exc, ctx):
                     return
-                error = _err(paused)
+                error = _err(exc)
             except TaskError as exc:
                 error = _err(exc)
             finally:
                 events.flush()
         except asyncio.CancelledError:
-            await asyncio.shield(self._stopped(claimed, run))
+            await asyncio.shield(self._stopped(claimed, run, ctx))
             if run.stop_reason is None:
                 raise
             return
@@ -135,7 +148,8 @@ class Executor:
             error = _err(HandlerError(f"The handler raised {type(exc).__name__}: {exc}"))
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
         outcome = {"result": result, "error": error, "usage": usage}
-        recorded = await asyncio.shield(self._record(claimed, status, outcome))
+        recorded = await asyncio.shield(self._record(claimed, status, outcome, _spent(ctx)))
+        await self._probe_ended(claimed, ctx)
         run_s = time.monotonic() - started
         if recorded:
             self.metrics.finished(tier, model, status, run_s)
@@ -143,7 +157,9 @@ class Executor:
                 self.on_callback()
         log.info("task_finished", status=status if recorded else "stale", run_s=round(run_s, 3))
 
-    async def _record(self, claimed: Claimed, status: str, outcome: dict[str, str]) -> bool:
+    async def _record(
+        self, claimed: Claimed, status: str, outcome: dict[str, str], spent: Spent
+    ) -> bool:
         """Store the outcome, for as long as Redis stays away: the result was computed,
         and paid for, once. True once recorded; False when another run had taken the
         task over (only this run's slots were freed)."""
@@ -154,7 +170,12 @@ class Executor:
             self._recording[claimed.token] = this
         try:
             pending = self.queue.finish_soon(
-                claimed.id, claimed.token, status, ttl_s=self.settings.result_ttl_s, **outcome
+                claimed.id,
+                claimed.token,
+                status,
+                ttl_s=self.settings.result_ttl_s,
+                spent=spent,
+                **outcome,
             )
             # The slots are as good as free: let the dispatcher queue its next claim now,
             # so it rides in the same round trip as this finish.
@@ -162,12 +183,17 @@ class Executor:
             try:
                 return bool(await pending)
             except (RedisError, OSError) as exc:
-                return await self._record_later(claimed, status, outcome, exc)
+                return await self._record_later(claimed, status, outcome, spent, exc)
         finally:
             self._recording.pop(claimed.token, None)
 
     async def _record_later(
-        self, claimed: Claimed, status: str, outcome: dict[str, str], error: Exception
+        self,
+        claimed: Claimed,
+        status: str,
+        outcome: dict[str, str],
+        spent: Spent,
+        error: Exception,
     ) -> bool:
         delay = 0.1
         failures = 1
@@ -176,7 +202,12 @@ class Executor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECORD_RETRY_MAX_S)
             pending = self.queue.finish_soon(
-                claimed.id, claimed.token, status, ttl_s=self.settings.result_ttl_s, **outcome
+                claimed.id,
+                claimed.token,
+                status,
+                ttl_s=self.settings.result_ttl_s,
+                spent=spent,
+                **outcome,
             )
             try:
                 return bool(await pending)
@@ -199,6 +230,105 @@ class Executor:
             log.info("model_paused", model=model, wait_s=round(held_ms / 1000, 3), code=paused.code)
             self.on_pause(held_ms / 1000)
         return True
+
+    async def _diverted(
+        self, claimed: Claimed, exc: ProviderError, ctx: TaskContext | None
+    ) -> bool:
+        """Whether the task left this run for the queue (paused, moved, waiting)."""
+        if isinstance(exc, ModelPaused):
+            return await self._pause(claimed, exc)
+        return ctx is not None and ctx.llm.untouched and await self._divert(claimed, exc)
+
+    async def _divert(self, claimed: Claimed, err: ProviderError) -> bool:
+        """The run's call failed before anything came back: move the task to another of
+        its models if the failure says to (and open the model's circuit if it is the key
+        or the account), or let it wait for its model; False to fail it as usual."""
+        reason = fallback_reason(err)
+        if not reason:
+            return False
+        model = claimed.fields.get("model", "")
+        wait_s = err.retry_after_s
+        if reason == "circuit_open":
+            wait_s = wait_s or self.settings.circuit_open_s
+            await self._open_circuit(model, err, wait_s)
+        candidates = self._next_models(claimed.fields, model, reason)
+        if candidates:
+            hold_ms = int(wait_s * 1000) if reason == "rate_limited" and wait_s else 0
+            try:
+                target = await self.queue.fallback(
+                    claimed.id,
+                    claimed.token,
+                    candidates,
+                    skip_stopped=reason in ("rate_limited", "circuit_open"),
+                    reason=reason,
+                    code=err.code,
+                    hold_ms=hold_ms,
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("fallback_not_recorded", model=model, error=str(exc))
+                return False
+            if target is not None:
+                self.metrics.fallback(model, target, reason)
+                log.info("task_fallback", model=model, target=target, reason=reason, code=err.code)
+                return True
+        # Nowhere to go now: wait for this model, as a paused task does (a rate limit is
+        # retried on the slot instead when the task has no other model).
+        waits = reason == "circuit_open" or (
+            reason == "rate_limited" and bool(claimed.fields.get("models"))
+        )
+        if waits and int(claimed.fields.get("pauses") or 0) < MAX_PAUSES:
+            return await self._pause(claimed, ModelPaused(err, wait_s or PAUSE_MIN_S))
+        return False
+
+    def _next_models(self, fields: dict[str, str], model: str, reason: str) -> list[str]:
+        """The task's models after ``model`` that may take it for this ``reason``."""
+        models = [m for m in (fields.get("models") or "").split(",") if m]
+        later = models[models.index(model) + 1 :] if model in models else []
+        if reason != "context":
+            return later
+        rates = self.settings.rates
+        size = rates.context(model)
+        return [
+            m
+            for m in later
+            if (found := rates.context(m)) is not None and (size is None or found > size)
+        ]
+
+    async def _open_circuit(self, model: str, err: ProviderError, wait_s: float) -> None:
+        try:
+            changed = await self.queue.open_circuit(model, int(wait_s * 1000), err.code)
+        except (RedisError, OSError) as exc:
+            log.warning("circuit_not_recorded", model=model, error=str(exc))
+            return
+        if changed:
+            log.warning(
+                "circuit_opened", model=model, code=err.code, open_s=wait_s, error=err.message
+            )
+
+    def _probe_answered(self, claimed: Claimed) -> None:
+        """The probe of a half-open circuit got an answer: the circuit closes."""
+        model = claimed.fields.get("model", "")
+
+        async def close() -> None:
+            try:
+                if await self.queue.close_circuit(model, claimed.token):
+                    log.warning("circuit_closed", model=model)
+            except (RedisError, OSError) as exc:
+                log.warning("circuit_not_recorded", model=model, error=str(exc))
+
+        job = asyncio.ensure_future(close())
+        self._closing.add(job)
+        job.add_done_callback(self._closing.discard)
+
+    async def _probe_ended(self, claimed: Claimed, ctx: TaskContext | None) -> None:
+        """A probe that got no answer (and did not reopen the circuit): the next claim
+        may send another one."""
+        if not claimed.fields.get("probe") or (ctx is not None and ctx.llm.calls_done):
+            return
+        try:
+            await self.queue.probe_ended(claimed.fields.get("model", ""), claimed.token)
+        except (RedisError, OSError) as exc:
+            log.warning("circuit_not_recorded", error=str(exc))
 
     async def settle(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for outcomes still being stored; give up on the rest,
@@ -235,6 +365,9 @@ class Executor:
         llm.deadline = deadline
         llm.sink = events
         llm.may_pause = int(claimed.fields.get("pauses") or 0) < MAX_PAUSES
+        llm.may_move = bool(self._next_models(claimed.fields, model, "rate_limited"))
+        if claimed.fields.get("probe"):
+            llm.on_answered = lambda: self._probe_answered(claimed)
         return ctx
 
     async def _call(self, ctx: TaskContext, claimed: Claimed) -> Any:
@@ -246,16 +379,28 @@ class Executor:
         # The input was validated against the kind's input model at admission.
         return await handler.fn(ctx, claimed.input)
 
-    async def _stopped(self, claimed: Claimed, run: Run) -> None:
+    async def _stopped(self, claimed: Claimed, run: Run, ctx: TaskContext | None) -> None:
         """After a cancelled run: free its slots, or hand the task back on shutdown."""
         try:
             if run.stop_reason == "cancelled" or run.stop_reason == "lease_lost":
-                await self.queue.release(claimed.id, claimed.token)
+                await self.queue.release(claimed.id, claimed.token, _spent(ctx))
             else:
                 await self.queue.handback(claimed.id, claimed.token)
             log.info("task_stopped", reason=run.stop_reason or "shutdown")
         except Exception as exc:  # the leases lapse on their own; say so
             log.warning("stop_cleanup_failed", error=str(exc))
+
+
+def _spent(ctx: TaskContext | None) -> Spent:
+    """What the run used, as its provider reported it, to settle its rate reservations."""
+    if ctx is None:
+        return Spent(0, 0, 0)
+    usage = ctx.usage
+    total = usage.get("total_tokens")
+    output = usage.get("completion_tokens")
+    if not isinstance(total, int):
+        total = sum(v for k, v in usage.items() if k.endswith("_tokens") and isinstance(v, int))
+    return Spent(total, ctx.llm.attempts, output if isinstance(output, int) else 0)
 
 
 def _err(exc: TaskError) -> str:

@@ -13,6 +13,9 @@ The guards of a task:
 - the model's total over all tiers, limit ``MAX_<MODEL>`` (only when set);
 - ``guardUser``: per user, limit ``MAX_USER_<TIER>`` of the task's tier.
 
+Besides the guards, a claim checks what the model's provider allows now: its hold and
+circuit, its adaptive cap (over all tiers) and its RPM/TPM windows (``lua/claim.lua``).
+
 This module turns the settings into what the scripts take (observe/snapshot.py reads
 the slots in use).
 """
@@ -22,6 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmworker.settings import Settings
+
+# A task's output, in tokens, as TPM_* reserves it before the model's usual output is
+# learned (when the task names no max_tokens).
+DEFAULT_OUTPUT_TOKENS = 512
 
 
 def smooth_schedule(weights: dict[str, int]) -> list[str]:
@@ -61,6 +68,18 @@ class GuardPlan:
             args += [f"t:{model}", str(total)]
         for tier, limit in settings.user_limits.items():
             args += [f"u:{tier}", str(limit)]
+        rates = settings.rates
+        for name, family in (("r", rates.rpm), ("k", rates.tpm)):
+            for model, per_tier in family.items():
+                if model not in available:
+                    continue
+                for tier, limit in per_tier.items():
+                    args += [f"{name}:{model}" + (f":{tier}" if tier else ""), str(limit)]
+        args += ["w", str(int(settings.rate_window_s * 1000)), "o", str(DEFAULT_OUTPUT_TOKENS)]
+        if settings.adaptive_caps:
+            args += ["a", "1"]
+        if settings.spill_after_s is not None:
+            args += ["s", str(int(settings.spill_after_s * 1000))]
         weights = {t: settings.tier_weights[t] for t in tiers}
         ranked = sorted(tiers, key=lambda t: -weights[t])
         return cls(

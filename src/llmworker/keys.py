@@ -48,9 +48,16 @@ key                                    type     lifetime
 ``failures``                           zset     ids of the latest tasks that failed or were
                                                 cancelled (at most 500), scored by when;
                                                 left once their record expires
-``hold:<model>``                       string   while the model's provider asked to wait
-                                                (a 429's Retry-After): claims skip the
-                                                model until the key expires (pause.lua)
+``ms:<model>``                         hash     forever (a few fields per model): what the
+                                                model's provider said lately: a hold until
+                                                a time, its circuit, its adaptive cap, its
+                                                usual output (lua/_common.lua, model_state)
+``rpm:<model>[:<tier>]``               zset     RPM_* window: run tokens by claim time (ms),
+                                                pruned past the window by every claim
+``tpm:<model>[:<tier>]``               zset     TPM_* window: run tokens by claim time, with
+``tpmv:<model>[:<tier>]``              hash     each entry's tokens and their ``_sum``
+``sp:<tier>``                          set      routes whose waiting tasks have other models
+                                                (spill-over and fallbacks look there)
 ``ph:<minute>``                        hash     two hours: provider calls in that minute,
                                                 by model and outcome, duration and time to
                                                 first token buckets (observe/health.py)
@@ -122,8 +129,17 @@ class Keys:
     def guard_model_total(self, model: str) -> str:
         return f"{self.base}g:t:{model}"
 
-    def hold(self, model: str) -> str:
-        return f"{self.base}hold:{model}"
+    def model_state(self, model: str) -> str:
+        return f"{self.base}ms:{model}"
+
+    def requests_window(self, model: str, tier: str = "") -> str:
+        return f"{self.base}rpm:{model}" + (f":{tier}" if tier else "")
+
+    def tokens_window(self, model: str, tier: str = "") -> str:
+        return f"{self.base}tpm:{model}" + (f":{tier}" if tier else "")
+
+    def tokens_values(self, model: str, tier: str = "") -> str:
+        return f"{self.base}tpmv:{model}" + (f":{tier}" if tier else "")
 
     def guard_user(self, user: str) -> str:
         return f"{self.base}g:u:{user}"

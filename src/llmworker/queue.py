@@ -8,6 +8,7 @@ only marshals arguments; the semantics live in the scripts' headers.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -55,8 +56,40 @@ class Claimed:
         return orjson.loads(self.fields.get("input") or "null")
 
 
-def claimed_tasks(reply: list[list[str]]) -> list[Claimed]:
-    return [Claimed(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in reply]
+def claimed_tasks(reply: list[Any]) -> list[Claimed]:
+    """The tasks of a claim's reply (see :func:`claim_wait_s` for its first element)."""
+    return [Claimed(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in reply[1:]]
+
+
+def claim_wait_s(reply: list[Any]) -> float | None:
+    """Seconds until a model that held back waiting tasks (held, circuit open, out of
+    requests or tokens) may take them; None when none did."""
+    wait = int(reply[0])
+    return None if wait < 0 else wait / 1000
+
+
+@dataclass(frozen=True)
+class Spent:
+    """What a run used, to settle its rate reservations: tokens and output tokens as the
+    provider reported them, and its calls (None: unknown)."""
+
+    tokens: int | None = None
+    calls: int | None = None
+    output: int | None = None
+
+    def args(self) -> list[str]:
+        return ["" if v is None else str(v) for v in (self.tokens, self.calls, self.output)]
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """An adaptive cap as adapt.lua left it: ``cap`` None when back at its top."""
+
+    model: str
+    cap: int | None
+    changed_ms: int
+    before: int
+    reason: str
 
 
 class Queue:
@@ -140,13 +173,17 @@ class Queue:
         error: str = "",
         usage: str = "",
         ttl_s: int,
+        spent: Spent | None = None,
     ) -> asyncio.Future[Any]:
         """:meth:`finish`, queued in the next batch; the future resolves to 1 or 0. A claim
         queued right after it travels in the same round trip and sees the freed slots."""
-        return self.scripts.call("finish", task_id, token, status, result, error, usage, ttl_s)
+        return self.scripts.call(
+            "finish", task_id, token, status, result, error, usage, ttl_s,
+            *(spent or Spent()).args(),
+        )  # fmt: skip
 
-    async def release(self, task_id: str, token: str) -> None:
-        await self._run("finish", task_id, token, "", "", "", "", 1)
+    async def release(self, task_id: str, token: str, spent: Spent | None = None) -> None:
+        await self._run("finish", task_id, token, "", "", "", "", 1, *(spent or Spent()).args())
 
     async def callback_claim(
         self, n: int, visibility_ms: int
@@ -192,6 +229,51 @@ class Queue:
         queue; how long the model is held (ms), or None when the run was stale."""
         handed, held_ms = await self._run("pause", task_id, token, model, wait_ms)
         return int(held_ms) if handed else None
+
+    async def fallback(
+        self,
+        task_id: str,
+        token: str,
+        candidates: list[str],
+        *,
+        skip_stopped: bool,
+        reason: str,
+        code: str,
+        hold_ms: int = 0,
+    ) -> str | None:
+        """Move a running task to the first of ``candidates`` (passing over models held or
+        whose circuit is open, if ``skip_stopped``); the model it went to, or None."""
+        moved = await self._run(
+            "fallback", task_id, token, " ".join(candidates), "1" if skip_stopped else "0",
+            reason, code, hold_ms,
+        )  # fmt: skip
+        return str(moved) if moved else None
+
+    async def open_circuit(self, model: str, ms: int, code: str) -> bool:
+        """Open ``model``'s circuit for ``ms``; True if it was closed (a change)."""
+        return bool(await self._run("circuit", "open", model, ms, code))
+
+    async def close_circuit(self, model: str, token: str = "") -> bool:
+        """Close ``model``'s circuit (only if ``token``'s run was its probe, when given)."""
+        return bool(await self._run("circuit", "close", model, token))
+
+    async def probe_ended(self, model: str, token: str) -> bool:
+        return bool(await self._run("circuit", "probe_end", model, token))
+
+    async def adapt(self, reports: Sequence[Sequence[str]]) -> list[Adjustment]:
+        """Feed each model's calls to its adaptive cap (adapt.lua: eight fields each)."""
+        flat = [str(v) for row in reports for v in row]
+        reply = await self._run("adapt", *flat)
+        return [
+            Adjustment(
+                str(reply[i]),
+                None if int(reply[i + 1]) < 0 else int(reply[i + 1]),
+                int(reply[i + 2]),
+                int(reply[i + 3]),
+                str(reply[i + 4]),
+            )
+            for i in range(0, len(reply), 5)
+        ]
 
     async def reap(
         self, max_attempts: int, ttl_s: int, lease_ms: int, limit: int = 100

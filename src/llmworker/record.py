@@ -21,6 +21,8 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # ':', so the kind must not, or two (kind, user) pairs could name one queue.
 KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# A task names at most this many models to go through.
+MAX_MODELS = 8
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -48,18 +50,35 @@ class TaskSpec(BaseModel):
     input: Any = Field(default_factory=dict)
     user: str = Field("anonymous", min_length=1, max_length=200)
     tier: str | None = Field(None, min_length=1, max_length=64)
-    model: str | None = Field(None, min_length=1, max_length=64)
+    # One model alias, or several in order: the first with room runs the task, the next
+    # ones take it if the first cannot (rate limited, circuit open, failing, too small).
+    model: str | list[str] | None = Field(None, min_length=1, max_length=64)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
     callback_url: str | None = Field(None, max_length=2048)
     timeout_s: float | None = Field(None, gt=0, le=86400)
     metadata: dict[str, Any] | None = None
 
-    @field_validator("user", "idempotency_key", "kind", "tier", "model")
+    @field_validator("user", "idempotency_key", "kind", "tier")
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
         # These end up inside Redis key names and log lines.
         if value is not None and _CONTROL_RE.search(value):
             raise ValueError("must not contain control characters")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            if len(value) > MAX_MODELS:
+                raise ValueError(f"must list at most {MAX_MODELS} models")
+            if len(set(value)) != len(value):
+                raise ValueError("must not name a model twice")
+            for name in value:
+                if not 1 <= len(name) <= 64 or _CONTROL_RE.search(name) or "," in name:
+                    raise ValueError(f"{name!r} is not a model alias")
+        elif value is not None and (_CONTROL_RE.search(value) or "," in value):
+            raise ValueError("must not contain control characters or commas")
         return value
 
     @classmethod
@@ -137,6 +156,7 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
         "user": unscoped(tenant, h.get("user") or ""),
         "tier": h.get("tier"),
         "model": h.get("model"),
+        **_routing(h),
         "attempts": int(h.get("attempts", 0)),
         "result": _json(h.get("result")),
         "error": _json(h.get("error")),
@@ -152,6 +172,13 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
         "metadata": _json(h.get("metadata")),
         **_delivery(h),
     }
+
+
+def _routing(h: dict[str, str]) -> dict[str, Any]:
+    """A task with several models: which, and how it went on each it left or ended on."""
+    if not h.get("models"):
+        return {}
+    return {"models": h["models"].split(","), "tried": _json(h.get("tried")) or []}
 
 
 def _delivery(h: dict[str, str]) -> dict[str, Any]:

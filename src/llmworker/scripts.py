@@ -53,6 +53,9 @@ NAMES = (
     "health_add",
     "failures",
     "mark",
+    "fallback",
+    "circuit",
+    "adapt",
 )
 
 # Past this many calls a batch is cut, so one reply never grows without bound.

@@ -26,6 +26,7 @@ from llmworker.observe.health import ProviderHealth
 from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.observe.snapshot import Observer, Snapshot, failures_view
 from llmworker.providers import CallReport, Providers
+from llmworker.providers.adaptive import Adapter
 from llmworker.queue import Queue
 from llmworker.record import iso_ms
 from llmworker.settings import Settings, is_loopback
@@ -71,6 +72,7 @@ class Worker:
             settings, self.redis, self.keys, self.queue, self.executor, self.replica_id
         )
         self.notifier = Notifier(settings, self.queue, self.metrics)
+        self.adapter = Adapter(settings, self.queue)
         # Holds being recorded (a provider said a limit is used up).
         self._holding: set[asyncio.Future[None]] = set()
         self.executor.on_callback = self.notifier.wake
@@ -87,6 +89,7 @@ class Worker:
         if self.dispatch:
             self.dispatcher.start()
             self.notifier.start()
+            self.adapter.start()
         self.health.start()
         self.metrics.share(self.settings.metrics_dir)
         self.started = True
@@ -139,6 +142,7 @@ class Worker:
         if self.started and self.dispatch:
             await self.dispatcher.stop(self.settings.shutdown_grace_s)
             await self.notifier.stop()
+            await self.adapter.stop()
             # Out of the replica count at once, not when its heartbeat lapses.
             try:
                 await self.queue.leave(self.replica_id)
@@ -161,6 +165,7 @@ class Worker:
 
     def _provider_call(self, call: CallReport) -> None:
         self.metrics.provider_call(call)
+        self.adapter.note(call)
         self.health.note(call.alias, call.outcome, call.duration_s, call.ttft_s)
         tracing.provider_call(call)
 
@@ -207,7 +212,11 @@ class Worker:
             }
         for lane in snap.lanes:
             entry = guards.setdefault(lane.model, {"tiers": {}})
-            entry["tiers"][lane.tier] = {"in_use": lane.running, "limit": lane.limit}
+            entry["tiers"][lane.tier] = {
+                "in_use": lane.running,
+                "limit": lane.limit,
+                "cap": lane.cap,
+            }
             total = snap.guards.get(f"model:{lane.model}")
             if total is not None:
                 entry["total"] = {"in_use": total[0], "limit": total[1]}
@@ -222,6 +231,11 @@ class Worker:
             "user_limits": {t: s.user_limits[t] for t in s.tier_names},
             "replicas_alive": snap.replicas,
             "held": snap.held,
+            "circuits": snap.circuits,
+            "adaptive_caps": {
+                model: {"cap": cap, "max": s.model_ceiling(model), "min": s.rates.floor(model)}
+                for model, cap in snap.caps.items()
+            },
             "replica": {
                 "id": self.replica_id,
                 "running": len(self.dispatcher.runs),

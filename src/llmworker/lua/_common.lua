@@ -76,7 +76,10 @@ local function fix_head(tier, route, user, still_listed)
     if not still_listed then redis.call('SADD', P .. 'lanes:' .. tier, route) end
   else
     redis.call('ZREM', lane, user)
-    if redis.call('ZCARD', lane) == 0 then redis.call('SREM', P .. 'lanes:' .. tier, route) end
+    if redis.call('ZCARD', lane) == 0 then
+      redis.call('SREM', P .. 'lanes:' .. tier, route)
+      redis.call('SREM', P .. 'sp:' .. tier, route)
+    end
   end
 end
 
@@ -151,32 +154,111 @@ local function finalize(id, status, ttl_s, now, fields)
   if t[1] and t[1] ~= '' then redis.call('EXPIRE', P .. 'ik:' .. t[1], ttl_s) end
 end
 
+-- A model's state ('ms:<model>', a hash): what its provider said lately. Fields:
+--   hold                 ms until which claims skip the model (its provider asked to wait)
+--   circuit, c_until, c_code, c_since, probe, probe_until
+--                        a circuit opened by a refused key or an exhausted quota (circuit.lua)
+--   cap, cap_at, ceiling, oks, base, short
+--                        the adaptive cap over all tiers and what moves it (adapt.lua)
+--   out                  the model's usual output in tokens (learned when TPM_* is set)
+local function model_state(model) return P .. 'ms:' .. model end
+
+-- Hold a model's dispatch for ms (its provider asked to wait, or said a limit is used
+-- up): claims skip it until then. A later hold never shortens an earlier one. Returns
+-- how long the model is held (ms), and whether this call lengthened it.
+local function hold_model(model, ms, now)
+  local key = model_state(model)
+  local untl = tonumber(redis.call('HGET', key, 'hold') or '0')
+  if untl < now + ms then
+    redis.call('HSET', key, 'hold', now + ms)
+    return ms, true
+  end
+  return untl - now, false
+end
+
+-- Rate windows: 'rpm:<model>[:<tier>]' (zset of run tokens by when they were claimed)
+-- and 'tpm:<model>[:<tier>]' (the same, with 'tpmv:<model>[:<tier>]', a hash of each
+-- entry's tokens and their '_sum'). A run's scopes are on its record ('rl').
+local function tpm_values(scope) return P .. 'tpmv:' .. string.sub(scope, 5) end
+
+-- Drop the window's entries older than W ms; the tokens left in it.
+local function tpm_prune(scope, cutoff)
+  local z, v = P .. scope, tpm_values(scope)
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff, 'LIMIT', 0, 1000)
+  while #old > 0 do
+    local gone = 0
+    for _, n in ipairs(redis.call('HMGET', v, unpack(old))) do gone = gone + (tonumber(n) or 0) end
+    redis.call('HDEL', v, unpack(old))
+    redis.call('ZREM', z, unpack(old))
+    redis.call('HINCRBY', v, '_sum', -gone)
+    if #old < 1000 then break end
+    old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff, 'LIMIT', 0, 1000)
+  end
+  return tonumber(redis.call('HGET', v, '_sum') or '0')
+end
+
+-- Settle a run's reservations: its token entries become the tokens it used (gone if
+-- none), and its request entry stays only if it made a call (one more entry per call
+-- past the first). used, calls: nil when unknown (a lapsed lease): tokens go, the
+-- request stays.
+local function settle_rates(scopes, token, used, calls, now)
+  if not scopes or scopes == '' then return end
+  for scope in string.gmatch(scopes, '[^\n]+') do
+    if string.sub(scope, 1, 4) == 'tpm:' then
+      local v = tpm_values(scope)
+      local old = tonumber(redis.call('HGET', v, token) or '')
+      if old then
+        local new = used or 0
+        if new <= 0 then
+          redis.call('HDEL', v, token)
+          redis.call('ZREM', P .. scope, token)
+        else
+          redis.call('HSET', v, token, new)
+        end
+        redis.call('HINCRBY', v, '_sum', math.max(new, 0) - old)
+      end
+    elseif calls == 0 then
+      redis.call('ZREM', P .. scope, token)
+    elseif calls and calls > 1 then
+      for i = 2, calls do redis.call('ZADD', P .. scope, now, token .. '#' .. i) end
+    end
+  end
+end
+
+-- Append one entry to a task's 'tried' (a JSON list: the models a task went through
+-- and how each ended).
+local function add_tried(tk, entry)
+  local tried = redis.call('HGET', tk, 'tried')
+  local item = cjson.encode(entry)
+  if tried and #tried > 2 then
+    tried = string.sub(tried, 1, -2) .. ',' .. item .. ']'
+  else
+    tried = '[' .. item .. ']'
+  end
+  redis.call('HSET', tk, 'tried', tried)
+end
+
+-- A lane whose tasks have other models to go to: claims look at it when its own model
+-- cannot take them ('sp:<tier>', a set of routes; stale entries only cost a look).
+local function mark_spillable(tier, route) redis.call('SADD', P .. 'sp:' .. tier, route) end
+
 -- Give a running task back to the queue: its slots are freed and it waits at the front
 -- of its user's queue; the interrupted run does not count as an attempt. Returns the
 -- task's attempts, or nil when the run was stale (it no longer holds the task).
 local function hand_back(id, token)
   local tk = task_key(id)
-  local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'kind')
+  local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'kind',
+    'rl', 'models')
   release(t[3], token)
+  -- Nothing of the run was answered: no tokens; its request may have counted.
+  settle_rates(t[8], token, 0, 1, now_ms())
   if t[1] ~= token or t[2] ~= 'running' then return nil end
   redis.call('ZREM', P .. 'running', id)
   local attempts = redis.call('HINCRBY', tk, 'attempts', -1)
   redis.call('HSET', tk, 'status', 'queued')
   redis.call('HDEL', tk, 'holder')
   enqueue(id, t[4], t[5], t[7], t[6], true)
+  if t[9] and t[9] ~= '' then mark_spillable(t[4], route_of(t[5], t[7])) end
   status_event(id, 'queued', attempts)
   return attempts
-end
-
--- Hold a model's dispatch for ms (its provider asked to wait, or said a limit is used
--- up): claims skip it while 'hold:<model>' lives. A later hold never shortens an earlier
--- one. Returns how long the model is held (ms), and whether this call lengthened it.
-local function hold_model(model, ms)
-  local hold = P .. 'hold:' .. model
-  local left = redis.call('PTTL', hold)
-  if left < ms then
-    redis.call('SET', hold, '1', 'PX', ms)
-    return ms, true
-  end
-  return left, false
 end

@@ -21,6 +21,9 @@ redis.call('HSET', tk, 'id', id, 'kind', kind, 'tier', tier, 'model', model, 'us
   'status', 'queued', 'attempts', 0, 'runs', 0, 'seq', seq, 'created_at', now, unpack(fields))
 if idem ~= '' then redis.call('SET', P .. 'ik:' .. idem, id) end
 enqueue(id, tier, model, kind, user, false)
+for i = 9, #ARGV, 2 do
+  if ARGV[i] == 'models' then mark_spillable(tier, route_of(model, kind)) end
+end
 status_event(id, 'queued', 0)
 -- Wake idle dispatchers only when the lane has a free slot: while it is full, the
 -- release of a slot wakes them instead, so a burst of submissions costs no futile claims.

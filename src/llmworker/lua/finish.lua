@@ -1,17 +1,29 @@
--- End a run: record the outcome and free its slots, once.
+-- End a run: record the outcome, free its slots and settle its rate reservations, once.
 -- ARGV: id, run token, status ('' to only free the slots), result json, error json,
---       usage json, ttl s.
+--       usage json, ttl s, tokens the run used, calls it made, output tokens ('' when
+--       unknown: see settle_rates).
 -- The outcome is recorded while the run still holds the task (running, its token), and
 -- also when the run's lease lapsed and the reaper put the task back in the queue but no
 -- run has started since (the token is still this run's): the outcome was computed, and
 -- paid for, once; running it again would pay twice. The task leaves the queue then.
 -- Returns 1 when recorded; 0 when the run was stale (cancelled, or another run started):
--- then only this run's slots are freed.
+-- then only this run's slots are freed and its reservations settled.
 local id, token, status = ARGV[1], ARGV[2], ARGV[3]
 local tk = task_key(id)
-local current = redis.call('HMGET', tk, 'token', 'status', 'guards', 'attempts', 'tier', 'model', 'user', 'kind')
+local current = redis.call('HMGET', tk, 'token', 'status', 'guards', 'attempts', 'tier', 'model',
+  'user', 'kind', 'rl', 'models')
 local now = now_ms()
 release(current[3], token)
+if current[9] and current[9] ~= '' then
+  local output = tonumber(ARGV[10])
+  settle_rates(current[9], token, tonumber(ARGV[8]), tonumber(ARGV[9]), now)
+  -- The model's usual output, for the next tasks' estimates: a moving average.
+  if output and output > 0 and string.find(current[9], 'tpm:', 1, true) then
+    local key = model_state(current[6])
+    local before = tonumber(redis.call('HGET', key, 'out') or '')
+    redis.call('HSET', key, 'out', before and math.floor(before * 0.9 + output * 0.1 + 0.5) or output)
+  end
+end
 wake(id, now)
 if status == '' or current[1] ~= token then return 0 end
 if current[2] == 'queued' then
@@ -27,6 +39,8 @@ local fields = {}
 if ARGV[4] ~= '' then fields[#fields + 1] = 'result'; fields[#fields + 1] = ARGV[4] end
 if ARGV[5] ~= '' then fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[5] end
 if ARGV[6] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = ARGV[6] end
+-- A task with other models says how it ended on the one it ran on last.
+if current[10] and current[10] ~= '' then add_tried(tk, {model = current[6], outcome = status}) end
 finalize(id, status, tonumber(ARGV[7]), now, fields)
 status_event(id, status, current[4], ARGV[5] ~= '' and ARGV[5] or nil)
 return 1

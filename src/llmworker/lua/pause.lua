@@ -4,9 +4,10 @@
 -- on its slot. ARGV: id, run token, model, ms to wait. Returns {1, ms the model is held}
 -- or {0, 0} when the run was stale (cancelled, or taken over).
 local id, token, model = ARGV[1], ARGV[2], ARGV[3]
-local held = hold_model(model, tonumber(ARGV[4]))
+local now = now_ms()
+local held = hold_model(model, tonumber(ARGV[4]), now)
 if hand_back(id, token) == nil then return {0, 0} end
 redis.call('HINCRBY', task_key(id), 'pauses', 1)
 -- The freed slots may let another model's or user's task run now.
-wake(id, now_ms())
+wake(id, now)
 return {1, held}

@@ -10,10 +10,13 @@ local cutoff, paused_till = lapse_cutoff(now, tonumber(ARGV[4]))
 local requeued, failed, failed_lanes = 0, 0, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', cutoff, 'LIMIT', 0, limit)) do
   local tk = task_key(id)
-  local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'attempts', 'kind')
+  local t = redis.call('HMGET', tk, 'token', 'status', 'guards', 'tier', 'model', 'user', 'attempts',
+    'kind', 'rl', 'models')
   redis.call('ZREM', P .. 'running', id)
   if t[2] == 'running' then
     release(t[3], t[1])
+    -- What the dead run used is unknown: its tokens go back, its request stays counted.
+    settle_rates(t[9], t[1], nil, nil, now)
     if tonumber(t[7]) >= max_attempts then
       local err = cjson.encode({code = 'lease_expired', message =
         'The task was started ' .. t[7] .. ' times and each run stopped renewing its lease ' ..
@@ -26,6 +29,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', cutoff, 
       redis.call('HSET', tk, 'status', 'queued')
       redis.call('HDEL', tk, 'holder')
       enqueue(id, t[4], t[5], t[8], t[6], true)
+      if t[10] and t[10] ~= '' then mark_spillable(t[4], route_of(t[5], t[8])) end
       status_event(id, 'queued', t[7])
       requeued = requeued + 1
     end

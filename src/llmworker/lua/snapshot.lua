@@ -47,12 +47,26 @@ for _, model in ipairs(totals) do
   used[#used + 1] = redis.call('ZCOUNT', P .. 'g:t:' .. model, live, '+inf')
 end
 out.guards = used
--- Models whose provider asked to wait: how long still (ms).
-local holds = {}
+-- What each model's provider said lately (see model_state): held (ms still), its
+-- circuit (open or half-open, ms still, the code that opened it) and its adaptive cap.
+local holds, states = {}, {}
 for _, model in ipairs(models) do
-  local left = redis.call('PTTL', P .. 'hold:' .. model)
+  local f = redis.call('HMGET', model_state(model), 'hold', 'circuit', 'c_until', 'c_code', 'cap',
+    'c_since', 'probe_until')
+  local left = (tonumber(f[1]) or 0) - now
   if left > 0 then holds[#holds + 1] = model; holds[#holds + 1] = left end
+  if f[2] or f[5] then
+    local circuit = nil
+    if f[2] then
+      local untl = tonumber(f[3]) or 0
+      circuit = {state = untl > now and 'open' or 'half_open', left_ms = math.max(0, untl - now),
+        code = f[4] or '', since = tonumber(f[6]) or now,
+        probing = (tonumber(f[7]) or 0) > now}
+    end
+    states[#states + 1] = {model = model, circuit = circuit, cap = tonumber(f[5])}
+  end
 end
+out.states = states
 out.holds = holds
 out.running = redis.call('ZCARD', P .. 'running')
 out.replicas = redis.call('ZCOUNT', P .. 'replicas', live, '+inf')

@@ -102,6 +102,12 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...], tuple[float, ...] | None]] = {
         ("model", "outcome"),
         None,
     ),
+    "llmworker_fallbacks": (
+        "Tasks moved to another of their models before their first token, by why "
+        "(rate_limited, circuit_open, unavailable, context, spill).",
+        ("from", "to", "reason"),
+        None,
+    ),
     "llmworker_callbacks": (
         "Callback delivery attempts by outcome (delivered, retry, failed).",
         ("outcome",),
@@ -146,6 +152,7 @@ class Metrics:
         self._ttft = v["llmworker_provider_ttft_seconds"]
         self._provider = v["llmworker_provider_requests"]
         self._callbacks = v["llmworker_callbacks"]
+        self._fallbacks = v["llmworker_fallbacks"]
         self._duration = v["gen_ai_client_operation_duration_seconds"]
         self._tokens = v["gen_ai_client_token_usage"]
         self._shared: Path | None = None
@@ -185,6 +192,10 @@ class Metrics:
     def callback(self, outcome: str) -> None:
         key = (outcome,)
         self._callbacks[key] = self._callbacks.get(key, 0) + 1
+
+    def fallback(self, source: str, target: str, reason: str) -> None:
+        key = (source, target, reason)
+        self._fallbacks[key] = self._fallbacks.get(key, 0) + 1
 
     # -- serve --workers N: each process's counts in a file the others read -------------
 
@@ -304,6 +315,9 @@ class NoMetrics(Metrics):
     def callback(self, outcome: str) -> None:
         pass
 
+    def fallback(self, source: str, target: str, reason: str) -> None:
+        pass
+
 
 class _Counts(Collector):
     def __init__(self, values: dict[str, Values]) -> None:
@@ -379,6 +393,24 @@ class _Deployment(Collector):
         for model in snap.models:
             held.add_metric([model], snap.held.get(model, 0.0))
         yield held
+        caps = GaugeMetricFamily(
+            "llmworker_adaptive_cap",
+            "Calls a model may have in flight per tier, as its adaptive cap leaves the "
+            "MAX_* limit (equal to it when the provider gave no sign of overload).",
+            labels=["model", "tier"],
+        )
+        for lane in snap.lanes:
+            caps.add_metric([lane.model, lane.tier], lane.cap)
+        yield caps
+        circuits = GaugeMetricFamily(
+            "llmworker_circuit_open",
+            "1 while a model's circuit is open or half-open (a refused key or an "
+            "exhausted quota): its tasks wait or go to their next model.",
+            labels=["model"],
+        )
+        for model in snap.models:
+            circuits.add_metric([model], 1 if model in snap.circuits else 0)
+        yield circuits
         yield GaugeMetricFamily(
             "llmworker_replicas",
             "Replicas alive (heartbeat within its lease).",

@@ -34,6 +34,8 @@ class Lane:
     running: int
     limit: int
     oldest_wait_s: float | None
+    # The limit as the adaptive cap leaves it (the model's cap over all tiers, if lower).
+    cap: int = 0
 
 
 @dataclass
@@ -48,6 +50,10 @@ class Snapshot:
     callbacks: int
     # model -> seconds its provider still asked to wait (pause.lua)
     held: dict[str, float] = field(default_factory=dict)
+    # model -> its circuit: state (open, half_open), left_s, code, since (ISO), probing
+    circuits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # model -> its adaptive cap over all tiers, where one is in force
+    caps: dict[str, int] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -84,6 +90,20 @@ class Observer:
         oldest = {k: int(v) for k, v in _pairs(data["oldest"]).items()}
         used = {k: int(v) for k, v in _pairs(data["guards"]).items()}
         s = self.settings
+        circuits: dict[str, dict[str, Any]] = {}
+        caps: dict[str, int] = {}
+        for state in data.get("states") or []:
+            model = str(state["model"])
+            if state.get("cap") is not None and s.adaptive_caps:
+                caps[model] = int(state["cap"])
+            if circuit := state.get("circuit"):
+                circuits[model] = {
+                    "state": circuit["state"],
+                    "left_s": int(circuit["left_ms"]) / 1000,
+                    "code": circuit["code"],
+                    "since": iso_ms(int(circuit["since"])),
+                    "probing": bool(circuit["probing"]),
+                }
         lanes = []
         guards: dict[str, tuple[int, int]] = {}
         for tier in self.ranked:
@@ -99,6 +119,7 @@ class Observer:
                         running=running,
                         limit=limit,
                         oldest_wait_s=None if created is None else max(0, now - created) / 1000,
+                        cap=min(limit, caps.get(model, limit)),
                     )
                 )
                 guards[f"model:{model}:{tier}"] = (running, limit)
@@ -113,6 +134,8 @@ class Observer:
             replicas=int(data["replicas"]),
             callbacks=int(data["callbacks"]),
             held={k: int(v) / 1000 for k, v in _pairs(data.get("holds")).items()},
+            circuits=circuits,
+            caps=caps,
         )
         if detail:
             snap.detail = _detail(data, now)

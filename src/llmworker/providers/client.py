@@ -41,6 +41,9 @@ class CallReport(NamedTuple):
     ttft_s: float | None
     error: str  # the ProviderError's code; "" when ok
     usage: dict[str, Any] | None
+    # When the call started (wall clock, ms): adaptive caps weigh only calls sent after
+    # their last change.
+    started_ms: float = 0.0
 
 
 CallObserver = Callable[[CallReport], None]
@@ -94,7 +97,15 @@ class LLMClient:
         # Set by the executor: this run may give its task back to wait out a long
         # Retry-After (it has not used up its pauses).
         self.may_pause = False
+        # Set by the executor: the task has other models to go to, so a rate limit sends
+        # it there at once instead of being retried here.
+        self.may_move = False
+        # Called once, after the first call that the provider answered (a probe closes
+        # the model's circuit).
+        self.on_answered: Callable[[], None] | None = None
         self.calls_done = 0
+        self.streamed = False
+        self._began_ms = 0.0
 
     async def chat(
         self, messages: list[dict[str, Any]], *, stream_tokens: bool = True, **params: Any
@@ -110,6 +121,7 @@ class LLMClient:
             self.attempts += 1
             timed = _Timed(sink)
             began = time.monotonic()
+            self._began_ms = time.time() * 1000
             try:
                 result = await self.backend.complete(request, timed)
             except asyncio.CancelledError:
@@ -117,6 +129,9 @@ class LLMClient:
             except Exception as exc:
                 err = translate(exc, self.alias, self.provider)
                 self._report(began, timed, outcome_of(err), err.code, None)
+                self.streamed = self.streamed or timed.first is not None
+                if self.may_move and self.untouched and err.code == "provider_rate_limited":
+                    raise err from exc
                 if self._pausable(err, timed):
                     raise ModelPaused(err, err.retry_after_s or PAUSE_MIN_S) from exc
                 delay = self._delay(err, tries)
@@ -135,11 +150,19 @@ class LLMClient:
                 continue
             self._report(began, timed, "ok", "", result.usage)
             self.calls_done += 1
+            if self.calls_done == 1 and self.on_answered is not None:
+                self.on_answered()
             if result.limit_reset_s and self.on_limit is not None:
                 self.on_limit(self.alias.alias, result.limit_reset_s)
             if self.on_usage and result.usage:
                 self.on_usage(result.usage)
             return result
+
+    @property
+    def untouched(self) -> bool:
+        """Nothing of this run came back yet: no call answered, no token streamed. Until
+        then the task may go to another model (or back to the queue) losing nothing."""
+        return self.calls_done == 0 and not self.streamed
 
     def _report(
         self,
@@ -162,6 +185,7 @@ class LLMClient:
                 ttft,
                 error,
                 usage,
+                self._began_ms,
             )
         )
 

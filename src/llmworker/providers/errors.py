@@ -44,9 +44,24 @@ def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
     return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
-# OpenAI's insufficient_quota ("You exceeded your current quota ..."); a per-minute limit
-# (Gemini's "Resource has been exhausted (e.g. check quota)") is not this.
-QUOTA_RE = re.compile(r"insufficient_quota|exceeded your current quota", re.IGNORECASE)
+# OpenAI's insufficient_quota ("You exceeded your current quota ..") and Gemini's per-day
+# limits ("Quota exceeded for quota metric '.. per day'", quota ids ending PerDay); a
+# per-minute limit (Gemini's "Resource has been exhausted (e.g. check quota)") is not this.
+QUOTA_RE = re.compile(
+    r"insufficient_quota|exceeded your current quota|per ?day|PerDay", re.IGNORECASE
+)
+# The prompt does not fit the model's context window (OpenAI's context_length_exceeded,
+# DeepSeek's and vLLM's "maximum context length", Gemini's "exceeds the maximum number
+# of tokens", Anthropic-style "prompt is too long").
+CONTEXT_RE = re.compile(
+    r"context_length_exceeded|context length|context window|maximum number of tokens"
+    r"|prompt is too long|too many tokens|reduce the length",
+    re.IGNORECASE,
+)
+# Errors whose cause is the account or the key, not the call: the model's circuit opens.
+CIRCUIT_CODES = frozenset(
+    {"provider_auth", "provider_forbidden", "provider_billing", "provider_quota"}
+)
 DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -102,6 +117,12 @@ def status_error(
         )
     if status == 404:
         return _not_found(detail, alias, provider)
+    if status in (400, 413, 422) and CONTEXT_RE.search(detail):
+        return ProviderError(
+            f"{where} cannot take a prompt this long ({status}): {detail}",
+            code="provider_context_exceeded",
+            status=status,
+        )
     if status == 429 and QUOTA_RE.search(detail):
         # Out of quota, not out of breath: retrying cannot help until the plan changes.
         return ProviderError(
@@ -166,6 +187,23 @@ def unreachable_error(root: object, alias: ModelAlias, provider: Provider) -> Pr
         code="provider_unreachable",
         retryable=True,
     )
+
+
+def fallback_reason(err: ProviderError) -> str:
+    """Which way a task goes when its call failed before anything came back: the error's
+    class as routes see it. ``rate_limited`` (the next model with room now),
+    ``circuit_open`` (a refused key or an exhausted quota: the same, and the model's
+    circuit opens), ``unavailable`` (5xx, timeouts after their retries: the next model),
+    ``context`` (the next model with a larger context), or ``""`` (the task fails)."""
+    if err.code == "provider_rate_limited":
+        return "rate_limited"
+    if err.code in CIRCUIT_CODES:
+        return "circuit_open"
+    if err.code == "provider_context_exceeded":
+        return "context"
+    if err.retryable:
+        return "unavailable"
+    return ""
 
 
 def outcome_of(err: ProviderError) -> str:

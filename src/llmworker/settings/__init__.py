@@ -9,6 +9,8 @@ names are read by pattern, because their names carry data:
 - ``MAX_USER_<TIER>``      concurrent tasks per user of a tier
 - ``QUEUE_MAX_<TIER>``     waiting tasks per tier before 429
 - ``TIER_WEIGHT_<TIER>``   dispatch weight of a tier    (these five: ``limits.py``)
+- ``RPM_<MODEL>[_<TIER>]``, ``TPM_<MODEL>[_<TIER>]``, ``MIN_<MODEL>``, ``CONTEXT_<MODEL>``
+  and ``ROUTE_<KIND>_<TIER>``: what providers allow, and routes (``rates.py``)
 - ``MODEL_<ALIAS>``        a new alias: ``<provider>/<model name>``
 - ``<PROVIDER>_BASE_URL`` / ``<PROVIDER>_API_KEY``: a provider endpoint (``providers.py``)
 
@@ -45,11 +47,13 @@ from llmworker.settings.providers import (
     read_models,
     read_providers,
 )
+from llmworker.settings.rates import Rates, read_rates
 
 __all__ = [
     "FAKE_PROVIDER",
     "ModelAlias",
     "Provider",
+    "Rates",
     "Settings",
     "env_token",
     "is_loopback",
@@ -178,6 +182,7 @@ def load_settings(
                 f"model alias {alias!r} must be lower-case letters, digits, '-', '_' or '.'"
             )
     limits = read_limits(env, declared, tiers, models, problems)
+    rates = read_rates(env, tiers, models, problems)
     _check_default_model(base, models, providers, problems)
     _check_fake_only(base, models, providers, problems)
     check_access(base, problems)
@@ -185,4 +190,6 @@ def load_settings(
     check_edges(base, problems)
     if problems:
         raise ConfigError(problems)
-    return base.model_copy(update={"providers": providers, "models": models, **limits})
+    return base.model_copy(
+        update={"providers": providers, "models": models, "rates": rates, **limits}
+    )

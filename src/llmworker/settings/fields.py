@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from llmworker.settings.providers import ModelAlias, Provider
+from llmworker.settings.rates import Rates
 
 # Fields built from name patterns, never read under their own names.
 DYNAMIC_FIELDS = (
@@ -19,6 +20,7 @@ DYNAMIC_FIELDS = (
     "user_limits",
     "queue_caps",
     "tier_weights",
+    "rates",
 )
 
 
@@ -122,6 +124,18 @@ class Settings(BaseSettings):
     redis_connect_timeout_s: float = Field(30.0, ge=0)
     redis_timeout_s: float = Field(10.0, gt=0)
     queue_full_retry_after_s: int = Field(5, ge=1)
+    # Providers as they behave (providers/adaptive.py, lua/claim.lua): each model's cap
+    # adapts between MIN_<MODEL> and MAX_* to the provider's 429s, and, for the providers
+    # listed in ADAPT_TO_LATENCY, to its time to first token.
+    adaptive_caps: bool = True
+    adapt_to_latency: str = "deepseek"
+    # A circuit opened by a refused key or an exhausted quota stays open this long unless
+    # the provider says when it resets; then one probe call may close it.
+    circuit_open_s: float = Field(60.0, gt=0, le=86400)
+    # A task waiting this long for its first model may run on the next one with room.
+    spill_after_s: float | None = Field(None, gt=0)
+    # The window RPM_* and TPM_* count over (a minute; shorter only to test).
+    rate_window_s: float = Field(60.0, gt=0, le=3600)
 
     # Filled from the pattern families above by load_settings().
     providers: dict[str, Provider] = Field(default_factory=dict)
@@ -131,6 +145,7 @@ class Settings(BaseSettings):
     user_limits: dict[str, int] = Field(default_factory=dict)
     queue_caps: dict[str, int] = Field(default_factory=dict)
     tier_weights: dict[str, int] = Field(default_factory=dict)
+    rates: Rates = Field(default_factory=Rates)
 
     @field_validator(
         "redis_url",
@@ -143,6 +158,7 @@ class Settings(BaseSettings):
         "qstash_url",
         "callback_secret",
         "otel_exporter_otlp_endpoint",
+        "spill_after_s",
         mode="before",
     )
     @classmethod
@@ -191,10 +207,21 @@ class Settings(BaseSettings):
     def model_limit(self, model: str, tier: str) -> int:
         return self.model_limits.get(model, {}).get(tier, 0)
 
+    def model_ceiling(self, model: str) -> int:
+        """The most calls of ``model`` in flight over all tiers: MAX_<MODEL>, or the sum
+        of its tiers' limits (the adaptive cap's top)."""
+        total = sum(self.model_limits.get(model, {}).values())
+        cap = self.model_total_limits.get(model)
+        return total if cap is None else min(cap, total)
+
+    @property
+    def latency_providers(self) -> set[str]:
+        return {p.strip() for p in self.adapt_to_latency.split(",") if p.strip()}
+
     def redacted(self) -> dict[str, Any]:
         """Settings fit for a log line: secrets replaced by whether they are set."""
         secret = {"api_keys", "admin_keys", "callback_secret", "qstash_token"}
-        data = self.model_dump(exclude={"providers", "models", *secret})
+        data = self.model_dump(exclude={"providers", "models", "rates", *secret})
         for key in ("qstash_current_signing_key", "qstash_next_signing_key"):
             data[key] = bool(data[key])
         for key in ("api_keys", "admin_keys"):

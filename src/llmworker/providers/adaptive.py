@@ -1,0 +1,121 @@
+"""Adaptive caps: every provider call's outcome moves its model's cap (``lua/adapt.lua``
+holds the rule; ``lua/claim.lua`` applies the cap, shared by every replica).
+
+A process tallies its calls per model and sends the tallies every ``FLUSH_S``, in one
+script call; a rate limit is sent at once, so that a cut reaches every replica's next
+claim. Only calls sent after the cap's last change count (the others were sent under
+the old cap), as far as this process knows of that change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+from redis.exceptions import RedisError
+
+from llmworker.settings import FAKE_PROVIDER, Settings
+
+if TYPE_CHECKING:
+    from llmworker.providers.client import CallReport
+    from llmworker.queue import Queue
+
+log = structlog.get_logger("llmworker.providers")
+
+FLUSH_S = 0.25
+
+
+@dataclass
+class _Tally:
+    oks: int = 0
+    limited: int = 0
+    latest_limited_ms: float = 0.0
+    ttft_ms: float = 0.0
+    ttfts: int = 0
+
+
+class Adapter:
+    def __init__(self, settings: Settings, queue: Queue) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.enabled = settings.adaptive_caps
+        self._latency = settings.latency_providers
+        self._tallies: dict[str, _Tally] = {}
+        # model -> when its cap last changed (ms), as the last reply said
+        self._changed: dict[str, float] = {}
+        self._urgent = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+
+    def note(self, call: CallReport) -> None:
+        if not self.enabled or call.alias not in self.settings.models:
+            return
+        if self.settings.models[call.alias].provider == FAKE_PROVIDER:
+            return
+        if call.started_ms < self._changed.get(call.alias, 0.0):
+            return
+        tally = self._tallies.setdefault(call.alias, _Tally())
+        if call.outcome == "ok":
+            tally.oks += 1
+            if call.ttft_s is not None:
+                tally.ttft_ms += call.ttft_s * 1000
+                tally.ttfts += 1
+        elif call.error == "provider_rate_limited":
+            tally.limited += 1
+            tally.latest_limited_ms = max(tally.latest_limited_ms, call.started_ms)
+            self._urgent.set()
+
+    def start(self) -> None:
+        if self.enabled and self._loop is None:
+            self._loop = asyncio.create_task(self._forever(), name="llmworker-adapt")
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+            self._loop = None
+
+    async def _forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent.wait(), FLUSH_S)
+            self._urgent.clear()
+            try:
+                await self.flush()
+            except (RedisError, OSError) as exc:
+                # The tallies are dropped: what they said is stale by the next round.
+                log.debug("adapt_not_recorded", error=str(exc))
+
+    async def flush(self) -> None:
+        tallies, self._tallies = self._tallies, {}
+        rows = []
+        for model, t in tallies.items():
+            latency = self.settings.models[model].provider in self._latency
+            ttft = round(t.ttft_ms / t.ttfts, 3) if t.ttfts and latency else -1
+            rows.append(
+                (
+                    model,
+                    str(self.settings.model_ceiling(model)),
+                    str(self.settings.rates.floor(model)),
+                    str(t.oks),
+                    str(t.limited),
+                    str(int(t.latest_limited_ms)),
+                    str(ttft),
+                    "1" if latency else "0",
+                )
+            )
+        if not rows:
+            return
+        for change in await self.queue.adapt(rows):
+            self._changed[change.model] = float(change.changed_ms)
+            if change.reason:
+                log.info(
+                    "adaptive_cap",
+                    model=change.model,
+                    before=change.before,
+                    cap=change.cap if change.cap is not None else "max",
+                    reason=change.reason,
+                )
