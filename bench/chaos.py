@@ -265,10 +265,10 @@ def redis_restart(ctx: Context) -> Report:
         timeline = httpx.get(f"{fake_url}/_fake/timeline").json()
         alive = sum(proc.alive for proc, _ in replicas)
         logged = sum(proc.log_count("outcome_not_recorded") for proc, _ in replicas)
-    first = sorted(timeline)[:n]
-    early = sum(down_at <= end < up_at - lease_s for _, end, _ in first)
-    late = sum(up_at - lease_s <= end <= up_at for _, end, _ in first)
-    after = sum(end > up_at for _, end, _ in first)
+    ends = [call[1] for call in sorted(timeline, key=lambda call: call[0])[:n]]
+    early = sum(down_at <= end < up_at - lease_s for end in ends)
+    late = sum(up_at - lease_s <= end <= up_at for end in ends)
+    after = sum(end > up_at for end in ends)
     calls = stats["calls"].get("m1", 0)
     succeeded = sum(r.get("status") == "succeeded" for r in rows)
     report.add("tasks / replicas", f"{n} / 2")

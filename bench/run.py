@@ -23,13 +23,14 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import psutil
 import redis
 
-from bench import observe
+from bench import observe, providers
 from bench.common import (
     CHAT_INPUT,
     ROOT,
@@ -57,11 +58,27 @@ def saturation(bench: Bench) -> None:
     """(a) 2 replicas, cap 20, provider latency 100 ms, 2,000 tasks from 64 clients;
     (b) pickup latency after a freed slot, from the provider's timeline."""
     print("saturation: 2 replicas, cap 20, 100 ms provider, 2,000 tasks, 64 clients", flush=True)
+    saturation_run(bench, report=True)
+
+
+def saturation_run(
+    bench: Bench,
+    extra: dict[str, Any] | None = None,
+    model: str | None = "m1",
+    report: bool = False,
+) -> float:
+    """One W1 saturation run; its utilisation (figures added when ``report``)."""
     n, cap, latency_s = 2000, 20, 0.100
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     fake_port, ports = free_port(), [free_port(), free_port()]
     env = worker_env(
-        bench, prefix, fake_port, MAX_M1_PAID=cap, MAX_USER_PAID=10_000, QUEUE_MAX_PAID=100_000
+        bench,
+        prefix,
+        fake_port,
+        MAX_M1_PAID=cap,
+        MAX_USER_PAID=10_000,
+        QUEUE_MAX_PAID=100_000,
+        **(extra or {}),
     )
     fake_url = f"http://127.0.0.1:{fake_port}"
     try:
@@ -79,8 +96,8 @@ def saturation(bench: Bench) -> None:
                     "kind": "chat",
                     "input": CHAT_INPUT,
                     "tier": "paid",
-                    "model": "m1",
                     "user": f"u{i % 50}",
+                    **({"model": model} if model else {}),
                 }
                 for i in range(n)
             ]
@@ -103,6 +120,8 @@ def saturation(bench: Bench) -> None:
         last_finish = max(int(r["finished_at"]) for r in rows) / 1000
         makespan = last_finish - first_submit
         ideal = n * latency_s / cap
+        if not report:
+            return ideal / makespan
         bench.add("a", "tasks", f"{n} submitted in {submitted - first_submit:.2f} s")
         bench.add("a", "makespan", f"{makespan:.2f} s (ideal {ideal:.1f} s)")
         bench.add("a", "utilisation", f"{ideal / makespan:.3f}", ">= 0.99")
@@ -136,6 +155,7 @@ def saturation(bench: Bench) -> None:
         )
     finally:
         cleanup(bench, prefix)
+    return ideal / makespan
 
 
 def idle_pickup(bench: Bench) -> None:
@@ -321,6 +341,10 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "transport": transport,
     "metrics_cost": observe.metrics_cost,
     "scrape": observe.scrape,
+    "hidden_capacity": providers.hidden_capacity,
+    "latency_growth": providers.latency_growth,
+    "route_outage": providers.route_outage,
+    "w1_all_on": providers.w1_all_on,
 }
 
 

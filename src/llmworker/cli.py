@@ -257,6 +257,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1
 
 
+def _contexts(raw: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in raw.split(","):
+        model, sep, size = part.partition("=")
+        if not sep or not model.strip() or not size.strip().isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} must be <model>=<tokens>, e.g. m1=8000 (comma-separated)"
+            )
+        out[model.strip()] = int(size)
+    return out
+
+
 def cmd_fake_llm(args: argparse.Namespace) -> int:
     from llmworker.fakellm import FakeConfig, run_fake_llm
 
@@ -283,6 +295,7 @@ def cmd_fake_llm(args: argparse.Namespace) -> int:
         down_status=args.down_status,
         outage_after_s=args.outage_after_s,
         outage_for_s=args.outage_for_s,
+        context=args.context or {},
     )
     run_fake_llm(config, host=args.host, port=args.port)
     return 0
@@ -464,6 +477,11 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         help="429 insufficient_quota, or 402",
     )
     real.add_argument("--down", help="models that are down, comma-separated ('*': all)")
+    real.add_argument(
+        "--context",
+        type=_contexts,
+        help="context windows, e.g. m1=8000,m2=128000: longer prompts get a 400",
+    )
     real.add_argument("--down-status", type=int, default=503, help="what a down model answers")
     real.add_argument(
         "--outage-after-s",

@@ -251,6 +251,9 @@ class Executor:
         if reason == "circuit_open":
             wait_s = wait_s or self.settings.circuit_open_s
             await self._open_circuit(model, err, wait_s)
+        elif reason == "unavailable" and claimed.fields.get("probe"):
+            # The probe of a circuit opened by an outage: still down.
+            await self._open_circuit(model, err, self.settings.circuit_open_s)
         candidates = self._next_models(claimed.fields, model, reason)
         if candidates:
             hold_ms = int(wait_s * 1000) if reason == "rate_limited" and wait_s else 0

@@ -34,6 +34,17 @@ class CallbackState(Open):
     error: str | None
 
 
+class Tried(Open):
+    """One model a task went through, and how it left it (or ended on it)."""
+
+    model: str
+    outcome: str = Field(
+        description="rate_limited, circuit_open, unavailable, context (it moved on), "
+        "spilled (it waited too long for this model), or the final status."
+    )
+    error: str | None = Field(None, description="The error code that moved it, if any.")
+
+
 class TaskRecord(Open):
     """A task as ``POST``/``GET /v1/tasks`` answer it, and as the callback and the last
     event carry it. ``result`` and ``error`` stay null until a final state."""
@@ -43,7 +54,13 @@ class TaskRecord(Open):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None
     user: str
     tier: str | None
-    model: str | None
+    model: str | None = Field(description="The model that ran (or runs) the task.")
+    models: list[str] | None = Field(
+        None, description="A task with several models: all of them, first choice first."
+    )
+    tried: list[Tried] | None = Field(
+        None, description="A task with several models: each it went through, in order."
+    )
     attempts: int
     result: Any = Field(description="The handler's result (chat: content, model, usage ...).")
     error: dict[str, Any] | None = Field(description="{code, message, ...} when it failed.")

@@ -19,7 +19,8 @@ Control endpoints (not part of OpenAI's API):
 - ``POST /_fake/reset``     zero the counters and the timeline
 - ``POST /_fake/config``    change settings live, e.g. ``{"latency_ms": 50,
                             "fail_next": [429, 500]}`` (the next calls fail in that order)
-- ``GET  /_fake/timeline``  (start, end) of every call, seconds since the epoch, when
+- ``GET  /_fake/timeline``  (start, end, model, seconds to the first streamed content or
+                            null) of every call, seconds since the epoch, when
                             ``record`` is on (benchmarks measure pickup latency with it)
 - ``GET  /_fake/last``      the body of the last completion request
 """
@@ -76,6 +77,9 @@ class FakeConfig:
     down_status: int = 503
     outage_after_s: float = 0.0
     outage_for_s: float = 0.0
+    # model -> its context window: a prompt and max_tokens past it get OpenAI's 400
+    # context_length_exceeded.
+    context: dict[str, int] = field(default_factory=dict)
 
 
 async def _send_json(
@@ -106,7 +110,7 @@ class FakeLLM:
         self.inflight: dict[str, int] = defaultdict(int)
         self.max_inflight: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
-        self.timeline: list[tuple[float, float, str]] = []
+        self.timeline: list[tuple[float, float, str, float | None]] = []
         self.last_body: dict[str, Any] = {}
         self.shapes = Shapes(self.config, time.time())
 
@@ -158,6 +162,7 @@ class FakeLLM:
             await _send_json(send, 400, {"error": error})
             return
         self.last_body = body
+        first: float | None = None
         refusal = self._refusal(body, model)
         if refusal is not None:
             await _send_json(send, *refusal)
@@ -184,7 +189,7 @@ class FakeLLM:
             if status is not None:
                 await self._fail(send, model, status, disconnected)
             elif body.get("stream"):
-                await self._stream(send, body, words, disconnected, limits, held)
+                first = await self._stream(send, body, words, disconnected, limits, held)
             else:
                 await asyncio.wait([disconnected], timeout=self._latency_s() + held)
                 await _send_json(send, 200, self._completion(model, words, messages), limits)
@@ -192,7 +197,8 @@ class FakeLLM:
             disconnected.cancel()
             self.inflight[model] -= 1
             if self.config.record:
-                self.timeline.append((arrived, time.time(), model))
+                ttft = None if first is None else first - arrived
+                self.timeline.append((arrived, time.time(), model, ttft))
 
     async def _fail(
         self, send: Send, model: str, status: int, disconnected: asyncio.Future[Any]
@@ -216,6 +222,20 @@ class FakeLLM:
                 "code": "model_not_found",
             }
             return 404, {"error": error}
+        window = self.config.context.get(model)
+        if window:
+            asked = _prompt_tokens(body.get("messages") or []) + int(
+                body.get("max_tokens") or self.config.tokens
+            )
+            if asked > window:
+                error = {
+                    "message": f"This model's maximum context length is {window} tokens. "
+                    f"However, you requested {asked} tokens. Please reduce the length of the "
+                    "messages or completion.",
+                    "type": "invalid_request_error",
+                    "code": "context_length_exceeded",
+                }
+                return 400, {"error": error}
         for name in self.config.reject_params:
             if name in body:
                 error = {
@@ -263,8 +283,10 @@ class FakeLLM:
         disconnected: asyncio.Future[Any],
         limits: dict[str, str] | None = None,
         held_s: float = 0.0,
-    ) -> None:
+    ) -> float | None:
+        """Stream the answer; when its first content went out (epoch seconds), if it did."""
         model = str(body["model"])
+        first: float | None = None
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         choices = max(1, int(body.get("n") or 1))
         cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
@@ -293,7 +315,7 @@ class FakeLLM:
         headers += [(k.encode(), v.encode()) for k, v in (limits or {}).items()]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         if held_s and not await self._hold(send, held_s, disconnected):
-            return
+            return None
         steps = _script(body, model, words)
         latency = self._latency_s()
         step = latency / max(1, len(steps))
@@ -306,11 +328,13 @@ class FakeLLM:
             await asyncio.wait([disconnected], timeout=latency)
         for i, delta in enumerate(steps):
             await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": True})
+            if i == 1:
+                first = time.time()
             await asyncio.wait(
                 [disconnected], timeout=max(0.0, start + (i + 1) * step - loop.time())
             )
             if disconnected.done():
-                return
+                return first
             if body.get("logprobs") and delta.get("content"):
                 pieces = [_with_logprobs(chunk(each(delta)), delta["content"])]
             else:
@@ -321,6 +345,7 @@ class FakeLLM:
             pieces.append(chunk(None, usage=self._usage([], words)))
         pieces.append(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": False})
+        return first if first is not None else time.time()
 
     async def _hold(self, send: Send, seconds: float, disconnected: asyncio.Future[Any]) -> bool:
         """Hold the first token back (a busy provider), with a keep-alive comment every

@@ -4,8 +4,8 @@
 --   itself (calls started before it were sent under the old cap: their 429s say nothing
 --   new, so a burst of them cuts once);
 -- - for providers that signal overload only by latency, a time to first token past
---   TOLERANCE times its unloaded level cuts it by the ratio (at most by half, at most once
---   a round);
+--   TOLERANCE times its unloaded level cuts it by the ratio (to no less than LATENCY_BETA
+--   of itself, at most once a round);
 -- - a round of clean completions (as many as the cap) raises it by one; just below the
 --   cap that last met a 429 it waits PATIENCE rounds before trying that one again.
 -- Back at its top with nothing to remember, the model's cap is dropped: claims then use
@@ -15,7 +15,7 @@
 --       (ms, -1: none), '1' if latency counts.
 -- Returns groups of 5: model, cap (-1: none), when it last changed (ms), the cap before,
 -- why it changed ('' when it did not).
-local BETA, TOLERANCE, PATIENCE = 0.7, 1.5, 8
+local BETA, LATENCY_BETA, TOLERANCE, PATIENCE = 0.7, 0.8, 1.5, 8
 local now = now_ms()
 local out = {}
 for i = 1, #ARGV, 8 do
@@ -42,7 +42,9 @@ for i = 1, #ARGV, 8 do
     cap = math.max(floor, math.floor(cap * BETA))
     reason = 'rate_limited'
   elseif slow and count >= cap then
-    local ratio = math.max(0.5, base * TOLERANCE / short)
+    -- Latency grows smoothly with load: a gentler cut than a 429's, by the gradient.
+    local ratio = math.max(LATENCY_BETA, base * TOLERANCE / short)
+    ceiling = cap
     cap = math.max(floor, math.min(cap - 1, math.floor(cap * ratio)))
     reason = 'latency'
   elseif not slow and count >= cap and cap < top then

@@ -1,5 +1,6 @@
 -- A model's circuit (see model_state): opened when its provider refuses the key or the
--- account is out of quota, so that no call goes out until it may work again; then claims
+-- account is out of quota, or when its calls keep failing (an outage), so that no call
+-- goes out until it may work again; then claims
 -- let one run through (half-open), whose first answered call closes it.
 -- ARGV: 'open', model, ms, code  -> 1 if it was closed before (a change), else 0
 --       'close', model, run token -> 1 if this closed it (the token's run was the probe,
@@ -14,6 +15,8 @@ if op == 'open' then
   redis.call('HSET', key, 'circuit', 'open', 'c_until', now + tonumber(ARGV[3]), 'c_code', ARGV[4])
   if not was then redis.call('HSET', key, 'c_since', now) end
   redis.call('HDEL', key, 'probe', 'probe_until')
+  -- Waiting tasks with other models may go there now.
+  redis.call('PUBLISH', P .. 'wake', 'circuit')
   return was and 0 or 1
 end
 local probe = redis.call('HGET', key, 'probe')

@@ -166,7 +166,12 @@ end
 local function spill_to(tier, model, id)
   local f = redis.call('HMGET', task_key(id), 'models', 'created_at')
   if not f[1] or f[1] == '' then return nil end
-  if not stopped(model) and not (spill_ms and now - (tonumber(f[2]) or now) >= spill_ms) then return nil end
+  if not stopped(model) then
+    if not spill_ms then return nil end
+    local due = (tonumber(f[2]) or now) + spill_ms
+    -- Not waited long enough yet: look again when it has.
+    if due > now then later(due); return nil end
+  end
   local past = false
   for m in string.gmatch(f[1], '[^,]+') do
     if past and open_for(tier, m) then

@@ -1,5 +1,9 @@
 """Adaptive caps: every provider call's outcome moves its model's cap (``lua/adapt.lua``
-holds the rule; ``lua/claim.lua`` applies the cap, shared by every replica).
+holds the rule; ``lua/claim.lua`` applies the cap, shared by every replica). And
+outages: a model whose last ``OUTAGE_TRIES`` calls in this process all failed (5xx,
+timeouts, unreachable) gets its circuit opened for every replica (``CIRCUIT_OPEN_S``),
+so that its waiting tasks go to their next model at once and one probe tells when it
+is back.
 
 A process tallies its calls per model and sends the tallies every ``FLUSH_S``, in one
 script call; a rate limit is sent at once, so that a cut reaches every replica's next
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("llmworker.providers")
 
 FLUSH_S = 0.25
+OUTAGE_TRIES = 6
 
 
 @dataclass
@@ -46,13 +51,19 @@ class Adapter:
         self._tallies: dict[str, _Tally] = {}
         # model -> when its cap last changed (ms), as the last reply said
         self._changed: dict[str, float] = {}
+        # model -> failed tries in a row (server errors, timeouts, unreachable)
+        self._failing: dict[str, int] = {}
+        self._outages: set[str] = set()
         self._urgent = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
 
     def note(self, call: CallReport) -> None:
-        if not self.enabled or call.alias not in self.settings.models:
+        if call.alias not in self.settings.models:
             return
         if self.settings.models[call.alias].provider == FAKE_PROVIDER:
+            return
+        self._note_outage(call)
+        if not self.enabled:
             return
         if call.started_ms < self._changed.get(call.alias, 0.0):
             return
@@ -67,8 +78,17 @@ class Adapter:
             tally.latest_limited_ms = max(tally.latest_limited_ms, call.started_ms)
             self._urgent.set()
 
+    def _note_outage(self, call: CallReport) -> None:
+        if call.outcome in ("server_error", "timeout"):
+            failing = self._failing[call.alias] = self._failing.get(call.alias, 0) + 1
+            if failing == OUTAGE_TRIES:
+                self._outages.add(call.alias)
+                self._urgent.set()
+        elif call.outcome in ("ok", "rate_limited"):
+            self._failing.pop(call.alias, None)
+
     def start(self) -> None:
-        if self.enabled and self._loop is None:
+        if self._loop is None:
             self._loop = asyncio.create_task(self._forever(), name="llmworker-adapt")
 
     async def stop(self) -> None:
@@ -90,6 +110,18 @@ class Adapter:
                 log.debug("adapt_not_recorded", error=str(exc))
 
     async def flush(self) -> None:
+        outages, self._outages = self._outages, set()
+        for model in outages:
+            if await self.queue.open_circuit(
+                model, int(self.settings.circuit_open_s * 1000), "provider_unavailable"
+            ):
+                log.warning(
+                    "circuit_opened",
+                    model=model,
+                    code="provider_unavailable",
+                    open_s=self.settings.circuit_open_s,
+                    error=f"the last {OUTAGE_TRIES} calls failed",
+                )
         tallies, self._tallies = self._tallies, {}
         rows = []
         for model, t in tallies.items():

@@ -26,6 +26,8 @@ log = structlog.get_logger("llmworker.providers")
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_TRIES = 8  # per call, even when the deadline is far
+# A task with another model to go to tries a failing one this many times, then moves.
+MOVE_AFTER_TRIES = 3
 # A provider's wait at least this long is waited out in the queue, not on a slot.
 PAUSE_MIN_S = 1.0
 
@@ -205,6 +207,8 @@ class LLMClient:
     def _delay(self, err: ProviderError, tries: int) -> float | None:
         """Seconds to wait before the next try, or None to give up."""
         if not err.retryable or tries >= MAX_TRIES:
+            return None
+        if self.may_move and self.untouched and tries >= MOVE_AFTER_TRIES:
             return None
         backoff = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (tries - 1)))
         delay = err.retry_after_s if err.retry_after_s is not None else backoff
