@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import statistics
 import sys
 import time
@@ -108,19 +107,20 @@ def hidden_capacity(bench: Bench) -> None:
     bench.add("a", "adaptive 429s after the first 10 s", f"{adaptive['late_share']:.2%}", "<= 2 %")
     bench.add(
         "a",
-        "adaptive converged (last second with > 2 % 429s)",
+        "adaptive converged (its cap within 0.7x .. capacity + 2 from then on)",
         f"{adaptive['converged_s']:.1f} s",
         "<= 10 s",
     )
 
 
 def _hidden_run(bench: Bench, extra: dict[str, Any]) -> dict[str, float]:
+    """One run; its tasks/s, 429 shares (all, after 10 s), failures, convergence."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     fake_port, port = free_port(), free_port()
     env = worker_env(
         bench, prefix, fake_port, MAX_USER_PAID=10_000, QUEUE_MAX_PAID=100_000, **extra
     )
-    samples: list[tuple[float, int, int]] = []
+    samples: list[tuple[float, int, int, int | None]] = []
     try:
         with (
             fake(
@@ -137,11 +137,13 @@ def _hidden_run(bench: Bench, extra: dict[str, Any]) -> dict[str, float]:
             with httpx.Client(base_url=fake_url) as control:
                 while True:
                     stats = control.get("/_fake/stats").json()
+                    caps = httpx.get(f"http://127.0.0.1:{port}/v1/stats").json()["adaptive_caps"]
                     samples.append(
                         (
                             time.time() - started,
                             stats["calls"].get("m1", 0),
                             stats["errors"].get("m1", 0),
+                            caps["m1"]["cap"] if "m1" in caps else None,
                         )
                     )
                     depth: dict[str, str] = client.hgetall(keys.depth)  # type: ignore[assignment]
@@ -157,11 +159,13 @@ def _hidden_run(bench: Bench, extra: dict[str, Any]) -> dict[str, float]:
     calls, errors = samples[-1][1], samples[-1][2]
     at10 = next((s for s in samples if s[0] >= 10), samples[-1])
     late_calls, late_errors = calls - at10[1], errors - at10[2]
-    converged = 0.0
-    for before, after in itertools.pairwise(samples):
-        made, refused = after[1] - before[1], after[2] - before[2]
-        if made and refused / made > 0.02:
-            converged = after[0]
+    # Converged: from when on the cap stays between a cut below the capacity and two
+    # above it (adaptive runs only).
+    converged = float("nan")
+    for i, sample in enumerate(samples):
+        if all(c is not None and 0.7 * CAPACITY <= c <= CAPACITY + 2 for *_, c in samples[i:]):
+            converged = sample[0]
+            break
     return {
         "rate": len(rows) / (ended - started),
         "share": errors / calls if calls else 0.0,
@@ -173,7 +177,9 @@ def _hidden_run(bench: Bench, extra: dict[str, Any]) -> dict[str, float]:
 
 # -- (b) latency that grows with load ------------------------------------------------
 
-KNEE, LOAD_TTFT_MS, LATENCY_TASKS, CALL_MS, TOKENS = 8, 250, 500, 500, 20
+KNEE, LOAD_TTFT_MS, LATENCY_TASKS, CALL_MS, TOKENS, LATENCY_MAX = 8, 250, 300, 500, 20, 24
+# The adaptive run is longer: its first seconds find the knee, the rest is steady.
+ADAPTIVE_TASKS = 1200
 
 
 def latency_growth(bench: Bench) -> None:
@@ -185,7 +191,7 @@ def latency_growth(bench: Bench) -> None:
     unloaded = _latency_run(bench, {"ADAPTIVE_CAPS": "false", "MAX_M1_PAID": 1}, 20)
     bench.add("b", "unloaded time to first token p95", f"{unloaded['p95'] * 1000:.0f} ms")
     best_name, best = "", {"rate": 0.0}
-    for cap in (6, 8, 12, 24, 50):
+    for cap in (4, 8, 12, 16, LATENCY_MAX):
         m = _latency_run(bench, {"ADAPTIVE_CAPS": "false", "MAX_M1_PAID": cap}, LATENCY_TASKS)
         bench.add(
             "b",
@@ -194,22 +200,29 @@ def latency_growth(bench: Bench) -> None:
         )
         if m["rate"] > best["rate"]:
             best_name, best = f"static {cap}", m
-    adaptive = _latency_run(bench, {"MAX_M1_PAID": 50, "ADAPT_TO_LATENCY": "bench"}, LATENCY_TASKS)
+    adaptive = _latency_run(
+        bench, {"MAX_M1_PAID": LATENCY_MAX, "ADAPT_TO_LATENCY": "bench"}, ADAPTIVE_TASKS
+    )
     bench.add(
         "b",
-        "adaptive (MAX 50): tasks/s; TTFT p95",
+        f"adaptive (MAX {LATENCY_MAX}), {ADAPTIVE_TASKS} tasks: tasks/s; TTFT p95",
         f"{adaptive['rate']:.1f}; {adaptive['p95'] * 1000:.0f} ms",
     )
     bench.add(
         "b",
-        "adaptive TTFT p95 / unloaded",
-        f"{adaptive['p95'] / unloaded['p95']:.2f}",
+        "the same after its first 10 s: tasks/s; TTFT p95",
+        f"{adaptive['late_rate']:.1f}; {adaptive['late_p95'] * 1000:.0f} ms",
+    )
+    bench.add(
+        "b",
+        "adaptive TTFT p95 / unloaded: whole run; after 10 s",
+        f"{adaptive['p95'] / unloaded['p95']:.2f}; {adaptive['late_p95'] / unloaded['p95']:.2f}",
         "<= 2",
     )
     bench.add(
         "b",
-        f"adaptive throughput / the best static ({best_name})",
-        f"{adaptive['rate'] / best['rate']:.3f}",
+        f"adaptive throughput / the best static ({best_name}): whole run; after 10 s",
+        f"{adaptive['rate'] / best['rate']:.3f}; {adaptive['late_rate'] / best['rate']:.3f}",
         ">= 0.90",
     )
 
@@ -238,7 +251,15 @@ def _latency_run(bench: Bench, extra: dict[str, Any], n: int) -> dict[str, float
         cleanup(bench, prefix)
     ended = max(int(r["finished_at"]) for r in rows) / 1000
     ttfts = [t[3] for t in timeline if t[3] is not None]
-    return {"rate": len(rows) / (ended - started), "p95": percentile(ttfts, 95)}
+    late = [t[3] for t in timeline if t[3] is not None and t[0] >= started + 10] or ttfts
+    settled = started + 10
+    late_done = sum(1 for r in rows if int(r["finished_at"]) / 1000 >= settled)
+    return {
+        "rate": len(rows) / (ended - started),
+        "p95": percentile(ttfts, 95),
+        "late_p95": percentile(late, 95),
+        "late_rate": late_done / (ended - settled) if ended > settled else float("nan"),
+    }
 
 
 # -- (c) the first model of a route goes down --------------------------------------

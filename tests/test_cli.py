@@ -212,3 +212,13 @@ def test_publish_without_a_qstash_token_says_so(monkeypatch):
     with Client("http://127.0.0.1:9") as worker, pytest.raises(ConfigError) as missing:
         worker.publish("chat", CHAT["input"])
     assert "QSTASH_TOKEN" in str(missing.value)
+
+
+async def test_stats_say_a_models_adaptive_cap_and_open_circuit(make_settings):
+    async with serve_api(make_settings(MAX_FAKE_PAID=10), dispatch=False) as (client, worker):
+        await worker.queue.adapt("paid free", [("fake", "13", "1", "0", "1", "0", "-1", "0")])
+        await worker.queue.open_circuit("fake", 60_000, "provider_quota")
+        shown = await acli("stats", LLMWORKER_URL=str(client.base_url))
+        line = next(line for line in shown.stdout.splitlines() if line.startswith("model fake"))
+        assert "adaptive cap 9 of 13" in line, line  # a 429 cut 13 to 70 %
+        assert re.search(r"circuit open (59|60) s more \(provider_quota\)", line), line

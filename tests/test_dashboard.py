@@ -189,8 +189,21 @@ def test_dashboard_follows_tasks_from_waiting_to_done_and_retries_a_failure(
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.locator("#lanes").screenshot(path=str(ARTIFACTS / "lanes-held.png"))
         store.hdel(Keys(prefix).model_state("fake"), "hold")
-        store.close()
         page.wait_for_selector(held, state="detached", timeout=5000)
+
+        # An open circuit and a cut adaptive cap show in the lane too.
+        store.hset(
+            Keys(prefix).model_state("fake"),
+            mapping={"circuit": "open", "c_until": until, "c_code": "provider_auth", "cap": 2},
+        )
+        circuit = "#lanes tr[data-lane='paid|fake'] .circuit"
+        page.wait_for_selector(circuit, timeout=5000)
+        assert page.text_content(circuit) == "circuit open"
+        assert page.text_content("#lanes tr[data-lane='paid|fake'] .capped") == "cap 2"
+        page.locator("#lanes").screenshot(path=str(ARTIFACTS / "lanes-circuit.png"))
+        store.delete(Keys(prefix).model_state("fake"))
+        store.close()
+        page.wait_for_selector(circuit, state="detached", timeout=5000)
 
         screenshot(page, "desktop.png")
         screenshot(task_page, "desktop-task.png")

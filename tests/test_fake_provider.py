@@ -166,6 +166,12 @@ def test_the_command_line_takes_the_shapes_and_refuses_bad_values(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "'-1' is not a whole number of 0 or more" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "llmworker", "fake-llm", "--context", "m1"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "'m1' must be <model>=<tokens>" in bad.stderr
     for flag in ("--load-ttft-ms", "--keepalive-s", "--outage-after-s", "--outage-for-s"):
         bad = subprocess.run(
             [sys.executable, "-m", "llmworker", "fake-llm", flag, "-5"],
@@ -173,3 +179,29 @@ def test_the_command_line_takes_the_shapes_and_refuses_bad_values(tmp_path):
             text=True,
         )
         assert bad.returncode == 2 and "is not a finite number of 0 or more" in bad.stderr, flag
+
+
+async def test_a_prompt_past_a_models_context_gets_openais_400(provider):
+    client, _fake = provider
+    await configure(client, context={"m1": 6})
+    refused = await client.post("/chat/completions", json=chat(max_tokens=4))  # 3 + 4 > 6
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "maximum context length is 6 tokens" in error["message"]
+    assert (await client.post("/chat/completions", json=chat(max_tokens=3))).status_code == 200
+    assert (
+        await client.post("/chat/completions", json=chat("m2", max_tokens=4))
+    ).status_code == 200
+
+
+async def test_the_timeline_says_when_the_first_content_went_out(provider):
+    client, fake = provider
+    await configure(client, record=True, load_knee=1, load_ttft_ms=200)
+    await asyncio.gather(
+        *(client.post("/chat/completions", json=chat(stream=True)) for _ in range(2))
+    )
+    firsts = sorted(call[3] for call in fake.timeline)
+    # 300 ms over 4 pieces: the first content after 75 ms; the second call in flight
+    # waited 200 ms more.
+    assert 0.05 < firsts[0] < 0.2 and 0.25 < firsts[1] < 0.45, firsts

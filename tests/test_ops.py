@@ -36,6 +36,7 @@ COUNTERS = {
     "llmworker_tasks_rejected_total",
     "llmworker_provider_requests_total",
     "llmworker_callbacks_total",
+    "llmworker_fallbacks_total",
 }
 GAUGES = {
     "llmworker_queue_waiting",
@@ -45,6 +46,9 @@ GAUGES = {
     "llmworker_guard_slots_limit",
     "llmworker_replicas",
     "llmworker_callbacks_pending",
+    "llmworker_model_held_seconds",
+    "llmworker_adaptive_cap",
+    "llmworker_circuit_open",
 }
 HISTOGRAMS = {
     "llmworker_task_queue_seconds",

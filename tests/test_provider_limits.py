@@ -69,6 +69,21 @@ async def test_rpm_holds_in_every_window_across_two_replicas(make_settings, star
     assert fake.calls["m1"] == 16
 
 
+async def test_a_model_out_of_requests_holds_back_only_itself(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    worker = await start_worker(make_settings(**env(url, RPM_M1=1, RATE_WINDOW_S=30)))
+    first = await final(worker, await submit(worker))
+    assert first["status"] == "succeeded"
+    waiting = await submit(worker)
+    other = await final(worker, await submit(worker, "m2"), 3)
+    assert other["status"] == "succeeded"
+    stored = await worker.queue.get(waiting)
+    assert stored is not None and stored["status"] == "queued"
+    assert fake.calls == {"m1": 1, "m2": 1}
+
+
 async def test_tpm_reserves_at_claim_and_settles_to_the_reported_usage(
     make_settings, start_worker, fake_llm, redis_url, prefix
 ):

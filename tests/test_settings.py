@@ -185,3 +185,54 @@ def test_a_public_url_with_a_path_is_refused_in_one_line(url: str):
 
 def test_a_public_url_may_end_in_a_slash():
     assert load_settings({"PUBLIC_URL": "https://w.example.com/"}, env_file=None).public_url
+
+
+def test_rates_routes_floors_and_contexts_are_read_per_model_and_tier():
+    s = load_settings(
+        {
+            "RPM_DS_CHAT": "60",
+            "TPM_DS_CHAT_PAID": "90000",
+            "MIN_DS_CHAT": "2",
+            "CONTEXT_FAKE": "4096",
+            "ROUTE_SUMMARY_PAID": "ds-reasoner,ds-chat",
+            "DEEPSEEK_API_KEY": "sk-test",
+            "SPILL_AFTER_S": "5",
+        },
+        env_file=None,
+    )
+    assert s.rates.rpm == {"ds-chat": {"": 60}}
+    assert s.rates.tpm == {"ds-chat": {"paid": 90000}}
+    assert s.rates.floor("ds-chat") == 2 and s.rates.floor("fake") == 1
+    assert s.rates.context("fake") == 4096 and s.rates.context("ds-chat") == 128_000
+    assert s.rates.route("summary", "paid") == ("ds-reasoner", "ds-chat")
+    assert s.rates.route("summary", "free") is None
+    args = GuardPlan.from_settings(s).limit_args
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
+    assert pairs["r:ds-chat"] == "60" and pairs["k:ds-chat:paid"] == "90000"
+    assert pairs["a"] == "1" and pairs["s"] == "5000" and pairs["w"] == "60000"
+
+
+def test_bad_rates_and_routes_are_each_reported():
+    with pytest.raises(ConfigError) as info:
+        load_settings(
+            {
+                "RPM_NOPE": "5",
+                "TPM_FAKE": "many",
+                "MIN_FAKE": "0",
+                "ROUTE_CHAT": "fake",
+                "ROUTE_CHAT_PAID": "fake,nope",
+                "ROUTE_CHAT_FREE": "fake,fake",
+            },
+            env_file=None,
+        )
+    joined = "\n".join(info.value.problems)
+    for needle in (
+        "RPM_NOPE matches no model alias",
+        "TPM_FAKE='many' is not a whole number",
+        "MIN_FAKE=0 must be at least 1",
+        "ROUTE_CHAT must be ROUTE_<KIND>_<TIER>",
+        "ROUTE_CHAT_PAID='fake,nope' must list model aliases",
+        "ROUTE_CHAT_FREE='fake,fake' names a model twice",
+    ):
+        assert needle in joined, joined
+    assert len(info.value.problems) == 6

@@ -204,8 +204,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
         total = f"  total {g['total']['in_use']}/{g['total']['limit']}" if "total" in g else ""
         held = (stats.get("held") or {}).get(model)
         waiting = f"  held {held:.1f} s (the provider asked to wait)" if held else ""
-        print(f"model {model:<14} {tiers}{total}{waiting}")
+        print(f"model {model:<14} {tiers}{total}{waiting}{_provider_state(stats, model)}")
     return 0
+
+
+def _provider_state(stats: dict[str, Any], model: str) -> str:
+    """What the model's provider said lately: its adaptive cap, its circuit."""
+    out = ""
+    if adaptive := (stats.get("adaptive_caps") or {}).get(model):
+        out += f"  adaptive cap {adaptive['cap']} of {adaptive['max']}"
+    if circuit := (stats.get("circuits") or {}).get(model):
+        state = circuit["state"].replace("_", "-")
+        left = f" {circuit['left_s']:.0f} s more" if circuit["state"] == "open" else ""
+        out += f"  circuit {state}{left} ({circuit['code']})"
+    return out
 
 
 def cmd_top(args: argparse.Namespace) -> int:

@@ -227,7 +227,9 @@ class Executor:
             log.warning("pause_not_recorded", model=model, error=str(exc))
             return False
         if held_ms is not None:
-            log.info("model_paused", model=model, wait_s=round(held_ms / 1000, 3), code=paused.code)
+            # A hand-back to wait for an adapted cap holds nothing: not news.
+            say = log.info if paused.wait_s >= PAUSE_MIN_S else log.debug
+            say("model_paused", model=model, wait_s=round(held_ms / 1000, 3), code=paused.code)
             self.on_pause(held_ms / 1000)
         return True
 
@@ -369,6 +371,9 @@ class Executor:
         llm.sink = events
         llm.may_pause = int(claimed.fields.get("pauses") or 0) < MAX_PAUSES
         llm.may_move = bool(self._next_models(claimed.fields, model, "rate_limited"))
+        llm.yield_on_limit = self.settings.adaptive_caps
+        if claimed.fields.get("started_at"):
+            llm.claimed_ms = float(claimed.fields["started_at"])
         if claimed.fields.get("probe"):
             llm.on_answered = lambda: self._probe_answered(claimed)
         return ctx

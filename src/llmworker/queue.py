@@ -260,10 +260,10 @@ class Queue:
     async def probe_ended(self, model: str, token: str) -> bool:
         return bool(await self._run("circuit", "probe_end", model, token))
 
-    async def adapt(self, reports: Sequence[Sequence[str]]) -> list[Adjustment]:
+    async def adapt(self, tiers: str, reports: Sequence[Sequence[str]]) -> list[Adjustment]:
         """Feed each model's calls to its adaptive cap (adapt.lua: eight fields each)."""
         flat = [str(v) for row in reports for v in row]
-        reply = await self._run("adapt", *flat)
+        reply = await self._run("adapt", tiers, *flat)
         return [
             Adjustment(
                 str(reply[i]),

@@ -1,74 +1,110 @@
 -- Adaptive caps: each model's cap over all tiers, between its floor (MIN_<MODEL>) and its
--- top (MAX_*), moved by what its calls met (see model_state; claim.lua applies it):
--- - a rate limit (429) on a call that started after the last change cuts it to BETA of
---   itself (calls started before it were sent under the old cap: their 429s say nothing
---   new, so a burst of them cuts once);
--- - for providers that signal overload only by latency, a time to first token past
---   TOLERANCE times its unloaded level cuts it by the ratio (to no less than LATENCY_BETA
---   of itself, at most once a round);
--- - a round of clean completions (as many as the cap) raises it by one; just below the
---   cap that last met a 429 it waits PATIENCE rounds before trying that one again.
+-- top (MAX_*), moved by what its calls met (see model_state; claim.lua applies it). Only
+-- runs claimed after the cap's last change count: the others were let in under the old
+-- cap, and their 429s (and retries) say nothing new, so a burst of them cuts once.
+-- - A rate limit (429) cuts the cap: back to the last cap that completed a clean round
+--   when it was probing above it; else to BETA of itself (the provider's room shrank).
+-- - For providers that signal overload only by latency, a round whose mean time to first
+--   token is past TOLERANCE times the unloaded level cuts it the same way, by the
+--   gradient (to no less than LATENCY_BETA of itself). A round counts only calls made
+--   while no more runs than the cap were in flight: until the runs let in above a cut
+--   cap have drained, the provider is still as loaded as before.
+-- - A round of clean completions (as many as the cap) raises it by one; the cap that met
+--   the last cut is tried again only after PATIENCE (LATENCY_PATIENCE) rounds just below.
 -- Back at its top with nothing to remember, the model's cap is dropped: claims then use
 -- the static limits alone.
--- ARGV: groups of 8: model, top, floor, clean calls (started after the last change),
---       rate-limited calls, the latest start of those (ms), mean time to first token
---       (ms, -1: none), '1' if latency counts.
+-- ARGV: the tiers (space separated), then groups of 8: model, top, floor, clean calls (of runs claimed after the last
+--       change), rate-limited calls (of any run), the latest claim of those (ms), mean
+--       time to first token (ms, -1: none), '1' if latency counts.
 -- Returns groups of 5: model, cap (-1: none), when it last changed (ms), the cap before,
 -- why it changed ('' when it did not).
-local BETA, LATENCY_BETA, TOLERANCE, PATIENCE = 0.7, 0.8, 1.5, 8
+local BETA, LATENCY_BETA, TOLERANCE = 0.7, 0.5, 1.5
+-- Rounds just below the cap that met the last cut before trying it again: a 429 costs
+-- one call, a round too slow costs every call of the round.
+local PATIENCE, LATENCY_PATIENCE = 8, 32
 local now = now_ms()
+local tiers = ARGV[1]
 local out = {}
-for i = 1, #ARGV, 8 do
+for i = 2, #ARGV, 8 do
   local model, top, floor = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local oks, limited, started = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   local ttft, latency = tonumber(ARGV[i + 6]), ARGV[i + 7] == '1'
   floor = math.min(floor, top)
   local key = model_state(model)
-  local f = redis.call('HMGET', key, 'cap', 'cap_at', 'ceiling', 'oks', 'base', 'short')
+  local f = redis.call('HMGET', key, 'cap', 'cap_at', 'ceiling', 'oks', 'base', 'lsum', 'good')
   local cap = math.min(tonumber(f[1]) or top, top)
   local cap_at, ceiling, count = tonumber(f[2]) or 0, tonumber(f[3]), tonumber(f[4]) or 0
-  local base, short = tonumber(f[5]), tonumber(f[6])
+  local base, lsum, good = tonumber(f[5]), tonumber(f[6]) or 0, tonumber(f[7])
   local from, reason = cap, ''
-  if latency and ttft >= 0 then
-    -- The unloaded level: the lowest seen, drifting up slowly so that it can follow a
-    -- provider that became slower for good.
-    if not base or ttft < base then base = ttft else base = base + (ttft - base) * 0.01 end
-    short = short and (short * 0.7 + ttft * 0.3) or ttft
-  end
-  local slow = latency and short and base and short > base * TOLERANCE
   count = count + oks
+  local slow = false
+  if latency then
+    if ttft >= 0 then
+      -- The unloaded level: the lowest seen, drifting up slowly so that it can follow a
+      -- provider that became slower for good.
+      if not base or ttft < base then base = ttft else base = base + (ttft - base) * 0.01 end
+    end
+    local inflight = 0
+    for t in string.gmatch(tiers, '%S+') do
+      inflight = inflight + redis.call('ZCOUNT', P .. 'g:m:' .. t .. ':' .. model, '(' .. now, '+inf')
+    end
+    if inflight > cap then
+      -- Runs let in above the cap are still draining: what calls meet now says nothing
+      -- of the cap. The round starts when they are gone.
+      count, lsum = 0, 0
+    elseif ttft >= 0 then
+      lsum = lsum + ttft * oks
+    end
+    slow = count > 0 and lsum / count > base * TOLERANCE
+  end
+  local function cut(beta)
+    ceiling = cap
+    if good and cap > good then
+      cap = good
+    else
+      cap = math.max(floor, math.min(cap - 1, math.floor(cap * beta)))
+      good = nil
+    end
+  end
   if limited > 0 and started >= cap_at then
-    ceiling = cap
-    cap = math.max(floor, math.floor(cap * BETA))
+    cut(BETA)
     reason = 'rate_limited'
+  elseif limited > 0 then
+    -- Runs let in before the last change still meet 429s: not a clean round.
+    count = 0
   elseif slow and count >= cap then
-    -- Latency grows smoothly with load: a gentler cut than a 429's, by the gradient.
-    local ratio = math.max(LATENCY_BETA, base * TOLERANCE / short)
-    ceiling = cap
-    cap = math.max(floor, math.min(cap - 1, math.floor(cap * ratio)))
+    cut(math.max(LATENCY_BETA, base * TOLERANCE * count / lsum))
     reason = 'latency'
-  elseif not slow and count >= cap and cap < top then
-    if not (ceiling and cap + 1 >= ceiling and count < cap * PATIENCE) then
+  elseif not slow and count >= cap then
+    if not good or cap > good then good = cap end
+    local patience = latency and LATENCY_PATIENCE or PATIENCE
+    if cap < top and not (ceiling and cap + 1 >= ceiling and count < cap * patience) then
       cap = cap + 1
       if ceiling and cap >= ceiling then ceiling = nil end
       reason = 'recovered'
     end
   end
+  cap = math.max(cap, math.min(floor, top))
   if cap ~= from then
-    cap_at, count = now, 0
+    cap_at, count, lsum = now, 0, 0
   else
     reason = ''
   end
   if cap >= top and not ceiling then
-    redis.call('HDEL', key, 'cap', 'cap_at', 'ceiling')
+    redis.call('HDEL', key, 'cap', 'cap_at', 'ceiling', 'good')
     -- At the top only a latency cut needs the round counted.
-    if latency then redis.call('HSET', key, 'oks', count) else redis.call('HDEL', key, 'oks') end
+    if latency then
+      redis.call('HSET', key, 'oks', count, 'lsum', lsum)
+    else
+      redis.call('HDEL', key, 'oks', 'lsum')
+    end
     cap = -1
   else
-    redis.call('HSET', key, 'cap', cap, 'cap_at', cap_at, 'oks', count)
+    redis.call('HSET', key, 'cap', cap, 'cap_at', cap_at, 'oks', count, 'lsum', lsum)
     if ceiling then redis.call('HSET', key, 'ceiling', ceiling) else redis.call('HDEL', key, 'ceiling') end
+    if good then redis.call('HSET', key, 'good', good) else redis.call('HDEL', key, 'good') end
   end
-  if base then redis.call('HSET', key, 'base', base, 'short', short) end
+  if base then redis.call('HSET', key, 'base', base) end
   out[#out + 1] = model
   out[#out + 1] = cap
   out[#out + 1] = cap_at

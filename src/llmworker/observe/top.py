@@ -184,6 +184,22 @@ def _header(stats: Stats, url: str, error: str | None, clock: datetime | None) -
             if isinstance(s, int | float)
         )
         lines.append(Text(f"held (the provider asked to wait): {waits}", style="yellow"))
+    circuits = stats.get("circuits")
+    if isinstance(circuits, dict) and circuits:
+        opened = ", ".join(
+            f"{model} {c.get('state', '?')} ({c.get('code', '?')})"
+            for model, c in sorted(circuits.items())
+            if isinstance(c, dict)
+        )
+        lines.append(Text(f"circuits (no calls go out): {opened}", style="bold red"))
+    caps = stats.get("adaptive_caps")
+    if isinstance(caps, dict) and caps:
+        shown_caps = ", ".join(
+            f"{model} {c.get('cap')}/{c.get('max')}"
+            for model, c in sorted(caps.items())
+            if isinstance(c, dict)
+        )
+        lines.append(Text(f"adaptive caps (the provider pushed back): {shown_caps}", style="cyan"))
     if error is not None:
         lines.append(Text(f"! {error}", style="bold red"))
     return Group(*lines)

@@ -7,8 +7,9 @@ is back.
 
 A process tallies its calls per model and sends the tallies every ``FLUSH_S``, in one
 script call; a rate limit is sent at once, so that a cut reaches every replica's next
-claim. Only calls sent after the cap's last change count (the others were sent under
-the old cap), as far as this process knows of that change.
+claim. Only runs let in after the cap's last change move it (the others were let in
+under the old cap), as far as this process knows of that change; a 429 of any run
+keeps the round from counting as clean.
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ class Adapter:
         self._note_outage(call)
         if not self.enabled:
             return
-        if call.started_ms < self._changed.get(call.alias, 0.0):
-            return
         tally = self._tallies.setdefault(call.alias, _Tally())
         if call.outcome == "ok":
+            if call.started_ms < self._changed.get(call.alias, 0.0):
+                return  # let in under the old cap: says nothing of the new one
             tally.oks += 1
             if call.ttft_s is not None:
                 tally.ttft_ms += call.ttft_s * 1000
@@ -141,7 +142,7 @@ class Adapter:
             )
         if not rows:
             return
-        for change in await self.queue.adapt(rows):
+        for change in await self.queue.adapt(" ".join(self.settings.tier_names), rows):
             self._changed[change.model] = float(change.changed_ms)
             if change.reason:
                 log.info(

@@ -43,8 +43,8 @@ class CallReport(NamedTuple):
     ttft_s: float | None
     error: str  # the ProviderError's code; "" when ok
     usage: dict[str, Any] | None
-    # When the call started (wall clock, ms): adaptive caps weigh only calls sent after
-    # their last change.
+    # When the run making the call was claimed (Redis time, ms; else when the call
+    # started): adaptive caps weigh only runs let in after their last change.
     started_ms: float = 0.0
 
 
@@ -102,12 +102,18 @@ class LLMClient:
         # Set by the executor: the task has other models to go to, so a rate limit sends
         # it there at once instead of being retried here.
         self.may_move = False
+        # Set by the executor: the model's cap adapts, so a 429 without a long wait also
+        # gives the task back (the claim lets it in again when the cut cap has room).
+        self.yield_on_limit = False
         # Called once, after the first call that the provider answered (a probe closes
         # the model's circuit).
         self.on_answered: Callable[[], None] | None = None
         self.calls_done = 0
         self.streamed = False
         self._began_ms = 0.0
+        # When the run was claimed (Redis time, ms): the calls' time for adaptive caps,
+        # which weigh only runs let in after their last change.
+        self.claimed_ms: float | None = None
 
     async def chat(
         self, messages: list[dict[str, Any]], *, stream_tokens: bool = True, **params: Any
@@ -123,7 +129,7 @@ class LLMClient:
             self.attempts += 1
             timed = _Timed(sink)
             began = time.monotonic()
-            self._began_ms = time.time() * 1000
+            self._began_ms = self.claimed_ms or time.time() * 1000
             try:
                 result = await self.backend.complete(request, timed)
             except asyncio.CancelledError:
@@ -135,7 +141,8 @@ class LLMClient:
                 if self.may_move and self.untouched and err.code == "provider_rate_limited":
                     raise err from exc
                 if self._pausable(err, timed):
-                    raise ModelPaused(err, err.retry_after_s or PAUSE_MIN_S) from exc
+                    wait = err.retry_after_s or 0.0
+                    raise ModelPaused(err, wait if wait >= PAUSE_MIN_S else 0.0) from exc
                 delay = self._delay(err, tries)
                 if delay is None:
                     if err.retryable and tries > 1:
@@ -193,16 +200,18 @@ class LLMClient:
 
     def _pausable(self, err: ProviderError, timed: _Timed) -> bool:
         """Wait in the queue rather than on the slot: the provider asked for a long wait,
-        and giving the task back loses nothing (no call of this run has answered, no
-        token has streamed)."""
-        return (
+        or the model's cap adapts (a run let in above what the provider takes waits for
+        the cut cap to let it in again); and giving the task back loses nothing (no call
+        of this run has answered, no token has streamed)."""
+        if not (
             self.may_pause
             and err.code == "provider_rate_limited"
-            and err.retry_after_s is not None
-            and err.retry_after_s >= PAUSE_MIN_S
             and self.calls_done == 0
             and timed.first is None
-        )
+        ):
+            return False
+        wait = err.retry_after_s
+        return (wait is not None and wait >= PAUSE_MIN_S) or self.yield_on_limit
 
     def _delay(self, err: ProviderError, tries: int) -> float | None:
         """Seconds to wait before the next try, or None to give up."""

@@ -387,9 +387,14 @@
       tr.classList.toggle("idle", !l.waiting && !l.running);
       tr.dataset.lane = `${l.tier}|${l.model}`;
       const held = ((lastStats && lastStats.held) || {})[l.model];
-      fill(c[0], `${l.tier}|${l.model}|${held ? Math.ceil(held) : ""}`, () => {
+      const circuit = ((lastStats && lastStats.circuits) || {})[l.model];
+      const capped = l.cap !== undefined && l.cap < l.limit ? l.cap : null;
+      const key = `${l.tier}|${l.model}|${held ? Math.ceil(held) : ""}|${circuit ? circuit.state : ""}|${capped ?? ""}`;
+      fill(c[0], key, () => {
         const parts = [el("span", { className: "tier", text: l.tier }), " ", l.model];
         if (held) parts.push(" ", el("span", { className: "held", title: "Its provider asked to wait: no task starts on this model until then." }, `held ${fmtSecs(held)}`));
+        if (circuit) parts.push(" ", el("span", { className: "circuit", title: `Its provider refused (${circuit.code}): no calls go out; one probe tells when it works again.` }, `circuit ${circuit.state.replace("_", "-")}`));
+        if (capped !== null) parts.push(" ", el("span", { className: "capped", title: "The provider pushed back: its adaptive cap is below MAX." }, `cap ${capped}`));
         return parts;
       });
       setText(c[1], fmtNum(l.waiting));
