@@ -73,16 +73,37 @@ async def test_a_long_retry_after_gives_the_slot_back_and_holds_only_that_model(
     assert "held" not in (await worker.stats()) or "m1" not in (await worker.stats())["held"]
 
 
-async def test_a_short_retry_after_is_waited_on_the_slot_as_before(
+async def test_with_static_caps_a_short_retry_after_is_waited_on_the_slot(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm  # Retry-After 0.05 s
+    fake.config.fail_next = [429]
+    worker = await start_worker(
+        make_settings(**{**ENV, "FAKEAI_BASE_URL": url}, ADAPTIVE_CAPS="false")
+    )
+    record = await final(worker, await submit(worker, "m1"))
+    assert record["status"] == "succeeded" and "pauses" not in record
+    assert fake.calls["m1"] == 2
+    assert (await worker.stats())["held"] == {}
+
+
+async def test_with_adaptive_caps_a_429_gives_the_task_back_to_the_cut_cap(
     make_settings, start_worker, fake_llm
 ):
     url, fake = fake_llm  # Retry-After 0.05 s
     fake.config.fail_next = [429]
     worker = await start_worker(make_settings(**{**ENV, "FAKEAI_BASE_URL": url}))
     record = await final(worker, await submit(worker, "m1"))
-    assert record["status"] == "succeeded" and "pauses" not in record
+    assert record["status"] == "succeeded" and record["pauses"] == "1"
+    assert record["attempts"] == "1"  # the run that met the 429 was not an attempt
     assert fake.calls["m1"] == 2
-    assert (await worker.stats())["held"] == {}
+    stats = await wait_until(lambda: _cut(worker), 5)
+    assert stats["adaptive_caps"]["m1"]["cap"] < stats["adaptive_caps"]["m1"]["max"]
+
+
+async def _cut(worker: Worker) -> dict[str, Any] | None:
+    stats = await worker.stats()
+    return stats if "m1" in stats["adaptive_caps"] else None
 
 
 async def test_a_task_that_keeps_being_told_to_wait_stops_giving_its_slot_back(

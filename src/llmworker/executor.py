@@ -107,7 +107,7 @@ class Executor:
         fields = claimed.fields
         tier, model = fields.get("tier", ""), fields.get("model", "")
         # Admission to the first run: a rerun's start includes the runs before it.
-        if fields.get("attempts") == "1" and fields.get("created_at") and fields.get("started_at"):
+        if fields.get("runs") == "1" and fields.get("created_at") and fields.get("started_at"):
             queued_ms = int(fields["started_at"]) - int(fields["created_at"])
             self.metrics.started(tier, model, max(0, queued_ms) / 1000)
         events = EventWriter(self.queue.scripts, self.queue.keys, claimed.id)

@@ -18,7 +18,7 @@
 --       time to first token (ms, -1: none), '1' if latency counts.
 -- Returns groups of 5: model, cap (-1: none), when it last changed (ms), the cap before,
 -- why it changed ('' when it did not).
-local BETA, LATENCY_BETA, TOLERANCE = 0.7, 0.5, 1.5
+local BETA, LATENCY_BETA, TOLERANCE = 0.7, 0.2, 1.5
 -- Rounds just below the cap that met the last cut before trying it again: a 429 costs
 -- one call, a round too slow costs every call of the round.
 local PATIENCE, LATENCY_PATIENCE = 8, 32
@@ -55,7 +55,10 @@ for i = 2, #ARGV, 8 do
     elseif ttft >= 0 then
       lsum = lsum + ttft * oks
     end
-    slow = count > 0 and lsum / count > base * TOLERANCE
+    -- A round of slow calls is as many as are in flight (fewer than the cap when the
+    -- demand is lower): a provider this slow is judged without waiting for more.
+    slow = base ~= nil and count > 0 and count >= math.max(1, math.min(cap, inflight))
+      and lsum / count > base * TOLERANCE
   end
   local function cut(beta)
     ceiling = cap
@@ -72,10 +75,10 @@ for i = 2, #ARGV, 8 do
   elseif limited > 0 then
     -- Runs let in before the last change still meet 429s: not a clean round.
     count = 0
-  elseif slow and count >= cap then
+  elseif slow then
     cut(math.max(LATENCY_BETA, base * TOLERANCE * count / lsum))
     reason = 'latency'
-  elseif not slow and count >= cap then
+  elseif count >= cap and not (base and lsum > base * TOLERANCE * count) then
     if not good or cap > good then good = cap end
     local patience = latency and LATENCY_PATIENCE or PATIENCE
     if cap < top and not (ceiling and cap + 1 >= ceiling and count < cap * patience) then

@@ -141,8 +141,8 @@ class LLMClient:
                 if self.may_move and self.untouched and err.code == "provider_rate_limited":
                     raise err from exc
                 if self._pausable(err, timed):
-                    wait = err.retry_after_s or 0.0
-                    raise ModelPaused(err, wait if wait >= PAUSE_MIN_S else 0.0) from exc
+                    # The model is held for the provider's wait, if it named one.
+                    raise ModelPaused(err, err.retry_after_s or 0.0) from exc
                 delay = self._delay(err, tries)
                 if delay is None:
                     if err.retryable and tries > 1:
