@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from llmworker.context import TaskContext
-from llmworker.executor import MAX_PAUSES
 from llmworker.record import TaskSpec
+from llmworker.routing import MAX_PAUSES
 from llmworker.worker import Worker
 
 from .conftest import tasks_with, wait_until

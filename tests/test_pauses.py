@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llmworker.executor import MAX_PAUSES
 from llmworker.record import TaskSpec
+from llmworker.routing import MAX_PAUSES
 from llmworker.worker import Worker
 
 from .conftest import wait_until

@@ -9,14 +9,12 @@ A run ends in exactly one of these ways:
 - its lease was lost (its process stalled past ``LEASE_TTL_S``): it frees its slots and
   the reaper requeues the task;
 - its provider asks for a long wait before anything came of the run (a 429 with
-  ``Retry-After`` of a second or more): the task goes back to the queue, its slots
-  freed, and the model takes no task until then (``Queue.pause``), at most
-  ``MAX_PAUSES`` times per task, then the wait is done on the slot as any retry;
-- its call fails before anything came back, and the task has other models: it moves
-  to the next that fits the failure (``Queue.fallback``; rate limited or circuit open:
-  the next model not stopped; failing after its retries: the next; context too long:
-  the next with a larger context); a refused key or an exhausted quota also opens the
-  model's circuit, and a task with nowhere to go waits for the circuit to close;
+  ``Retry-After`` of a second or more; any 429 when the model's cap adapts): the task
+  goes back to the queue, its slots freed, and the model takes no task until then
+  (``Queue.pause``), at most ``MAX_PAUSES`` times per task, then the wait is done on
+  the slot as any retry;
+- its call fails before anything came back in a way another model or a wait can help
+  with: the task moves to its next model, or waits for this one (``routing.py``);
 - its outcome cannot be stored (Redis away): it is kept and stored when Redis answers
   again, and wins over a requeue as long as no other run of the task started
   (``finish.lua``); a replica that stops waits for such outcomes (:meth:`settle`);
@@ -43,8 +41,8 @@ from llmworker.observe import tracing
 from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.providers import Providers
 from llmworker.providers.client import PAUSE_MIN_S
-from llmworker.providers.errors import fallback_reason
 from llmworker.queue import Claimed, Queue, Spent
+from llmworker.routing import MAX_PAUSES, Router
 from llmworker.settings import Settings
 
 log = structlog.get_logger("llmworker.executor")
@@ -52,7 +50,6 @@ log = structlog.get_logger("llmworker.executor")
 # While Redis is away, an outcome is offered again at most this long apart, so it lands
 # within a second of Redis's return.
 RECORD_RETRY_MAX_S = 1.0
-MAX_PAUSES = 8
 
 StopReason = Literal["cancelled", "lease_lost", "shutdown"]
 
@@ -90,8 +87,7 @@ class Executor:
         self.on_pause: Callable[[float], None] = lambda _s: None
         # Outcomes being stored, each until Redis has taken it.
         self._recording: dict[str, asyncio.Task[bool]] = {}
-        # Circuits being closed by the probes that got an answer.
-        self._closing: set[asyncio.Future[None]] = set()
+        self.router = Router(settings, queue, self.metrics, self._pause)
 
     async def run(self, claimed: Claimed, run: Run) -> None:
         structlog.contextvars.bind_contextvars(task_id=claimed.id, kind=claimed.fields.get("kind"))
@@ -149,7 +145,7 @@ class Executor:
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
         outcome = {"result": result, "error": error, "usage": usage}
         recorded = await asyncio.shield(self._record(claimed, status, outcome, _spent(ctx)))
-        await self._probe_ended(claimed, ctx)
+        await self.router.probe_ended(claimed, ctx is not None and ctx.llm.calls_done > 0)
         run_s = time.monotonic() - started
         if recorded:
             self.metrics.finished(tier, model, status, run_s)
@@ -239,101 +235,7 @@ class Executor:
         """Whether the task left this run for the queue (paused, moved, waiting)."""
         if isinstance(exc, ModelPaused):
             return await self._pause(claimed, exc)
-        return ctx is not None and ctx.llm.untouched and await self._divert(claimed, exc)
-
-    async def _divert(self, claimed: Claimed, err: ProviderError) -> bool:
-        """The run's call failed before anything came back: move the task to another of
-        its models if the failure says to (and open the model's circuit if it is the key
-        or the account), or let it wait for its model; False to fail it as usual."""
-        reason = fallback_reason(err)
-        if not reason:
-            return False
-        model = claimed.fields.get("model", "")
-        wait_s = err.retry_after_s
-        if reason == "circuit_open":
-            wait_s = wait_s or self.settings.circuit_open_s
-            await self._open_circuit(model, err, wait_s)
-        elif reason == "unavailable" and claimed.fields.get("probe"):
-            # The probe of a circuit opened by an outage: still down.
-            await self._open_circuit(model, err, self.settings.circuit_open_s)
-        candidates = self._next_models(claimed.fields, model, reason)
-        if candidates:
-            hold_ms = int(wait_s * 1000) if reason == "rate_limited" and wait_s else 0
-            try:
-                target = await self.queue.fallback(
-                    claimed.id,
-                    claimed.token,
-                    candidates,
-                    skip_stopped=reason in ("rate_limited", "circuit_open"),
-                    reason=reason,
-                    code=err.code,
-                    hold_ms=hold_ms,
-                )
-            except (RedisError, OSError) as exc:
-                log.warning("fallback_not_recorded", model=model, error=str(exc))
-                return False
-            if target is not None:
-                self.metrics.fallback(model, target, reason)
-                log.info("task_fallback", model=model, target=target, reason=reason, code=err.code)
-                return True
-        # Nowhere to go now: wait for this model, as a paused task does (a rate limit is
-        # retried on the slot instead when the task has no other model).
-        waits = reason == "circuit_open" or (
-            reason == "rate_limited" and bool(claimed.fields.get("models"))
-        )
-        if waits and int(claimed.fields.get("pauses") or 0) < MAX_PAUSES:
-            return await self._pause(claimed, ModelPaused(err, wait_s or PAUSE_MIN_S))
-        return False
-
-    def _next_models(self, fields: dict[str, str], model: str, reason: str) -> list[str]:
-        """The task's models after ``model`` that may take it for this ``reason``."""
-        models = [m for m in (fields.get("models") or "").split(",") if m]
-        later = models[models.index(model) + 1 :] if model in models else []
-        if reason != "context":
-            return later
-        rates = self.settings.rates
-        size = rates.context(model)
-        return [
-            m
-            for m in later
-            if (found := rates.context(m)) is not None and (size is None or found > size)
-        ]
-
-    async def _open_circuit(self, model: str, err: ProviderError, wait_s: float) -> None:
-        try:
-            changed = await self.queue.open_circuit(model, int(wait_s * 1000), err.code)
-        except (RedisError, OSError) as exc:
-            log.warning("circuit_not_recorded", model=model, error=str(exc))
-            return
-        if changed:
-            log.warning(
-                "circuit_opened", model=model, code=err.code, open_s=wait_s, error=err.message
-            )
-
-    def _probe_answered(self, claimed: Claimed) -> None:
-        """The probe of a half-open circuit got an answer: the circuit closes."""
-        model = claimed.fields.get("model", "")
-
-        async def close() -> None:
-            try:
-                if await self.queue.close_circuit(model, claimed.token):
-                    log.warning("circuit_closed", model=model)
-            except (RedisError, OSError) as exc:
-                log.warning("circuit_not_recorded", model=model, error=str(exc))
-
-        job = asyncio.ensure_future(close())
-        self._closing.add(job)
-        job.add_done_callback(self._closing.discard)
-
-    async def _probe_ended(self, claimed: Claimed, ctx: TaskContext | None) -> None:
-        """A probe that got no answer (and did not reopen the circuit): the next claim
-        may send another one."""
-        if not claimed.fields.get("probe") or (ctx is not None and ctx.llm.calls_done):
-            return
-        try:
-            await self.queue.probe_ended(claimed.fields.get("model", ""), claimed.token)
-        except (RedisError, OSError) as exc:
-            log.warning("circuit_not_recorded", error=str(exc))
+        return ctx is not None and ctx.llm.untouched and await self.router.divert(claimed, exc)
 
     async def settle(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for outcomes still being stored; give up on the rest,
@@ -370,12 +272,12 @@ class Executor:
         llm.deadline = deadline
         llm.sink = events
         llm.may_pause = int(claimed.fields.get("pauses") or 0) < MAX_PAUSES
-        llm.may_move = bool(self._next_models(claimed.fields, model, "rate_limited"))
+        llm.may_move = bool(self.router.next_models(claimed.fields, model, "rate_limited"))
         llm.yield_on_limit = self.settings.adaptive_caps
         if claimed.fields.get("started_at"):
             llm.claimed_ms = float(claimed.fields["started_at"])
         if claimed.fields.get("probe"):
-            llm.on_answered = lambda: self._probe_answered(claimed)
+            llm.on_answered = lambda: self.router.probe_answered(claimed)
         return ctx
 
     async def _call(self, ctx: TaskContext, claimed: Claimed) -> Any:

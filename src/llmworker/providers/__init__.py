@@ -7,6 +7,7 @@
 - ``fake.py``    the in-process ``fake`` model
 - ``stream.py``  streamed chunks folded into a :class:`ChatResult`
 - ``errors.py``  every provider failure translated once into a ``ProviderError``
+- ``adaptive.py`` each call's outcome fed to its model's adaptive cap; outages noticed
 """
 
 from __future__ import annotations
