@@ -308,7 +308,7 @@ def route_outage(bench: Bench) -> None:
         int(d["started_at"]) / 1000 for d in details if d["model"] == "m2" and d["started_at"]
     )
     first_on_m2 = next((t for t in after if t >= down_at), float("nan"))
-    moved = sum(1 for d in details if d["tried"])
+    moved = sum(1 for d in details if len(orjson.loads(d["tried"] or "[]")) > 1)
     bench.add(
         "c",
         "tasks; failed",

@@ -68,18 +68,7 @@ class GuardPlan:
             args += [f"t:{model}", str(total)]
         for tier, limit in settings.user_limits.items():
             args += [f"u:{tier}", str(limit)]
-        rates = settings.rates
-        for name, family in (("r", rates.rpm), ("k", rates.tpm)):
-            for model, per_tier in family.items():
-                if model not in available:
-                    continue
-                for tier, limit in per_tier.items():
-                    args += [f"{name}:{model}" + (f":{tier}" if tier else ""), str(limit)]
-        args += ["w", str(int(settings.rate_window_s * 1000)), "o", str(DEFAULT_OUTPUT_TOKENS)]
-        if settings.adaptive_caps:
-            args += ["a", "1"]
-        if settings.spill_after_s is not None:
-            args += ["s", str(int(settings.spill_after_s * 1000))]
+        args += _provider_args(settings, available)
         weights = {t: settings.tier_weights[t] for t in tiers}
         ranked = sorted(tiers, key=lambda t: -weights[t])
         return cls(
@@ -87,3 +76,28 @@ class GuardPlan:
             ranked=" ".join(ranked),
             limit_args=tuple(args),
         )
+
+
+def _provider_args(settings: Settings, available: set[str]) -> list[str]:
+    """What the claim checks of the providers: RPM/TPM windows, adaptive caps (and the
+    first cap of a model that adapts to latency), spill-over."""
+    args: list[str] = []
+    rates = settings.rates
+    for name, family in (("r", rates.rpm), ("k", rates.tpm)):
+        for model, per_tier in family.items():
+            if model not in available:
+                continue
+            for tier, limit in per_tier.items():
+                args += [f"{name}:{model}" + (f":{tier}" if tier else ""), str(limit)]
+    args += ["w", str(int(settings.rate_window_s * 1000)), "o", str(DEFAULT_OUTPUT_TOKENS)]
+    if settings.adaptive_caps:
+        args += ["a", "1"]
+        latency = settings.latency_providers
+        for model in sorted(available):
+            if settings.models[model].provider in latency:
+                # As adapt.lua starts it: a quarter of the top, at least the floor.
+                top = settings.model_ceiling(model)
+                args += [f"l:{model}", str(min(top, max(rates.floor(model), -(-top // 4))))]
+    if settings.spill_after_s is not None:
+        args += ["s", str(int(settings.spill_after_s * 1000))]
+    return args

@@ -12,7 +12,7 @@
 -- - A round of clean completions (as many as the cap) raises it by one; the cap that met
 --   the last cut is tried again only after PATIENCE (LATENCY_PATIENCE) rounds just below.
 -- Back at its top with nothing to remember, the model's cap is dropped: claims then use
--- the static limits alone.
+-- the static limits alone (a latency-signalling model keeps its cap, at the top).
 -- ARGV: the tiers (space separated), then groups of 8: model, top, floor, clean calls (of runs claimed after the last
 --       change), rate-limited calls (of any run), the latest claim of those (ms), mean
 --       time to first token (ms, -1: none), '1' if latency counts.
@@ -21,7 +21,7 @@
 local BETA, LATENCY_BETA, TOLERANCE = 0.7, 0.2, 1.5
 -- Rounds just below the cap that met the last cut before trying it again: a 429 costs
 -- one call, a round too slow costs every call of the round.
-local PATIENCE, LATENCY_PATIENCE = 8, 32
+local PATIENCE, LATENCY_PATIENCE, PROBE_CALLS = 8, 32, 3
 local now = now_ms()
 local tiers = ARGV[1]
 local out = {}
@@ -31,8 +31,15 @@ for i = 2, #ARGV, 8 do
   local ttft, latency = tonumber(ARGV[i + 6]), ARGV[i + 7] == '1'
   floor = math.min(floor, top)
   local key = model_state(model)
-  local f = redis.call('HMGET', key, 'cap', 'cap_at', 'ceiling', 'oks', 'base', 'lsum', 'good')
-  local cap = math.min(tonumber(f[1]) or top, top)
+  local f = redis.call('HMGET', key, 'cap', 'cap_at', 'ceiling', 'oks', 'base', 'lsum', 'good',
+    'start')
+  -- A model that signals overload only by latency starts at a quarter of its top (at
+  -- least its floor) and doubles its cap each clean round until a round is slow (as
+  -- claim.lua assumes while it has no cap): the first calls do not all pile onto a
+  -- provider whose room nobody knows yet.
+  local start = latency and (f[8] == '1' or not f[1])
+  local first = math.max(floor, math.ceil(top / 4))
+  local cap = math.min(tonumber(f[1]) or (latency and first or top), top)
   local cap_at, ceiling, count = tonumber(f[2]) or 0, tonumber(f[3]), tonumber(f[4]) or 0
   local base, lsum, good = tonumber(f[5]), tonumber(f[6]) or 0, tonumber(f[7])
   local from, reason = cap, ''
@@ -56,11 +63,14 @@ for i = 2, #ARGV, 8 do
       lsum = lsum + ttft * oks
     end
     -- A round of slow calls is as many as are in flight (fewer than the cap when the
-    -- demand is lower): a provider this slow is judged without waiting for more.
-    slow = base ~= nil and count > 0 and count >= math.max(1, math.min(cap, inflight))
-      and lsum / count > base * TOLERANCE
+    -- demand is lower); a probe above the last good cap is given up after PROBE_CALLS
+    -- slow ones, as every call made meanwhile is slowed by it.
+    local round = math.max(1, math.min(cap, inflight))
+    if good and cap > good then round = math.min(round, PROBE_CALLS) end
+    slow = base ~= nil and count > 0 and count >= round and lsum / count > base * TOLERANCE
   end
   local function cut(beta)
+    start = false
     ceiling = cap
     if good and cap > good then
       cap = good
@@ -81,7 +91,10 @@ for i = 2, #ARGV, 8 do
   elseif count >= cap and not (base and lsum > base * TOLERANCE * count) then
     if not good or cap > good then good = cap end
     local patience = latency and LATENCY_PATIENCE or PATIENCE
-    if cap < top and not (ceiling and cap + 1 >= ceiling and count < cap * patience) then
+    if start and cap < top then
+      cap = math.min(top, cap * 2)
+      reason = 'starting'
+    elseif cap < top and not (ceiling and cap + 1 >= ceiling and count < cap * patience) then
       cap = cap + 1
       if ceiling and cap >= ceiling then ceiling = nil end
       reason = 'recovered'
@@ -93,7 +106,7 @@ for i = 2, #ARGV, 8 do
   else
     reason = ''
   end
-  if cap >= top and not ceiling then
+  if cap >= top and not ceiling and not latency then
     redis.call('HDEL', key, 'cap', 'cap_at', 'ceiling', 'good')
     -- At the top only a latency cut needs the round counted.
     if latency then
@@ -106,6 +119,7 @@ for i = 2, #ARGV, 8 do
     redis.call('HSET', key, 'cap', cap, 'cap_at', cap_at, 'oks', count, 'lsum', lsum)
     if ceiling then redis.call('HSET', key, 'ceiling', ceiling) else redis.call('HDEL', key, 'ceiling') end
     if good then redis.call('HSET', key, 'good', good) else redis.call('HDEL', key, 'good') end
+    redis.call('HSET', key, 'start', start and '1' or '0')
   end
   if base then redis.call('HSET', key, 'base', base) end
   out[#out + 1] = model

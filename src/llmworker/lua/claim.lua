@@ -9,7 +9,8 @@
 --       'm:<tier>:<model>' model-tier limit, 't:<model>' model total, 'u:<tier>' per user,
 --       'r:<model>[:<tier>]' requests and 'k:<model>[:<tier>]' tokens per window,
 --       'w' the window (ms), 'o' the output tokens assumed of a model until learned,
---       'a' 1 when caps adapt, 's' ms after which a task may spill to its next model.
+--       'a' 1 when caps adapt, 'l:<model>' the first cap of a model whose cap adapts to
+--       its latency, 's' ms after which a task may spill to its next model.
 -- A claim that comes back short lists the replica in 'idle' for idle ms (it will wait
 -- for a wake); a full one takes it off (it claims again at once). See wake().
 -- Returns {ms until a model held back now may take its waiting tasks (-1: none), then
@@ -93,7 +94,8 @@ local function state_of(model)
     local untl = math.max(tonumber(f[3]) or 0, tonumber(f[4]) or 0)
     if untl > now then s.stop = math.max(s.stop or 0, untl) else s.probe = true end
   end
-  if adaptive and f[5] then s.cap = tonumber(f[5]) end
+  -- A model whose cap adapts to latency starts at its floor (adapt.lua, start).
+  if adaptive then s.cap = tonumber(f[5]) or lim['l:' .. model] end
   states[model] = s
   return s
 end
