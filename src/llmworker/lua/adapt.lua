@@ -21,7 +21,7 @@
 local BETA, LATENCY_BETA, TOLERANCE = 0.7, 0.2, 1.5
 -- Rounds just below the cap that met the last cut before trying it again: a 429 costs
 -- one call, a round too slow costs every call of the round.
-local PATIENCE, LATENCY_PATIENCE, PROBE_CALLS = 8, 32, 3
+local PATIENCE, LATENCY_PATIENCE, PROBE_CALLS = 8, 64, 2
 local now = now_ms()
 local tiers = ARGV[1]
 local out = {}
