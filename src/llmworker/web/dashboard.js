@@ -402,8 +402,10 @@
       setText(c[2], wait === null || wait === undefined ? "—" : fmtSecs(wait));
       c[2].className = `num c-oldest${wait >= 120 ? " bad" : wait >= 30 ? " warn" : ""}`;
       // A full lane is busy, not broken; full with tasks waiting is the thing to watch.
-      const level = l.limit > 0 && l.running >= l.limit && l.waiting > 0 ? "backlog" : "";
-      fill(c[3], `${l.running}/${l.limit}/${level}`, () => meter(l.running || 0, l.limit || 0, level));
+      // The limit in force: the adaptive cap where the provider pushed it below MAX.
+      const limit = capped !== null ? capped : l.limit;
+      const level = limit > 0 && l.running >= limit && l.waiting > 0 ? "backlog" : "";
+      fill(c[3], `${l.running}/${limit}/${level}`, () => meter(l.running || 0, limit || 0, level));
     });
   }
 
