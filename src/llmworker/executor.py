@@ -27,6 +27,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -44,6 +45,7 @@ from llmworker.providers.client import PAUSE_MIN_S
 from llmworker.queue import Claimed, Queue, Spent
 from llmworker.routing import MAX_PAUSES, Router
 from llmworker.settings import Settings
+from llmworker.usage import Pricing, Tokens, estimated, tokens_of
 
 log = structlog.get_logger("llmworker.executor")
 
@@ -88,6 +90,7 @@ class Executor:
         # Outcomes being stored, each until Redis has taken it.
         self._recording: dict[str, asyncio.Task[bool]] = {}
         self.router = Router(settings, queue, self.metrics, self._pause)
+        self.pricing = Pricing(settings)
 
     async def run(self, claimed: Claimed, run: Run) -> None:
         structlog.contextvars.bind_contextvars(task_id=claimed.id, kind=claimed.fields.get("kind"))
@@ -143,7 +146,8 @@ class Executor:
             log.exception("handler_raised")
             error = _err(HandlerError(f"The handler raised {type(exc).__name__}: {exc}"))
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
-        outcome = {"result": result, "error": error, "usage": usage}
+        cost = self._cost(claimed, ctx)
+        outcome = {"result": result, "error": error, "usage": usage, "cost": cost}
         recorded = await asyncio.shield(self._record(claimed, status, outcome, _spent(ctx)))
         await self.router.probe_ended(claimed, ctx is not None and ctx.llm.calls_done > 0)
         run_s = time.monotonic() - started
@@ -289,9 +293,32 @@ class Executor:
         # The input was validated against the kind's input model at admission.
         return await handler.fn(ctx, claimed.input)
 
+    def _cost(self, claimed: Claimed, ctx: TaskContext | None) -> str:
+        """The run's usage by type and its cost, as JSON ('' when it used nothing): what
+        the provider reported, and an estimate of calls cut short after they streamed."""
+        if ctx is None:
+            return ""
+        reported = tokens_of(ctx.usage)
+        cut = estimated(*ctx.llm.cut)
+        tokens = Tokens(
+            reported.input + cut.input,
+            reported.cached_input,
+            reported.output + cut.output,
+            reported.reasoning,
+        )
+        if not tokens.total:
+            return ""
+        started = claimed.fields.get("started_at")
+        at = datetime.fromtimestamp(int(started) / 1000, UTC) if started else None
+        cost = self.pricing.cost(ctx.model, tokens, at, estimate=cut.total > 0)
+        return orjson.dumps(cost.to_record()).decode()
+
     async def _stopped(self, claimed: Claimed, run: Run, ctx: TaskContext | None) -> None:
         """After a cancelled run: free its slots, or hand the task back on shutdown."""
         try:
+            if run.stop_reason == "cancelled" and (cost := self._cost(claimed, ctx)):
+                # What streamed before the cancel was paid for: the record says so.
+                await self.queue.mark(claimed.id, "cost", cost)
             if run.stop_reason == "cancelled" or run.stop_reason == "lease_lost":
                 await self.queue.release(claimed.id, claimed.token, _spent(ctx))
             else:

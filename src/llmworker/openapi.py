@@ -34,6 +34,23 @@ class CallbackState(Open):
     error: str | None
 
 
+class CostTokens(Open):
+    input: int = Field(description="Every input token.")
+    cached_input: int = Field(description="The input tokens read from the provider's cache.")
+    output: int = Field(description="Every output token.")
+    reasoning: int = Field(description="The output tokens spent thinking.")
+
+
+class Cost(Open):
+    """A run's usage and price (USD), as its provider reported it or, for calls cut short
+    after they streamed, estimated."""
+
+    usd: float | None = Field(description="Null for a model with no known price.")
+    source: str | None = Field(description="genai-prices <version>, or PRICE_<MODEL>.")
+    estimated: bool
+    tokens: CostTokens
+
+
 class Tried(Open):
     """One model a task went through, and how it left it (or ended on it)."""
 
@@ -65,6 +82,9 @@ class TaskRecord(Open):
     result: Any = Field(description="The handler's result (chat: content, model, usage ...).")
     error: dict[str, Any] | None = Field(description="{code, message, ...} when it failed.")
     usage: dict[str, Any] | None
+    cost: Cost | None = Field(
+        None, description="What the run used by type and cost, once it used anything."
+    )
     created_at: str | None = Field(description="ISO 8601 UTC")
     started_at: str | None
     finished_at: str | None

@@ -174,16 +174,17 @@ class Queue:
         usage: str = "",
         ttl_s: int,
         spent: Spent | None = None,
+        cost: str = "",
     ) -> asyncio.Future[Any]:
         """:meth:`finish`, queued in the next batch; the future resolves to 1 or 0. A claim
         queued right after it travels in the same round trip and sees the freed slots."""
         return self.scripts.call(
             "finish", task_id, token, status, result, error, usage, ttl_s,
-            *(spent or Spent()).args(),
+            *(spent or Spent()).args(), cost,
         )  # fmt: skip
 
     async def release(self, task_id: str, token: str, spent: Spent | None = None) -> None:
-        await self._run("finish", task_id, token, "", "", "", "", 1, *(spent or Spent()).args())
+        await self._run("finish", task_id, token, "", "", "", "", 1, *(spent or Spent()).args(), "")
 
     async def callback_claim(
         self, n: int, visibility_ms: int

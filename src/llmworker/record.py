@@ -161,6 +161,7 @@ def record_view(h: dict[str, str]) -> dict[str, Any]:
         "result": _json(h.get("result")),
         "error": _json(h.get("error")),
         "usage": _json(h.get("usage")),
+        "cost": _json(h.get("cost")),
         "created_at": iso_ms(created),
         "started_at": iso_ms(started),
         "finished_at": iso_ms(finished),

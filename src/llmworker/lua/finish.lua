@@ -1,7 +1,7 @@
 -- End a run: record the outcome, free its slots and settle its rate reservations, once.
 -- ARGV: id, run token, status ('' to only free the slots), result json, error json,
 --       usage json, ttl s, tokens the run used, calls it made, output tokens ('' when
---       unknown: see settle_rates).
+--       unknown: see settle_rates), cost json (usage.py; '' for none).
 -- The outcome is recorded while the run still holds the task (running, its token), and
 -- also when the run's lease lapsed and the reaper put the task back in the queue but no
 -- run has started since (the token is still this run's): the outcome was computed, and
@@ -39,6 +39,7 @@ local fields = {}
 if ARGV[4] ~= '' then fields[#fields + 1] = 'result'; fields[#fields + 1] = ARGV[4] end
 if ARGV[5] ~= '' then fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[5] end
 if ARGV[6] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = ARGV[6] end
+if ARGV[11] and ARGV[11] ~= '' then fields[#fields + 1] = 'cost'; fields[#fields + 1] = ARGV[11] end
 -- A task with other models says how it ended on the one it ran on last.
 if current[10] and current[10] ~= '' then add_tried(tk, {model = current[6], outcome = status}) end
 finalize(id, status, tonumber(ARGV[7]), now, fields)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import orjson
 import structlog
 
 from llmworker.errors import ModelPaused, ProviderError
@@ -28,6 +29,8 @@ BACKOFF_MAX_S = 30.0
 MAX_TRIES = 8  # per call, even when the deadline is far
 # A task with another model to go to tries a failing one this many times, then moves.
 MOVE_AFTER_TRIES = 3
+# Characters from here on (CJK and beyond) are about a token each.
+WIDE = 0x2E80
 # A provider's wait at least this long is waited out in the queue, not on a slot.
 PAUSE_MIN_S = 1.0
 
@@ -57,21 +60,31 @@ class _Timed:
     """Passes tokens on to the task's events (if they stream) and notes when the first
     one came: the time to first token."""
 
-    __slots__ = ("first", "inner")
+    __slots__ = ("chars", "first", "inner", "wide")
 
     def __init__(self, inner: Sink | None) -> None:
         self.inner = inner
         self.first: float | None = None
+        # What streamed, to estimate the usage of a call cut short (usage.py).
+        self.chars = 0
+        self.wide = 0
+
+    def _count(self, text: str) -> None:
+        self.chars += len(text)
+        if not text.isascii():
+            self.wide += sum(1 for ch in text if ord(ch) >= WIDE)
 
     def token(self, text: str) -> None:
         if self.first is None:
             self.first = time.monotonic()
+        self._count(text)
         if self.inner is not None:
             self.inner.token(text)
 
     def reasoning(self, text: str) -> None:
         if self.first is None:
             self.first = time.monotonic()
+        self._count(text)
         if self.inner is not None:
             self.inner.reasoning(text)
 
@@ -110,6 +123,9 @@ class LLMClient:
         self.on_answered: Callable[[], None] | None = None
         self.calls_done = 0
         self.streamed = False
+        # Calls cut short after something streamed, with no usage reported: characters
+        # (and wide ones) of their prompts and of what streamed, for an estimate.
+        self.cut = [0, 0, 0, 0]
         self._began_ms = 0.0
         # When the run was claimed (Redis time, ms): the calls' time for adaptive caps,
         # which weigh only runs let in after their last change.
@@ -133,8 +149,10 @@ class LLMClient:
             try:
                 result = await self.backend.complete(request, timed)
             except asyncio.CancelledError:
+                self._note_cut(messages, timed)
                 raise
             except Exception as exc:
+                self._note_cut(messages, timed)
                 err = translate(exc, self.alias, self.provider)
                 self._report(began, timed, outcome_of(err), err.code, None)
                 self.streamed = self.streamed or timed.first is not None
@@ -166,6 +184,15 @@ class LLMClient:
             if self.on_usage and result.usage:
                 self.on_usage(result.usage)
             return result
+
+    def _note_cut(self, messages: list[dict[str, Any]], timed: _Timed) -> None:
+        if not timed.chars:
+            return
+        text = orjson.dumps(messages).decode()
+        self.cut[0] += len(text)
+        self.cut[1] += 0 if text.isascii() else sum(1 for ch in text if ord(ch) >= WIDE)
+        self.cut[2] += timed.chars
+        self.cut[3] += timed.wide
 
     @property
     def untouched(self) -> bool:

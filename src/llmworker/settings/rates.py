@@ -6,6 +6,8 @@
 - ``CONTEXT_<MODEL>``                      the model's context window, in tokens
 - ``ROUTE_<KIND>_<TIER>``                  the models, in order, for a kind and tier
   (``ROUTE_SUMMARY_PAID=ds-reasoner,ds-chat``)
+- ``PRICE_<MODEL>``                        what the model costs: ``<input>,<output>[,<cached
+  input>]`` USD per million tokens (over the genai-prices package's price; usage.py)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ DEFAULT_CONTEXT = {
     "gpt": 128_000,
 }
 
-FAMILIES = ("RPM_", "TPM_", "MIN_", "CONTEXT_", "ROUTE_")
+FAMILIES = ("RPM_", "TPM_", "MIN_", "CONTEXT_", "ROUTE_", "PRICE_")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Rates:
     contexts: dict[str, int] = field(default_factory=dict)
     # (kind as in env names, tier) -> models in order
     routes: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    # model -> USD per million input, output and cached input tokens (None: as input)
+    prices: dict[str, tuple[float, float, float | None]] = field(default_factory=dict)
 
     def floor(self, model: str) -> int:
         return self.floors.get(model, 1)
@@ -91,10 +95,22 @@ def read_rates(
         if alias is None:
             problems.append(f"{var} matches no model alias ({', '.join(sorted(models))})")
             continue
-        value = positive_int(var, raw, problems, minimum=1)
-        if value is not None:
-            (rates.floors if prefix == "MIN_" else rates.contexts)[alias] = value
+        _read_model_value(var, prefix, alias, raw, rates, problems)
     return rates
+
+
+def _read_model_value(
+    var: str, prefix: str, alias: str, raw: str, rates: Rates, problems: list[str]
+) -> None:
+    """``MIN_``, ``CONTEXT_`` and ``PRICE_`` of one model."""
+    if prefix == "PRICE_":
+        price = _read_price(var, raw, problems)
+        if price is not None:
+            rates.prices[alias] = price
+        return
+    value = positive_int(var, raw, problems, minimum=1)
+    if value is not None:
+        (rates.floors if prefix == "MIN_" else rates.contexts)[alias] = value
 
 
 def _read_route(
@@ -124,3 +140,20 @@ def _read_route(
         problems.append(f"{var}={raw!r} names a model twice")
     else:
         rates.routes[(kind, tier)] = chosen
+
+
+def _read_price(
+    var: str, raw: str, problems: list[str]
+) -> tuple[float, float, float | None] | None:
+    parts = [p.strip() for p in raw.split(",")]
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3) or not all(0 <= n < 1e6 for n in numbers):
+        problems.append(
+            f"{var}={raw!r} must be <input>,<output>[,<cached input>] USD per million tokens, "
+            "e.g. 0.27,1.10,0.07"
+        )
+        return None
+    return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None
