@@ -399,3 +399,36 @@ async def test_nothing_of_this_is_stored_for_a_plain_configuration(
         await store.aclose()
     kinds = {k.split("}:", 1)[1].split(":", 1)[0] for k in found}
     assert not kinds & {"rpm", "tpm", "tpmv", "ms", "sp"}, kinds
+
+
+async def test_a_huge_max_tokens_cannot_break_a_claim(make_settings, start_worker, fake_llm):
+    url, fake = fake_llm
+
+    async def anything(ctx: Any, _input: Any) -> Any:
+        return (await ctx.llm.chat(MESSAGES)).content
+
+    worker = await start_worker(
+        make_settings(**env(url, TPM_M1=1000)), tasks_with(("anything", anything))
+    )
+    body = {"kind": "anything", "input": {"max_tokens": 2**64 - 1}, "model": "m1"}
+    task_id, stored = await worker.admitter.submit(TaskSpec.model_validate(body))
+    assert stored is not None and int(stored["max_out"]) <= 10_000_000
+    record = await final(worker, task_id)
+    assert record["status"] == "succeeded"
+    stats = await worker.stats()
+    assert stats["queues"]["free"]["waiting"] == 0 and stats["running"] == 0
+    assert fake.calls["m1"] == 1
+
+
+async def test_a_task_that_cannot_move_does_not_keep_a_later_one_from_moving(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    worker = await start_worker(make_settings(**env(url)))
+    await worker.queue.hold("m1", 10_000)
+    stuck = await submit(worker, "m1", user="a")
+    moved = await final(worker, await submit(worker, ["m1", "m2"], user="b"), 3)
+    assert moved["status"] == "succeeded" and moved["model"] == "m2"
+    stored = await worker.queue.get(stuck)
+    assert stored is not None and stored["status"] == "queued"
+    assert fake.calls == {"m2": 1}

@@ -24,6 +24,9 @@ from llmworker.queue import Queue
 from llmworker.record import TaskSpec, invalid_field, new_task_id
 from llmworker.settings import Settings, env_token
 
+# The most output a task's max_tokens reserves in a TPM window.
+MAX_RESERVED_OUTPUT = 10_000_000
+
 
 class Admitter:
     def __init__(
@@ -130,7 +133,9 @@ class Admitter:
             # What TPM_* reserves when the task is claimed (settled to what it used).
             fields["est_in"] = str(estimate_tokens(fields["input"]))
             if isinstance(value, dict) and _whole(value.get("max_tokens")):
-                fields["max_out"] = str(value["max_tokens"])
+                # A handler's own input may name any number: what a window reserves is
+                # bounded (the claim script adds it up as an integer).
+                fields["max_out"] = str(min(value["max_tokens"], MAX_RESERVED_OUTPUT))
         cap = self.settings.queue_caps[tier]
         admission = await self.queue.admit(
             task_id=task_id,

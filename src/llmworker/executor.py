@@ -131,6 +131,8 @@ class Executor:
                 )
             except ProviderError as exc:
                 if await self._diverted(claimed, exc, ctx):
+                    # A probe that left without an answer: the next claim may probe.
+                    await self.router.probe_ended(claimed, False)
                     return
                 error = _err(exc)
             except TaskError as exc:
@@ -329,15 +331,13 @@ class Executor:
 
 
 def _spent(ctx: TaskContext | None) -> Spent:
-    """What the run used, as its provider reported it, to settle its rate reservations."""
+    """What the run used, to settle its rate reservations: the tokens its provider
+    reported, and an estimate of what streamed in calls cut short."""
     if ctx is None:
         return Spent(0, 0, 0)
-    usage = ctx.usage
-    total = usage.get("total_tokens")
-    output = usage.get("completion_tokens")
-    if not isinstance(total, int):
-        total = sum(v for k, v in usage.items() if k.endswith("_tokens") and isinstance(v, int))
-    return Spent(total, ctx.llm.attempts, output if isinstance(output, int) else 0)
+    reported = tokens_of(ctx.usage)
+    cut = estimated(*ctx.llm.cut)
+    return Spent(reported.total + cut.total, ctx.llm.attempts, reported.output + cut.output)
 
 
 def _err(exc: TaskError) -> str:

@@ -125,8 +125,9 @@ class ChatInput(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    # Beyond any model's context window: a larger number is a mistake, not a request.
+    max_tokens: int | None = Field(None, ge=1, le=10_000_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=10_000_000)
     n: int | None = Field(None, ge=1, le=128)
     response_format: dict[str, Any] | None = None
     stop: str | list[str] | None = None

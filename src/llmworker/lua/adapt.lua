@@ -103,6 +103,8 @@ for i = 2, #ARGV, 8 do
   cap = math.max(cap, math.min(floor, top))
   if cap ~= from then
     cap_at, count, lsum = now, 0, 0
+    -- More room: idle replicas may claim now.
+    if cap > from then redis.call('PUBLISH', P .. 'wake', 'cap') end
   else
     reason = ''
   end

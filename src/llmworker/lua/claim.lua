@@ -134,7 +134,8 @@ local function expected(id, model)
   if not out then
     out = tonumber(redis.call('HGET', model_state(model), 'out') or '') or lim['o'] or 512
   end
-  return (tonumber(f[1]) or 0) + out
+  -- Whole and bounded: it is added up with HINCRBY, which must not fail mid-claim.
+  return math.floor(math.min((tonumber(f[1]) or 0) + out, 1e12))
 end
 
 -- The token windows that apply, and whether the task fits them: its estimate, or nil.
@@ -165,6 +166,8 @@ end
 -- A task of a lane whose model cannot take it: the next of its models that can, if its
 -- model is stopped (held, circuit open, out of requests: at once) or full (after it has
 -- waited spill ms). Returns that model and the task's token estimate for it.
+-- How many users' tasks a claim looks at in a lane whose model is stopped or full.
+local SPILL_LOOKS = 32
 local function spill_to(tier, model, id)
   local f = redis.call('HMGET', task_key(id), 'models', 'created_at')
   if not f[1] or f[1] == '' then return nil end
@@ -196,7 +199,7 @@ local function best_in_tier(tier)
       local direct = open_for(tier, model)
       if direct or may_spill(tier, route) then
         local lane = lane_key(tier, route)
-        local start, done = 0, false
+        local start, done, looked = 0, false, 0
         while not done do
           local users = redis.call('ZRANGE', lane, start, start + 31, 'WITHSCORES')
           if #users == 0 then break end
@@ -204,7 +207,9 @@ local function best_in_tier(tier)
             local seq = tonumber(users[j + 1])
             if best and seq >= best[1] then done = true; break end
             if room(P .. 'g:u:' .. users[j], user_limit) then
-              -- The user's oldest task: it runs first or nothing of this lane does.
+              -- The user's oldest task: on the lane's own model it runs first or nothing
+              -- of this lane does; a task that cannot move does not keep a later one
+              -- of another user from moving (a bounded look).
               local id = redis.call('LINDEX', user_queue(tier, route, users[j]), 0)
               local run_on, want = nil, nil
               if direct then
@@ -212,9 +217,13 @@ local function best_in_tier(tier)
                 if want then run_on = model end
               end
               if not run_on then run_on, want = spill_to(tier, model, id) end
-              if run_on then best = {seq, route, run_on, users[j], want} end
-              done = true
-              break
+              if run_on then
+                best = {seq, route, run_on, users[j], want}
+                done = true
+                break
+              end
+              looked = looked + 1
+              if direct or looked >= SPILL_LOOKS then done = true; break end
             end
           end
           start = start + 32

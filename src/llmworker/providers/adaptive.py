@@ -82,7 +82,7 @@ class Adapter:
     def _note_outage(self, call: CallReport) -> None:
         if call.outcome in ("server_error", "timeout"):
             failing = self._failing[call.alias] = self._failing.get(call.alias, 0) + 1
-            if failing == OUTAGE_TRIES:
+            if failing >= OUTAGE_TRIES:
                 self._outages.add(call.alias)
                 self._urgent.set()
         elif call.outcome in ("ok", "rate_limited"):
@@ -109,13 +109,20 @@ class Adapter:
             except (RedisError, OSError) as exc:
                 # The tallies are dropped: what they said is stale by the next round.
                 log.debug("adapt_not_recorded", error=str(exc))
+            except Exception:
+                log.exception("adapt_failed")
 
     async def flush(self) -> None:
         outages, self._outages = self._outages, set()
         for model in outages:
-            if await self.queue.open_circuit(
-                model, int(self.settings.circuit_open_s * 1000), "provider_unavailable"
-            ):
+            try:
+                opened = await self.queue.open_circuit(
+                    model, int(self.settings.circuit_open_s * 1000), "provider_unavailable"
+                )
+            except (RedisError, OSError):
+                self._outages |= outages  # tried again at the next flush
+                raise
+            if opened:
                 log.warning(
                     "circuit_opened",
                     model=model,
