@@ -23,6 +23,7 @@ from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.queue import Queue
 from llmworker.record import TaskSpec, invalid_field, new_task_id
 from llmworker.settings import Settings, env_token
+from llmworker.usage import estimate_tokens
 
 # The most output a task's max_tokens reserves in a TPM window.
 MAX_RESERVED_OUTPUT = 10_000_000
@@ -177,14 +178,6 @@ class Admitter:
             raise invalid_field(exc) from None
         task_id, _ = await self.submit(spec, tenant, source="handler")
         return public_id(task_id)
-
-
-def estimate_tokens(text: str) -> int:
-    """Tokens a text is likely to take, before any tokenizer has seen it: about four
-    characters each in Latin scripts, and one per character in CJK ones (erring high,
-    as a reservation should)."""
-    wide = sum(1 for ch in text if ord(ch) >= 0x2E80)
-    return wide + (len(text) - wide + 3) // 4
 
 
 def _whole(value: Any) -> bool:

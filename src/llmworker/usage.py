@@ -63,12 +63,30 @@ def tokens_of(usage: dict[str, Any]) -> Tokens:
     )
 
 
+# Characters from here on (CJK and beyond) are about a token each.
+WIDE = 0x2E80
+
+
+def wide_chars(text: str) -> int:
+    return 0 if text.isascii() else sum(1 for ch in text if ord(ch) >= WIDE)
+
+
+def token_estimate(chars: int, wide: int) -> int:
+    """Tokens of a text from its length alone: about four characters each in Latin
+    scripts, one per CJK character (erring high, as a reservation should)."""
+    return wide + (chars - wide + 3) // 4
+
+
+def estimate_tokens(text: str) -> int:
+    return token_estimate(len(text), wide_chars(text))
+
+
 def estimated(prompt_chars: int, prompt_wide: int, output_chars: int, output_wide: int) -> Tokens:
-    """Tokens from text alone: about four characters each in Latin scripts, one per CJK
-    character (as admission estimates a task's input)."""
+    """The tokens of calls cut short, from the characters of their prompts and of what
+    streamed."""
     return Tokens(
-        input=prompt_wide + (prompt_chars - prompt_wide + 3) // 4,
-        output=output_wide + (output_chars - output_wide + 3) // 4,
+        input=token_estimate(prompt_chars, prompt_wide),
+        output=token_estimate(output_chars, output_wide),
     )
 
 

@@ -21,6 +21,7 @@ from llmworker.providers.base import ChatBackend
 from llmworker.providers.errors import outcome_of, translate
 from llmworker.providers.stream import ChatResult, Sink
 from llmworker.settings import ModelAlias, Provider
+from llmworker.usage import wide_chars
 
 log = structlog.get_logger("llmworker.providers")
 
@@ -29,8 +30,6 @@ BACKOFF_MAX_S = 30.0
 MAX_TRIES = 8  # per call, even when the deadline is far
 # A task with another model to go to tries a failing one this many times, then moves.
 MOVE_AFTER_TRIES = 3
-# Characters from here on (CJK and beyond) are about a token each.
-WIDE = 0x2E80
 # A provider's wait at least this long is waited out in the queue, not on a slot.
 PAUSE_MIN_S = 1.0
 
@@ -71,8 +70,7 @@ class _Timed:
 
     def _count(self, text: str) -> None:
         self.chars += len(text)
-        if not text.isascii():
-            self.wide += sum(1 for ch in text if ord(ch) >= WIDE)
+        self.wide += wide_chars(text)
 
     def token(self, text: str) -> None:
         if self.first is None:
@@ -190,7 +188,7 @@ class LLMClient:
             return
         text = orjson.dumps(messages).decode()
         self.cut[0] += len(text)
-        self.cut[1] += 0 if text.isascii() else sum(1 for ch in text if ord(ch) >= WIDE)
+        self.cut[1] += wide_chars(text)
         self.cut[2] += timed.chars
         self.cut[3] += timed.wide
 
