@@ -198,19 +198,23 @@ async def submit_all(url: str, bodies: list[dict[str, Any]], clients: int) -> li
     return ids
 
 
+def settled(client: redis.Redis, keys: Keys) -> bool:
+    """No task waits or runs (two cheap reads, so that polling costs the machine nothing)."""
+    depth: dict[str, str] = client.hgetall(keys.depth)  # type: ignore[assignment]
+    waiting = sum(int(v) for k, v in depth.items() if "|" not in k)
+    return waiting == 0 and client.zcard(keys.running) == 0
+
+
 def wait_finished(
     bench: Bench, prefix: str, ids: list[str], timeout_s: float
 ) -> list[dict[str, str]]:
-    """Wait until no task waits or runs (two cheap reads, so that polling costs the
-    machine nothing), then read every record once."""
+    """Wait until no task waits or runs (:func:`settled`), then read every record once."""
     client = redis.Redis.from_url(bench.redis_url, decode_responses=True)
     keys = Keys(prefix)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
-            depth: dict[str, str] = client.hgetall(keys.depth)  # type: ignore[assignment]
-            waiting = sum(int(v) for k, v in depth.items() if "|" not in k)
-            if waiting == 0 and client.zcard(keys.running) == 0:
+            if settled(client, keys):
                 pipe = client.pipeline(transaction=False)
                 for task_id in ids:
                     pipe.hmget(

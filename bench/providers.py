@@ -33,6 +33,7 @@ from bench.common import (
     cleanup,
     free_port,
     percentile,
+    settled,
     submit_all,
     wait_finished,
     wait_http,
@@ -146,9 +147,7 @@ def _hidden_run(bench: Bench, extra: dict[str, Any]) -> dict[str, float]:
                             caps["m1"]["cap"] if "m1" in caps else None,
                         )
                     )
-                    depth: dict[str, str] = client.hgetall(keys.depth)  # type: ignore[assignment]
-                    waiting = sum(int(v) for k, v in depth.items() if "|" not in k)
-                    if waiting == 0 and client.zcard(keys.running) == 0:
+                    if settled(client, keys):
                         break
                     time.sleep(0.5)
             client.close()

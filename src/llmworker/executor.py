@@ -45,7 +45,7 @@ from llmworker.providers.client import PAUSE_MIN_S
 from llmworker.queue import Claimed, Queue, Spent
 from llmworker.routing import MAX_PAUSES, Router
 from llmworker.settings import Settings
-from llmworker.usage import Pricing, Tokens, estimated, tokens_of
+from llmworker.usage import Pricing, Tokens, run_tokens
 
 log = structlog.get_logger("llmworker.executor")
 
@@ -148,9 +148,10 @@ class Executor:
             log.exception("handler_raised")
             error = _err(HandlerError(f"The handler raised {type(exc).__name__}: {exc}"))
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
-        cost = self._cost(claimed, ctx)
+        used = _used(ctx)
+        cost = self._cost(claimed, ctx, used)
         outcome = {"result": result, "error": error, "usage": usage, "cost": cost}
-        recorded = await asyncio.shield(self._record(claimed, status, outcome, _spent(ctx)))
+        recorded = await asyncio.shield(self._record(claimed, status, outcome, _spent(ctx, used)))
         await self.router.probe_ended(claimed, ctx is not None and ctx.llm.calls_done > 0)
         run_s = time.monotonic() - started
         if recorded:
@@ -295,34 +296,25 @@ class Executor:
         # The input was validated against the kind's input model at admission.
         return await handler.fn(ctx, claimed.input)
 
-    def _cost(self, claimed: Claimed, ctx: TaskContext | None) -> str:
-        """The run's usage by type and its cost, as JSON ('' when it used nothing): what
-        the provider reported, and an estimate of calls cut short after they streamed."""
-        if ctx is None:
-            return ""
-        reported = tokens_of(ctx.usage)
-        cut = estimated(*ctx.llm.cut)
-        tokens = Tokens(
-            reported.input + cut.input,
-            reported.cached_input,
-            reported.output + cut.output,
-            reported.reasoning,
-        )
-        if not tokens.total:
+    def _cost(self, claimed: Claimed, ctx: TaskContext | None, used: tuple[Tokens, bool]) -> str:
+        """The run's usage by type and its cost, as JSON ('' when it used nothing)."""
+        tokens, estimate = used
+        if ctx is None or not tokens.total:
             return ""
         started = claimed.fields.get("started_at")
         at = datetime.fromtimestamp(int(started) / 1000, UTC) if started else None
-        cost = self.pricing.cost(ctx.model, tokens, at, estimate=cut.total > 0)
+        cost = self.pricing.cost(ctx.model, tokens, at, estimate=estimate)
         return orjson.dumps(cost.to_record()).decode()
 
     async def _stopped(self, claimed: Claimed, run: Run, ctx: TaskContext | None) -> None:
         """After a cancelled run: free its slots, or hand the task back on shutdown."""
         try:
-            if run.stop_reason == "cancelled" and (cost := self._cost(claimed, ctx)):
+            used = _used(ctx)
+            if run.stop_reason == "cancelled" and (cost := self._cost(claimed, ctx, used)):
                 # What streamed before the cancel was paid for: the record says so.
                 await self.queue.mark(claimed.id, "cost", cost)
             if run.stop_reason == "cancelled" or run.stop_reason == "lease_lost":
-                await self.queue.release(claimed.id, claimed.token, _spent(ctx))
+                await self.queue.release(claimed.id, claimed.token, _spent(ctx, used))
             else:
                 await self.queue.handback(claimed.id, claimed.token)
             log.info("task_stopped", reason=run.stop_reason or "shutdown")
@@ -330,14 +322,18 @@ class Executor:
             log.warning("stop_cleanup_failed", error=str(exc))
 
 
-def _spent(ctx: TaskContext | None) -> Spent:
-    """What the run used, to settle its rate reservations: the tokens its provider
-    reported, and an estimate of what streamed in calls cut short."""
+def _used(ctx: TaskContext | None) -> tuple[Tokens, bool]:
+    """The run's tokens (reported, and estimated for calls cut short), read once for its
+    cost and for its rate reservations."""
+    return run_tokens(ctx.usage, ctx.llm.cut) if ctx is not None else (Tokens(), False)
+
+
+def _spent(ctx: TaskContext | None, used: tuple[Tokens, bool]) -> Spent:
+    """What the run used, to settle its rate reservations."""
     if ctx is None:
         return Spent(0, 0, 0)
-    reported = tokens_of(ctx.usage)
-    cut = estimated(*ctx.llm.cut)
-    return Spent(reported.total + cut.total, ctx.llm.attempts, reported.output + cut.output)
+    tokens, _estimated = used
+    return Spent(tokens.total, ctx.llm.attempts, tokens.output)
 
 
 def _err(exc: TaskError) -> str:

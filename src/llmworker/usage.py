@@ -17,6 +17,7 @@ estimated (:func:`estimated`), and the cost says so.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -88,6 +89,19 @@ def estimated(prompt_chars: int, prompt_wide: int, output_chars: int, output_wid
         input=token_estimate(prompt_chars, prompt_wide),
         output=token_estimate(output_chars, output_wide),
     )
+
+
+def run_tokens(usage: dict[str, Any], cut: Sequence[int]) -> tuple[Tokens, bool]:
+    """A run's tokens: what its provider reported, and an estimate of its calls cut short
+    after they streamed (``cut``: see :func:`estimated`); and whether any is estimated."""
+    reported, extra = tokens_of(usage), estimated(*cut)
+    tokens = Tokens(
+        reported.input + extra.input,
+        reported.cached_input,
+        reported.output + extra.output,
+        reported.reasoning,
+    )
+    return tokens, extra.total > 0
 
 
 @dataclass(frozen=True)

@@ -176,33 +176,33 @@ def _header(stats: Stats, url: str, error: str | None, clock: datetime | None) -
         line.append("  " + label)
         line.append(value, style="bold")
     lines = [line]
-    held = stats.get("held")
-    if isinstance(held, dict) and held:
-        waits = ", ".join(
-            f"{model} {format_wait(s)}"
-            for model, s in sorted(held.items())
-            if isinstance(s, int | float)
-        )
-        lines.append(Text(f"held (the provider asked to wait): {waits}", style="yellow"))
-    circuits = stats.get("circuits")
-    if isinstance(circuits, dict) and circuits:
-        opened = ", ".join(
-            f"{model} {c.get('state', '?')} ({c.get('code', '?')})"
-            for model, c in sorted(circuits.items())
-            if isinstance(c, dict)
-        )
-        lines.append(Text(f"circuits (no calls go out): {opened}", style="bold red"))
-    caps = stats.get("adaptive_caps")
-    if isinstance(caps, dict) and caps:
-        shown_caps = ", ".join(
-            f"{model} {c.get('cap')}/{c.get('max')}"
-            for model, c in sorted(caps.items())
-            if isinstance(c, dict)
-        )
-        lines.append(Text(f"adaptive caps (the provider pushed back): {shown_caps}", style="cyan"))
+    for key, label, style, show in (
+        ("held", "held (the provider asked to wait)", "yellow", _held),
+        ("circuits", "circuits (no calls go out)", "bold red", _circuit),
+        ("adaptive_caps", "adaptive caps (the provider pushed back)", "cyan", _cap),
+    ):
+        per_model = stats.get(key)
+        if isinstance(per_model, dict) and per_model:
+            shown_models = ", ".join(
+                text for model, v in sorted(per_model.items()) if (text := show(model, v))
+            )
+            lines.append(Text(f"{label}: {shown_models}", style=style))
     if error is not None:
         lines.append(Text(f"! {error}", style="bold red"))
     return Group(*lines)
+
+
+# What the header says of one model, per kind of provider state ('' to leave it out).
+def _held(model: str, seconds: Any) -> str:
+    return f"{model} {format_wait(seconds)}" if isinstance(seconds, int | float) else ""
+
+
+def _circuit(model: str, c: Any) -> str:
+    return f"{model} {c.get('state', '?')} ({c.get('code', '?')})" if isinstance(c, dict) else ""
+
+
+def _cap(model: str, c: Any) -> str:
+    return f"{model} {c.get('cap')}/{c.get('max')}" if isinstance(c, dict) else ""
 
 
 def _lanes(stats: Stats) -> Table | Text:

@@ -48,7 +48,12 @@ class Adapter:
         self.settings = settings
         self.queue = queue
         self.enabled = settings.adaptive_caps
-        self._latency = settings.latency_providers
+        # The models that have a provider to watch (not the in-process fake), and those
+        # whose cap also follows their latency: known once, not looked up per call.
+        self._watched = {a for a, m in settings.models.items() if m.provider != FAKE_PROVIDER}
+        self._latency = {
+            a for a, m in settings.models.items() if m.provider in settings.latency_providers
+        }
         self._tallies: dict[str, _Tally] = {}
         # model -> when its cap last changed (ms), as the last reply said
         self._changed: dict[str, float] = {}
@@ -59,9 +64,7 @@ class Adapter:
         self._loop: asyncio.Task[None] | None = None
 
     def note(self, call: CallReport) -> None:
-        if call.alias not in self.settings.models:
-            return
-        if self.settings.models[call.alias].provider == FAKE_PROVIDER:
+        if call.alias not in self._watched:
             return
         self._note_outage(call)
         if not self.enabled:
@@ -133,7 +136,7 @@ class Adapter:
         tallies, self._tallies = self._tallies, {}
         rows = []
         for model, t in tallies.items():
-            latency = self.settings.models[model].provider in self._latency
+            latency = model in self._latency
             ttft = round(t.ttft_ms / t.ttfts, 3) if t.ttfts and latency else -1
             rows.append(
                 (
