@@ -126,12 +126,14 @@ async def _fill_lanes(bench: Bench, prefix: str, env: dict[str, str]) -> None:
     from llmworker.connection import connect
     from llmworker.keys import Keys
     from llmworker.queue import Queue
+    from llmworker.quotas import Calendar, terms
     from llmworker.record import new_task_id
 
     client = connect(bench.redis_url)
     queue = Queue(client, Keys(prefix))
     await queue.scripts.load()
     lanes = [(t, m) for t in TIERS for m in MODELS]
+    no_quota = terms(Calendar().books(), {}, 0, 0, (0.0, 0.0))
 
     async def batch(start: int) -> None:
         calls = []
@@ -148,6 +150,7 @@ async def _fill_lanes(bench: Bench, prefix: str, env: dict[str, str]) -> None:
                     cap=1_000_000,
                     lane_limit=2,
                     fields={"input": "{}"},
+                    terms=no_quota,
                 )
             )
         await asyncio.gather(*calls)

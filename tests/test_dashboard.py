@@ -50,6 +50,7 @@ def worker_url(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[str]:
         prefix,
         API_KEYS=KEY,
         FAKE_LATENCY_MS="1500",
+        PRICE_FAKE="2,8",
         MAX_USER_PAID="1",
         MAX_USER_FREE="1",
         LOG_LEVEL="WARNING",
@@ -161,6 +162,18 @@ def test_dashboard_follows_tasks_from_waiting_to_done_and_retries_a_failure(
             "#chart svg g[data-minute] rect.ok", "els => els.map(e => e.getBBox().height)"
         )
         assert bars and all(h > 0 for h in bars), bars
+
+        # Today's cost per tier and model: the four runs, priced by PRICE_FAKE.
+        cost_row = "#costs tr[data-lane='paid|fake'] td"
+        page.wait_for_function(
+            "sel => document.querySelectorAll(sel)[1]?.textContent === '4'",
+            arg=cost_row,
+            timeout=5000,
+        )
+        cells = page.eval_on_selector_all(cost_row, "tds => tds.map(td => td.textContent)")
+        assert cells[4].startswith("$") and cells[4] != "$0", cells
+        assert (page.text_content("#k-cost") or "").startswith("$")
+        page.locator("#costs").screenshot(path=str(ARTIFACTS / "costs-today.png"))
 
         # A task past its timeout_s fails, shows among the failures, and is retried.
         failed = submit(client, "bob", timeout_s=0.2)

@@ -3,7 +3,8 @@
 Checks, in order: the body's shape (record.py), the kind, the tier, the models (named,
 one or a list; or ROUTE_<KIND>_<TIER>; or the kind's own route for the tier; or the
 default), the kind's input; then one script admits it, idempotently (by id, then by
-idempotency key) and under the tier's cap.
+idempotency key), under the tier's cap, and within the user's quota and credits, whose
+share it reserves (quotas.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from llmworker.notify import check_callback_url
 from llmworker.observe import tracing
 from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.queue import Queue
+from llmworker.quotas import Calendar, refusal, terms
 from llmworker.record import TaskSpec, invalid_field, new_task_id
 from llmworker.settings import Settings, env_token
-from llmworker.usage import estimate_tokens
+from llmworker.usage import Pricing, estimate_tokens
 
 # The most output a task's max_tokens reserves in a TPM window.
 MAX_RESERVED_OUTPUT = 10_000_000
@@ -46,6 +48,8 @@ class Admitter:
         self._tiers = settings.tier_names
         self._fallback_model = settings.fallback_model
         self._counts_tokens = bool(settings.rates.tpm)
+        self.calendar = Calendar.of(settings)
+        self.pricing = Pricing(settings)
         self.on_admitted: Callable[[], None] = lambda: None
 
     def resolve(self, spec: TaskSpec) -> tuple[str, list[str], Any]:
@@ -130,13 +134,23 @@ class Admitter:
             fields["trace"] = trace
         if len(models) > 1:
             fields["models"] = ",".join(models)
+        est_in = estimate_tokens(fields["input"])
+        # A handler's own input may name any number: what a window or a quota reserves
+        # is bounded (the scripts add it up as an integer).
+        max_out = (
+            min(value["max_tokens"], MAX_RESERVED_OUTPUT)
+            if isinstance(value, dict) and _whole(value.get("max_tokens"))
+            else 0
+        )
         if self._counts_tokens and any(m in self.settings.rates.tpm for m in models):
             # What TPM_* reserves when the task is claimed (settled to what it used).
-            fields["est_in"] = str(estimate_tokens(fields["input"]))
-            if isinstance(value, dict) and _whole(value.get("max_tokens")):
-                # A handler's own input may name any number: what a window reserves is
-                # bounded (the claim script adds it up as an integer).
-                fields["max_out"] = str(min(value["max_tokens"], MAX_RESERVED_OUTPUT))
+            fields["est_in"] = str(est_in)
+            if max_out:
+                fields["max_out"] = str(max_out)
+        books = self.calendar.books()
+        # The dearest of the task's models: it may end up on any of them.
+        prices = max((self.pricing.unit_prices(m, books.now) for m in models), key=sum)
+        quota = terms(books, self.settings.quotas.get(tier, {}), est_in, max_out, prices)
         cap = self.settings.queue_caps[tier]
         admission = await self.queue.admit(
             task_id=task_id,
@@ -148,9 +162,12 @@ class Admitter:
             cap=cap,
             lane_limit=self.settings.model_limit(model, tier),
             fields=fields,
+            terms=quota,
         )
         if admission.outcome == "full":
             raise QueueFull(tier, cap, self.settings.queue_full_retry_after_s)
+        if admission.outcome == "refused":
+            raise refusal(list(admission.refusal), books)
         if admission.outcome == "exists":
             return admission.task_id, None
         self.metrics.submitted(tier, model, source)

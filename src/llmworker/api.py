@@ -23,11 +23,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from llmworker import pages, signature
+from llmworker.accounts import Accounts
 from llmworker.auth import DEFAULT_TENANT, Caller, KeyRing, public_id, unscoped
 from llmworker.errors import (
     BadRequest,
     BodyTooLarge,
     Forbidden,
+    InsufficientCredits,
     InvalidField,
     NotConfigured,
     NotFinished,
@@ -239,7 +241,9 @@ class Api:
                 admitted = await self.worker.admitter.submit(
                     spec, self.settings.qstash_tenant, delivery, source="qstash"
                 )
-        except (BadRequest, InvalidField) as exc:
+        except (BadRequest, InvalidField, InsufficientCredits) as exc:
+            # Sent again, it would be refused again: to the dead-letter queue (a user
+            # without credit may be topped up and the message republished from there).
             log.warning("qstash_invalid_task", error=exc.code, message_id=_shown(message_id))
             self.worker.metrics.rejected(exc.code)
             return non_retryable_answer(exc)
@@ -485,6 +489,7 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         Route("/v1/tasks/{id}/retry", api.retry, methods=["POST"]),
         Route("/v1/stats", api.stats, methods=["GET"]),
         Route("/v1/failures", api.failures, methods=["GET"]),
+        *Accounts(api).routes(),
         Route("/metrics", api.metrics, methods=["GET"]),
         *pages.routes(),
         Route("/health", api.health, methods=["GET"]),
@@ -497,7 +502,7 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
             Middleware(
                 CORSMiddleware,
                 allow_origins=origins,
-                allow_methods=["GET", "POST", "DELETE"],
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
             )
         )

@@ -13,6 +13,8 @@
     │   ├── NotFound           404: unknown or expired task (or a switched-off endpoint)
     │   ├── NotFinished        409: the task must be final first (retry)
     │   ├── QueueFull          429: the tier's queue is at its cap; carries retry_after_s
+    │   ├── QuotaExceeded      429: the user's quota window is used up; until it resets
+    │   ├── InsufficientCredits 402: the user's prepaid credits do not cover the task
     │   ├── SignatureInvalid   401: a QStash delivery failed one check; the code names it
     │   └── NotConfigured      503: the endpoint needs settings this worker lacks
     ├── TaskError              a run ended badly; becomes the task record's ``error``
@@ -131,6 +133,53 @@ class QueueFull(RequestError):
 
     def extra(self) -> dict[str, Any]:
         return {"retry_after": self.retry_after_s, "tier": self.tier}
+
+
+class QuotaExceeded(RequestError):
+    status = 429
+    code = "quota_exceeded"
+
+    def __init__(
+        self, limit: str, allowed: float, taken: float, need: float, retry_after_s: int
+    ) -> None:
+        unit = limit.split("_", 1)[0]
+        if need > allowed:
+            why = f"this task alone needs {need:g} {unit}, more than the limit of {allowed:g}"
+        else:
+            why = f"{taken:g} of {allowed:g} {unit} are used or reserved, and this task needs {need:g}"
+        super().__init__(
+            f"The user's quota {limit} is used up: {why}. It resets in {retry_after_s} s."
+        )
+        self.limit = limit
+        self.allowed = allowed
+        self.taken = taken
+        self.need = need
+        self.retry_after_s = retry_after_s
+
+    def extra(self) -> dict[str, Any]:
+        return {
+            "retry_after": self.retry_after_s,
+            "quota": self.limit,
+            "limit": self.allowed,
+            "used": self.taken,
+        }
+
+
+class InsufficientCredits(RequestError):
+    status = 402
+    code = "insufficient_credits"
+
+    def __init__(self, unit: str, left: float, need: float) -> None:
+        super().__init__(
+            f"The user's prepaid credits do not cover this task: {left:g} {unit} left, "
+            f"the task may take {need:g}. Add credits (POST /v1/users/{{user}}/credits)."
+        )
+        self.unit = unit
+        self.left = left
+        self.need = need
+
+    def extra(self) -> dict[str, Any]:
+        return {"credits": self.unit, "available": self.left, "need": self.need}
 
 
 class SignatureInvalid(RequestError):

@@ -45,7 +45,7 @@ from llmworker.providers.client import PAUSE_MIN_S
 from llmworker.queue import Claimed, Queue, Spent
 from llmworker.routing import MAX_PAUSES, Router
 from llmworker.settings import Settings
-from llmworker.usage import Pricing, Tokens, run_tokens
+from llmworker.usage import Cost, Pricing, Tokens, run_tokens
 
 log = structlog.get_logger("llmworker.executor")
 
@@ -150,12 +150,14 @@ class Executor:
         usage = orjson.dumps(ctx.usage).decode() if ctx and ctx.usage else ""
         used = _used(ctx)
         cost = self._cost(claimed, ctx, used)
-        outcome = {"result": result, "error": error, "usage": usage, "cost": cost}
+        outcome = {"result": result, "error": error, "usage": usage, "cost": _json(cost)}
         recorded = await asyncio.shield(self._record(claimed, status, outcome, _spent(ctx, used)))
         await self.router.probe_ended(claimed, ctx is not None and ctx.llm.calls_done > 0)
         run_s = time.monotonic() - started
         if recorded:
             self.metrics.finished(tier, model, status, run_s)
+            if cost is not None:
+                self.metrics.spent(tier, model, cost)
             if claimed.fields.get("callback_url"):
                 self.on_callback()
         log.info("task_finished", status=status if recorded else "stale", run_s=round(run_s, 3))
@@ -296,25 +298,31 @@ class Executor:
         # The input was validated against the kind's input model at admission.
         return await handler.fn(ctx, claimed.input)
 
-    def _cost(self, claimed: Claimed, ctx: TaskContext | None, used: tuple[Tokens, bool]) -> str:
-        """The run's usage by type and its cost, as JSON ('' when it used nothing)."""
+    def _cost(
+        self, claimed: Claimed, ctx: TaskContext | None, used: tuple[Tokens, bool]
+    ) -> Cost | None:
+        """The run's usage by type and its cost (None when it used nothing)."""
         tokens, estimate = used
         if ctx is None or not tokens.total:
-            return ""
+            return None
         started = claimed.fields.get("started_at")
         at = datetime.fromtimestamp(int(started) / 1000, UTC) if started else None
-        cost = self.pricing.cost(ctx.model, tokens, at, estimate=estimate)
-        return orjson.dumps(cost.to_record()).decode()
+        return self.pricing.cost(ctx.model, tokens, at, estimate=estimate)
 
     async def _stopped(self, claimed: Claimed, run: Run, ctx: TaskContext | None) -> None:
         """After a cancelled run: free its slots, or hand the task back on shutdown."""
         try:
             used = _used(ctx)
-            if run.stop_reason == "cancelled" and (cost := self._cost(claimed, ctx, used)):
-                # What streamed before the cancel was paid for: the record says so.
-                await self.queue.mark(claimed.id, "cost", cost)
+            cost = self._cost(claimed, ctx, used) if run.stop_reason == "cancelled" else None
+            if cost is not None:
+                # What streamed before the cancel was paid for: the record says so, and
+                # the release books it (the ledger, the user's quota).
+                await self.queue.mark(claimed.id, "cost", _json(cost))
+                self.metrics.spent(
+                    claimed.fields.get("tier", ""), claimed.fields.get("model", ""), cost
+                )
             if run.stop_reason == "cancelled" or run.stop_reason == "lease_lost":
-                await self.queue.release(claimed.id, claimed.token, _spent(ctx, used))
+                await self.queue.release(claimed.id, claimed.token, _spent(ctx, used), _json(cost))
             else:
                 await self.queue.handback(claimed.id, claimed.token)
             log.info("task_stopped", reason=run.stop_reason or "shutdown")
@@ -334,6 +342,10 @@ def _spent(ctx: TaskContext | None, used: tuple[Tokens, bool]) -> Spent:
         return Spent(0, 0, 0)
     tokens, _estimated = used
     return Spent(tokens.total, ctx.llm.attempts, tokens.output)
+
+
+def _json(cost: Cost | None) -> str:
+    return orjson.dumps(cost.to_record()).decode() if cost is not None else ""
 
 
 def _err(exc: TaskError) -> str:

@@ -61,6 +61,19 @@ key                                    type     lifetime
 ``ph:<minute>``                        hash     two hours: provider calls in that minute,
                                                 by model and outcome, duration and time to
                                                 first token buckets (observe/health.py)
+``ledger``                             stream   LEDGER_RETENTION_DAYS: one entry per finished
+                                                attempt: who, what, tokens, cost (ledger.py)
+``ld:d<day>`` / ``lt:d<day>``          hash     LEDGER_RETENTION_DAYS past the day: the day's
+                                                totals per tier, model and user / per tier
+                                                and model (day of QUOTA_TIMEZONE)
+``q:<user>:d<day>`` / ``:m<month>``    hash     two days past the window: the user's tasks,
+                                                tokens and nano-USD used and reserved in it
+``qo:<user>``                          hash     forever: the user's own quota limits
+``cr:<user>``                          hash     forever: the user's prepaid credits and what
+                                                running tasks reserved of them
+``crref:<user>:<reference>``           string   90 days: a credit top-up already applied
+``qp``                                 zset     tasks cancelled while running whose run is
+                                                still to be booked, by lease expiry (ms)
 =====================================  =======  ==========================================
 
 Channels: ``wake`` (a task was queued or a slot freed: idle dispatchers try a claim) and

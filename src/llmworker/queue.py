@@ -17,15 +17,18 @@ from redis.asyncio import Redis
 
 from llmworker.guards import GuardPlan
 from llmworker.keys import Keys
+from llmworker.quotas import Calendar
 from llmworker.scripts import Scripts
 
 
 @dataclass(frozen=True)
 class Admission:
-    outcome: Literal["created", "exists", "full"]
+    outcome: Literal["created", "exists", "full", "refused"]
     task_id: str
     waiting: int = 0
     created_at_ms: int = 0
+    # refused: admit.lua's answer (a quota used up, or credits short; quotas.refusal)
+    refusal: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,10 +96,14 @@ class Adjustment:
 
 
 class Queue:
-    def __init__(self, redis: Redis, keys: Keys, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, timeout_s: float = 10.0, calendar: Calendar | None = None
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts(redis, keys.base, timeout_s)
+        # The books' day and quota windows (QUOTA_TIMEZONE) every end of a run is booked in.
+        self.calendar = calendar or Calendar()
 
     async def _run(self, name: str, *args: Any) -> Any:
         return await self.scripts.call(name, *args)
@@ -113,19 +120,24 @@ class Queue:
         cap: int,
         lane_limit: int,
         fields: dict[str, str],
+        terms: str,
     ) -> Admission:
+        """``terms``: the quota's (quotas.terms)."""
         flat: list[str] = []
         for name, value in fields.items():
             flat += [name, value]
         reply = await self._run(
-            "admit", task_id, idempotency_key or "", tier, model, user, cap, lane_limit, kind, *flat
-        )
+            "admit", task_id, idempotency_key or "", tier, model, user, cap, lane_limit, kind,
+            terms, *flat,
+        )  # fmt: skip
         outcome = reply[0]
         if outcome == "created":
             return Admission("created", task_id, created_at_ms=int(reply[1]))
         if outcome == "exists":
             return Admission("exists", reply[1])
-        return Admission("full", task_id, waiting=int(reply[1]))
+        if outcome == "full":
+            return Admission("full", task_id, waiting=int(reply[1]))
+        return Admission("refused", task_id, refusal=tuple(reply))
 
     async def claim(
         self,
@@ -180,11 +192,17 @@ class Queue:
         queued right after it travels in the same round trip and sees the freed slots."""
         return self.scripts.call(
             "finish", task_id, token, status, result, error, usage, ttl_s,
-            *(spent or Spent()).args(), cost,
+            *(spent or Spent()).args(), cost, self.calendar.books_arg(),
         )  # fmt: skip
 
-    async def release(self, task_id: str, token: str, spent: Spent | None = None) -> None:
-        await self._run("finish", task_id, token, "", "", "", "", 1, *(spent or Spent()).args(), "")
+    async def release(
+        self, task_id: str, token: str, spent: Spent | None = None, cost: str = ""
+    ) -> None:
+        """Free a stopped run's slots; a run stopped by a cancel books ``cost``."""
+        await self._run(
+            "finish", task_id, token, "", "", "", "", 1, *(spent or Spent()).args(), cost,
+            self.calendar.books_arg(),
+        )  # fmt: skip
 
     async def callback_claim(
         self, n: int, visibility_ms: int
@@ -279,7 +297,9 @@ class Queue:
     async def reap(
         self, max_attempts: int, ttl_s: int, lease_ms: int, limit: int = 100
     ) -> ReapResult:
-        reply = await self._run("reap", max_attempts, ttl_s, limit, lease_ms)
+        reply = await self._run(
+            "reap", max_attempts, ttl_s, limit, lease_ms, self.calendar.books_arg()
+        )
         requeued, failed, wait, lanes = reply[0], reply[1], reply[2], reply[3] or []
         return ReapResult(
             int(requeued),

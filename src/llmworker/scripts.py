@@ -56,6 +56,7 @@ NAMES = (
     "fallback",
     "circuit",
     "adapt",
+    "credits",
 )
 
 # Past this many calls a batch is cut, so one reply never grows without bound.

@@ -122,10 +122,33 @@ class Cost:
         }
 
 
+# Nano-USD per USD: Redis counts money in whole nano-dollars (HINCRBY adds them exactly).
+NANO = 1_000_000_000
+
+
 class Pricing:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._genai = f"genai-prices {version('genai-prices')}"
+        # (alias, minute) -> nano-USD per input and per output token
+        self._units: dict[tuple[str, int], tuple[float, float]] = {}
+
+    def unit_prices(self, alias: str, at: datetime | None = None) -> tuple[float, float]:
+        """Nano-USD per input and per output token (uncached) at ``at``; (0, 0) for a model
+        without a price. What admission reserves with: looked up once a minute per model
+        (a price may change with the time of day)."""
+        at = at or datetime.now(UTC)
+        minute = int(at.timestamp()) // 60
+        found = self._units.get((alias, minute))
+        if found is None:
+            if len(self._units) > 1000:
+                self._units.clear()
+            million = 1_000_000
+            per_in = self._price(alias, Tokens(input=million), at)[0] or 0.0
+            per_out = self._price(alias, Tokens(output=million), at)[0] or 0.0
+            found = (per_in * NANO / million, per_out * NANO / million)
+            self._units[(alias, minute)] = found
+        return found
 
     def cost(
         self, alias: str, tokens: Tokens, at: datetime | None = None, estimate: bool = False

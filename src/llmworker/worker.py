@@ -20,6 +20,7 @@ from llmworker.dispatcher import Dispatcher
 from llmworker.executor import Executor
 from llmworker.handlers import Registry, import_task_modules, registry
 from llmworker.keys import Keys
+from llmworker.ledger import Ledger
 from llmworker.notify import Notifier
 from llmworker.observe import tracing
 from llmworker.observe.health import ProviderHealth
@@ -28,6 +29,7 @@ from llmworker.observe.snapshot import Observer, Snapshot, failures_view
 from llmworker.providers import CallReport, Providers
 from llmworker.providers.adaptive import Adapter
 from llmworker.queue import Queue
+from llmworker.quotas import Calendar, Quotas
 from llmworker.record import iso_ms
 from llmworker.settings import Settings, is_loopback
 
@@ -50,8 +52,10 @@ class Worker:
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.redis_prefix)
         self.redis = connect(settings.redis_url)
-        self.queue = Queue(self.redis, self.keys, settings.redis_timeout_s)
+        self.queue = Queue(self.redis, self.keys, settings.redis_timeout_s, Calendar.of(settings))
         self.metrics = Metrics() if settings.metrics_enabled else NoMetrics()
+        self.ledger = Ledger(self.redis, self.keys, self.queue.calendar)
+        self.quotas = Quotas(self.redis, self.keys, self.queue.scripts, settings)
         self.observer = Observer(settings, self.queue.scripts)
         self.health = ProviderHealth(self.queue.scripts)
         self.admitter = Admitter(settings, self.queue, self.registry, self.metrics)
@@ -200,6 +204,7 @@ class Worker:
     async def stats(self) -> dict[str, Any]:
         """What ``GET /v1/stats``, the dashboard and ``llmworker top`` show."""
         snap = await self.observer.read(detail=True)
+        cost_today = await self.ledger.today()
         s = self.settings
         queues: dict[str, Any] = {}
         guards: dict[str, Any] = {}
@@ -230,6 +235,7 @@ class Worker:
             "guards": guards,
             "user_limits": {t: s.user_limits[t] for t in s.tier_names},
             "replicas_alive": snap.replicas,
+            "cost_today": cost_today,
             "held": snap.held,
             "circuits": snap.circuits,
             "adaptive_caps": {

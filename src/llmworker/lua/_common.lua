@@ -262,3 +262,136 @@ local function hand_back(id, token)
   status_event(id, 'queued', attempts)
   return attempts
 end
+
+-- Money, tokens and quotas. Costs are counted in nano-USD, whole numbers, so HINCRBY
+-- adds them exactly. 'books' (ledger.py, Books.arg): '<day> <month> <day window expires
+-- at, s> <month window expires at, s> <ledger kept, s>', the day and month being those
+-- of QUOTA_TIMEZONE now.
+local function words(s)
+  local out = {}
+  for w in string.gmatch(s or '', '%S+') do out[#out + 1] = w end
+  return out
+end
+
+local function quota_key(user, window) return P .. 'q:' .. user .. ':' .. window end
+
+local function add_fields(key, pairs_)
+  for i = 1, #pairs_, 2 do
+    if pairs_[i + 1] ~= 0 then redis.call('HINCRBY', key, pairs_[i], pairs_[i + 1]) end
+  end
+end
+
+-- Settle a task's quota reservation ('qr' on its record: '<task> <input> <output> <nusd>
+-- <day window> <its expiry> <month window> <its expiry> <credits: u usd, k tokens, - none>',
+-- admit.lua) to what it used: the reservation leaves 'reserved', the use enters 'used',
+-- and its credits pay it. A task without a reservation is counted in the current
+-- windows. counted: the task counts against tasks per day/month (it succeeded or used
+-- tokens: a failure before any token, a cancel in the queue, pay nothing).
+local function settle_quota(tk, user, qr, tokens, nusd, counted, books)
+  local task = counted and 1 or 0
+  if qr and qr ~= '' then
+    local r = words(qr)
+    local r_task, r_tokens, r_nusd = tonumber(r[1]), tonumber(r[2]) + tonumber(r[3]), tonumber(r[4])
+    task = math.min(task, r_task)
+    for _, w in ipairs({{r[5], r[6]}, {r[7], r[8]}}) do
+      local key = quota_key(user, w[1])
+      add_fields(key, {'r_tasks', -r_task, 'r_tokens', -r_tokens, 'r_nusd', -r_nusd,
+        'tasks', task, 'tokens', tokens, 'nusd', nusd})
+      redis.call('EXPIREAT', key, w[2])
+    end
+    if r[9] ~= '-' then
+      local credit = {}
+      if string.find(r[9], 'u', 1, true) then credit = {'r_nusd', -r_nusd, 'nusd', -nusd} end
+      if string.find(r[9], 'k', 1, true) then
+        credit[#credit + 1] = 'r_tokens'; credit[#credit + 1] = -r_tokens
+        credit[#credit + 1] = 'tokens'; credit[#credit + 1] = -tokens
+      end
+      add_fields(P .. 'cr:' .. user, credit)
+    end
+    redis.call('HDEL', tk, 'qr')
+  elseif books and (task > 0 or tokens > 0 or nusd > 0) then
+    local b = words(books)
+    for _, w in ipairs({{b[1], b[3]}, {b[2], b[4]}}) do
+      local key = quota_key(user, w[1])
+      add_fields(key, {'tasks', task, 'tokens', tokens, 'nusd', nusd})
+      redis.call('EXPIREAT', key, w[2])
+    end
+  end
+end
+
+-- The ledger: one entry per finished attempt ('ledger', a stream kept for the books'
+-- retention) and daily totals ('ld:<day>' per tier, model and user; 'lt:<day>' per tier
+-- and model), fields '<measure>|<tier>|<model>[|<user>]'. Measures: n attempts, t tasks
+-- ended, in / cin / out / rsn tokens (input, cached input, output, reasoning), nusd cost,
+-- unp attempts that used tokens of a model without a price.
+-- t: the task's record fields {id, tenant, user, tier, kind, model}; u: {input,
+-- cached_input, output, reasoning, nusd (nil: no price), source, estimated}.
+local function ledger_add(t, status, u, books, now)
+  local b = words(books)
+  local keep_s = tonumber(b[5]) or 2592000
+  local usd = u.nusd and string.format('%.9f', u.nusd / 1e9) or ''
+  redis.call('XADD', P .. 'ledger', 'MINID', '~', now - keep_s * 1000, '*',
+    'at', now, 'day', b[1], 'task', t[1], 'tenant', t[2] or '', 'user', t[3] or '', 'tier', t[4] or '',
+    'kind', t[5] or '', 'model', t[6] or '', 'status', status, 'in', u.input, 'cin', u.cached_input,
+    'out', u.output, 'rsn', u.reasoning, 'usd', usd, 'src', u.source or '', 'est', u.estimated and 1 or 0)
+  local ended = (status == 'succeeded' or status == 'failed' or status == 'cancelled') and 1 or 0
+  local unpriced = (not u.nusd and u.input + u.output > 0) and 1 or 0
+  local tail = '|' .. (t[4] or '') .. '|' .. (t[6] or '')
+  for _, k in ipairs({{P .. 'lt:' .. b[1], tail}, {P .. 'ld:' .. b[1], tail .. '|' .. (t[3] or '')}}) do
+    local s = k[2]
+    add_fields(k[1], {'n' .. s, 1, 't' .. s, ended, 'in' .. s, u.input, 'cin' .. s, u.cached_input,
+      'out' .. s, u.output, 'rsn' .. s, u.reasoning, 'nusd' .. s, u.nusd or 0, 'unp' .. s, unpriced})
+    redis.call('EXPIRE', k[1], keep_s + 172800)
+  end
+end
+
+-- A run's use from its cost JSON (usage.py, Cost.to_record), for the books.
+local function use_of(cost)
+  if not cost or cost == '' then
+    return {input = 0, cached_input = 0, output = 0, reasoning = 0, nusd = nil, estimated = false}
+  end
+  local c = cjson.decode(cost)
+  local tk = c.tokens or {}
+  local nusd = nil
+  if type(c.usd) == 'number' then nusd = math.floor(c.usd * 1e9 + 0.5) end
+  return {input = tk.input or 0, cached_input = tk.cached_input or 0, output = tk.output or 0,
+    reasoning = tk.reasoning or 0, nusd = nusd, source = type(c.source) == 'string' and c.source or nil,
+    estimated = c.estimated == true}
+end
+
+-- What a run whose end nobody saw (its replica died) probably used: its reservation's
+-- estimate, or nothing known.
+local function use_guessed(qr)
+  local r = words(qr)
+  if #r < 4 then
+    return {input = 0, cached_input = 0, output = 0, reasoning = 0, nusd = nil, estimated = true}
+  end
+  return {input = tonumber(r[2]), cached_input = 0, output = tonumber(r[3]), reasoning = 0,
+    nusd = tonumber(r[4]), source = 'reservation', estimated = true}
+end
+
+-- The books of a run that ended: its ledger entry, and its quota settled.
+-- t: the task's record fields {id, tenant, user, tier, kind, model, qr}.
+local function book_run(tk, t, status, u, books, now)
+  ledger_add(t, status, u, books, now)
+  local tokens = u.input + u.output
+  settle_quota(tk, t[3], t[7], tokens, u.nusd or 0, status == 'succeeded' or tokens > 0, books)
+end
+
+-- A requeued task's next run reserves what its last reservation did, its task already
+-- counted (reap.lua).
+local function reserve_again(tk, user, qr)
+  local r = words(qr)
+  local tokens, nusd = tonumber(r[2]) + tonumber(r[3]), tonumber(r[4])
+  for _, w in ipairs({{r[5], r[6]}, {r[7], r[8]}}) do
+    local key = quota_key(user, w[1])
+    add_fields(key, {'r_tokens', tokens, 'r_nusd', nusd})
+    redis.call('EXPIREAT', key, w[2])
+  end
+  local credit = {}
+  if string.find(r[9], 'u', 1, true) then credit = {'r_nusd', nusd} end
+  if string.find(r[9], 'k', 1, true) then credit[#credit + 1] = 'r_tokens'; credit[#credit + 1] = tokens end
+  add_fields(P .. 'cr:' .. user, credit)
+  r[1] = '0'
+  redis.call('HSET', tk, 'qr', table.concat(r, ' '))
+end

@@ -27,6 +27,7 @@ import contextlib
 import os
 from bisect import bisect_left
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ from llmworker.observe.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from llmworker.providers import CallReport
+    from llmworker.usage import Cost
 
 log = structlog.get_logger("llmworker.observe")
 
@@ -108,6 +110,16 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...], tuple[float, ...] | None]] = {
         ("from", "to", "reason"),
         None,
     ),
+    "llmworker_cost_usd": (
+        "What finished runs cost, in USD (models without a price count nothing here).",
+        ("model", "tier"),
+        None,
+    ),
+    "llmworker_tokens": (
+        "Tokens finished runs used, by type (input, cached_input, output, reasoning).",
+        ("model", "tier", "type"),
+        None,
+    ),
     "llmworker_callbacks": (
         "Callback delivery attempts by outcome (delivered, retry, failed).",
         ("outcome",),
@@ -153,6 +165,8 @@ class Metrics:
         self._provider = v["llmworker_provider_requests"]
         self._callbacks = v["llmworker_callbacks"]
         self._fallbacks = v["llmworker_fallbacks"]
+        self._cost = v["llmworker_cost_usd"]
+        self._used = v["llmworker_tokens"]
         self._duration = v["gen_ai_client_operation_duration_seconds"]
         self._tokens = v["gen_ai_client_token_usage"]
         self._shared: Path | None = None
@@ -196,6 +210,15 @@ class Metrics:
     def fallback(self, source: str, target: str, reason: str) -> None:
         key = (source, target, reason)
         self._fallbacks[key] = self._fallbacks.get(key, 0) + 1
+
+    def spent(self, tier: str, model: str, cost: Cost) -> None:
+        """A run's tokens and cost, as booked."""
+        if cost.usd:
+            self._cost[(model, tier)] = self._cost.get((model, tier), 0.0) + cost.usd
+        for kind, n in asdict(cost.tokens).items():
+            if n:
+                key = (model, tier, kind)
+                self._used[key] = self._used.get(key, 0) + n
 
     # -- serve --workers N: each process's counts in a file the others read -------------
 
@@ -316,6 +339,9 @@ class NoMetrics(Metrics):
         pass
 
     def fallback(self, source: str, target: str, reason: str) -> None:
+        pass
+
+    def spent(self, tier: str, model: str, cost: Cost) -> None:
         pass
 
 

@@ -11,6 +11,7 @@ names are read by pattern, because their names carry data:
 - ``TIER_WEIGHT_<TIER>``   dispatch weight of a tier    (these five: ``limits.py``)
 - ``RPM_<MODEL>[_<TIER>]``, ``TPM_<MODEL>[_<TIER>]``, ``MIN_<MODEL>``, ``CONTEXT_<MODEL>``
   and ``ROUTE_<KIND>_<TIER>``: what providers allow, and routes (``rates.py``)
+- ``QUOTA_<TIER>_<TASKS|TOKENS|USD>_PER_<DAY|MONTH>``: what each user may use (``quotas.py``)
 - ``MODEL_<ALIAS>``        a new alias: ``<provider>/<model name>``
 - ``<PROVIDER>_BASE_URL`` / ``<PROVIDER>_API_KEY``: a provider endpoint (``providers.py``)
 
@@ -47,6 +48,7 @@ from llmworker.settings.providers import (
     read_models,
     read_providers,
 )
+from llmworker.settings.quotas import read_quotas
 from llmworker.settings.rates import Rates, read_rates
 
 __all__ = [
@@ -156,6 +158,18 @@ def _check_default_model(
         problems.append(f"DEFAULT_MODEL={name!r} needs {env_token(models[name].provider)}_API_KEY")
 
 
+def _check_timezone(base: Settings, problems: list[str]) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(base.quota_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems.append(
+            f"QUOTA_TIMEZONE={base.quota_timezone!r} is not a time zone name "
+            "(an IANA name such as UTC or Asia/Shanghai)"
+        )
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     env_file: str | Path | None = ".env",
@@ -183,6 +197,8 @@ def load_settings(
             )
     limits = read_limits(env, declared, tiers, models, problems)
     rates = read_rates(env, tiers, models, problems)
+    quotas = read_quotas(env, declared, tiers, problems)
+    _check_timezone(base, problems)
     _check_default_model(base, models, providers, problems)
     _check_fake_only(base, models, providers, problems)
     check_access(base, problems)
@@ -191,5 +207,11 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     return base.model_copy(
-        update={"providers": providers, "models": models, "rates": rates, **limits}
+        update={
+            "providers": providers,
+            "models": models,
+            "rates": rates,
+            "quotas": quotas,
+            **limits,
+        }
     )

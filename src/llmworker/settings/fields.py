@@ -21,6 +21,7 @@ DYNAMIC_FIELDS = (
     "queue_caps",
     "tier_weights",
     "rates",
+    "quotas",
 )
 
 
@@ -137,6 +138,11 @@ class Settings(BaseSettings):
     # The window RPM_* and TPM_* count over (a minute; shorter only to test).
     rate_window_s: float = Field(60.0, gt=0, le=3600)
 
+    # Money (usage.py, quotas.py, ledger.py): quota days and months are this zone's, and
+    # the ledger of finished attempts and its daily totals are kept this many days.
+    quota_timezone: str = "UTC"
+    ledger_retention_days: int = Field(30, ge=1, le=3660)
+
     # Filled from the pattern families above by load_settings().
     providers: dict[str, Provider] = Field(default_factory=dict)
     models: dict[str, ModelAlias] = Field(default_factory=dict)
@@ -146,6 +152,8 @@ class Settings(BaseSettings):
     queue_caps: dict[str, int] = Field(default_factory=dict)
     tier_weights: dict[str, int] = Field(default_factory=dict)
     rates: Rates = Field(default_factory=Rates)
+    # tier -> limit name (settings/quotas.py) -> limit per user
+    quotas: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     @field_validator(
         "redis_url",

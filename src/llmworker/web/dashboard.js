@@ -372,6 +372,7 @@
     setText($("tp-cancelled"), fmtNum(sum(tp.cancelled)));
 
     renderLanes(s.lanes || []);
+    renderCosts(s.cost_today);
     drawChart(tp);
     renderProviders(s.providers || {});
     renderGuards(s.guards || {});
@@ -406,6 +407,34 @@
       const limit = capped !== null ? capped : l.limit;
       const level = limit > 0 && l.running >= limit && l.waiting > 0 ? "backlog" : "";
       fill(c[3], `${l.running}/${limit}/${level}`, () => meter(l.running || 0, limit || 0, level));
+    });
+  }
+
+  function fmtUsd(x) {
+    if (x === null || x === undefined) return "—";
+    if (x === 0) return "$0";
+    return x < 0.01 ? `$${x.toPrecision(2)}` : `$${x.toFixed(2)}`;
+  }
+
+  function renderCosts(today) {
+    const lanes = (today && today.lanes) || [];
+    setText($("k-cost"), today ? fmtUsd(today.cost_usd) : "–");
+    setText($("cost-day"), today ? `${today.day} ${today.timezone}` : "");
+    $("costs-empty").hidden = lanes.length > 0;
+    $("costs").hidden = lanes.length === 0;
+    const cols = ["c-lane", "num", "num", "num", "num"];
+    const labels = [null, "runs", "input", "output", "USD"];
+    syncRows($("costs").tBodies[0], lanes, (l) => `${l.tier}|${l.model}`, cols, (tr, l, c) => {
+      tr.dataset.lane = `${l.tier}|${l.model}`;
+      labels.forEach((label, i) => label && c[i].setAttribute("data-label", label));
+      fill(c[0], `${l.tier}|${l.model}`, () => [el("span", { className: "tier", text: l.tier }), " ", l.model]);
+      setText(c[1], fmtNum(l.attempts));
+      const t = l.tokens || {};
+      setText(c[2], t.cached_input ? `${fmtNum(t.input)} (${fmtNum(t.cached_input)})` : fmtNum(t.input));
+      setText(c[3], fmtNum(t.output));
+      const unpriced = l.unpriced_attempts > 0;
+      setText(c[4], unpriced && !l.cost_usd ? "no price" : fmtUsd(l.cost_usd) + (unpriced ? " +" : ""));
+      c[4].title = unpriced ? `${l.unpriced_attempts} runs of a model without a price (PRICE_<MODEL>)` : "";
     });
   }
 

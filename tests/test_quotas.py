@@ -1,0 +1,403 @@
+"""Quotas and credits, reserved at admission and settled at the end, and the ledger: on
+a real Redis, the fake provider over HTTP, and real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from llmworker.errors import ConfigError
+from llmworker.guards import GuardPlan
+from llmworker.quotas import Calendar
+from llmworker.settings import load_settings
+from llmworker.usage import NANO
+from llmworker.worker import Worker
+
+from .conftest import serve_api, wait_until
+from .test_executor import MESSAGES, final
+from .test_processes import _interrupt_and_resume
+from .test_provider_limits import env, submit
+
+CHAT = {"kind": "chat", "model": "m1", "input": {"messages": MESSAGES, "max_tokens": 50}}
+
+
+async def window(worker: Worker, user: str, period: str = "day") -> dict[str, int]:
+    books = worker.queue.calendar.books()
+    name = books.day if period == "day" else books.month
+    raw = await worker.redis.hgetall(f"{worker.keys.base}q:{user}:{name}")
+    return {k: int(v) for k, v in raw.items()}
+
+
+async def reservation(worker: Worker, body: dict[str, Any], user: str = "probe") -> list[str]:
+    """What one task like ``body`` reserves (its record's 'qr'), from a user of its own."""
+    task_id, stored = await worker.admitter.submit(_spec({**body, "user": user}))
+    fields = await worker.queue.get(task_id)
+    assert fields is not None
+    return fields["qr"].split()
+
+
+def _json(raw: Any) -> Any:
+    return orjson.loads(raw) if isinstance(raw, str) else raw
+
+
+def _spec(body: dict[str, Any]) -> Any:
+    from llmworker.record import TaskSpec
+
+    return TaskSpec.model_validate(body)
+
+
+async def _flood(
+    client: httpx.AsyncClient, body: dict[str, Any], n: int = 200
+) -> list[httpx.Response]:
+    return list(await asyncio.gather(*(client.post("/v1/tasks", json=body) for _ in range(n))))
+
+
+@pytest.mark.parametrize("measure", ["tasks", "tokens", "usd"])
+async def test_200_concurrent_submissions_against_a_quota_of_20_admit_exactly_20(
+    measure, make_settings, fake_llm
+):
+    url, fake = fake_llm
+    fake.config.latency_ms = 5
+    settings = make_settings(**env(url, PRICE_M1="3,15", QUOTA_FREE_TASKS_PER_DAY=10_000))
+    if measure != "tasks":
+        # What one task reserves, learned from a user of its own; then the limit is 20 of it.
+        async with serve_api(settings, dispatch=False) as (_client, probe):
+            qr = await reservation(probe, CHAT)
+        need = int(qr[1]) + int(qr[2]) if measure == "tokens" else int(qr[3])
+        limit = 20 * need if measure == "tokens" else f"{20 * need / NANO:.9f}"
+        settings = make_settings(
+            **env(url, PRICE_M1="3,15", **{f"QUOTA_FREE_{measure.upper()}_PER_DAY": limit})
+        )
+    else:
+        settings = make_settings(**env(url, PRICE_M1="3,15", QUOTA_FREE_TASKS_PER_DAY=20))
+    async with serve_api(settings) as (client, worker):
+        answers = await _flood(client, {**CHAT, "user": "u1"})
+        admitted = [a for a in answers if a.status_code == 202]
+        refused = [a for a in answers if a.status_code == 429]
+        assert len(admitted) == 20 and len(refused) == 180
+        body = refused[0].json()
+        assert body["error"] == "quota_exceeded" and body["quota"] == f"{measure}_per_day"
+        books = worker.queue.calendar.books()
+        assert 0 < int(refused[0].headers["retry-after"]) <= books.resets_in_s("tasks_per_day") + 2
+        # Every admitted task finishes; what they used never passes what was allowed.
+        for a in admitted:
+            assert (await final(worker, a.json()["id"]))["status"] == "succeeded"
+        used = await window(worker, "default/u1")
+        assert used["tasks"] == 20 and used.get("r_tasks", 0) == 0
+        # The actual use settles under the reservations: the quota still holds.
+        if measure == "tokens":
+            assert used["tokens"] <= int(settings.quotas["free"]["tokens_per_day"])
+        if measure == "usd":
+            assert used["nusd"] <= round(settings.quotas["free"]["usd_per_day"] * NANO)
+
+
+async def test_reserve_then_settle_to_the_providers_usage_exactly(
+    make_settings, start_worker, fake_llm
+):
+    url, _fake = fake_llm
+    worker = await start_worker(
+        make_settings(**env(url, PRICE_M1="3,15", QUOTA_FREE_USD_PER_MONTH=100))
+    )
+    task_id, _ = await worker.admitter.submit(_spec({**CHAT, "user": "ann"}))
+    record = await final(worker, task_id)
+    cost, usage = _json(record["cost"]), _json(record["usage"])
+    for period in ("day", "month"):
+        w = await window(worker, "default/ann", period)
+        assert w["tasks"] == 1
+        assert w["tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert w["nusd"] == round(cost["usd"] * NANO)
+        assert not any(w.get(k) for k in ("r_tasks", "r_tokens", "r_nusd"))
+    assert "qr" not in (await worker.queue.get(task_id) or {})
+
+
+async def test_a_failure_before_any_token_and_a_cancel_in_the_queue_refund_everything(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    settings = make_settings(**env(url, PRICE_M1="3,15", QUOTA_FREE_TASKS_PER_DAY=5))
+    worker = await start_worker(settings)
+    fake.config.fail_next = [400]
+    failed = await final(worker, (await worker.admitter.submit(_spec({**CHAT, "user": "bo"})))[0])
+    assert failed["status"] == "failed"
+    idle = await start_worker(settings, dispatch=False)
+    await worker.stop()
+    queued, _ = await idle.admitter.submit(_spec({**CHAT, "user": "bo"}))
+    assert (await window(idle, "default/bo"))["r_tasks"] == 1
+    assert await idle.queue.cancel(queued, 60) == "queued"
+    w = await window(idle, "default/bo")
+    assert w.get("tasks", 0) == 0 and w.get("tokens", 0) == 0 and w.get("nusd", 0) == 0
+    assert w["r_tasks"] == 0 and w["r_tokens"] == 0 and w["r_nusd"] == 0
+
+
+async def test_a_cancelled_stream_settles_to_what_streamed(make_settings, start_worker, fake_llm):
+    url, fake = fake_llm
+    fake.config.latency_ms = 4000
+    fake.config.tokens = 40
+    worker = await start_worker(
+        make_settings(**env(url, PRICE_M1="3,15", QUOTA_FREE_TOKENS_PER_DAY=100_000))
+    )
+    task_id, _ = await worker.admitter.submit(
+        _spec({**CHAT, "user": "cy", "input": {"messages": MESSAGES, "stream": True}})
+    )
+    await wait_until(lambda: fake.inflight["m1"] == 1, 5)
+
+    async def streamed() -> bool:
+        events = await worker.redis.xrange(worker.keys.events(task_id))
+        return any(fields.get("type") == "tokens" for _, fields in events)
+
+    await wait_until(streamed, 5)
+    await worker.queue.cancel(task_id, 60)
+
+    async def settled() -> dict[str, int] | None:
+        w = await window(worker, "default/cy")
+        return w if w.get("tokens") and not w.get("r_tokens") else None
+
+    w = await wait_until(settled, 5)
+    cost = orjson.loads((await worker.queue.get(task_id) or {})["cost"])
+    assert cost["estimated"] is True
+    assert w["tokens"] == cost["tokens"]["input"] + cost["tokens"]["output"]
+    assert w["nusd"] == round(cost["usd"] * NANO) and w["tasks"] == 1
+    entries = await worker.ledger.entries(*_today(worker), _everyone())
+    [entry] = [e for e in entries if e["task"] == task_id]
+    assert entry["status"] == "cancelled" and entry["estimated"] is True
+    assert entry["cost_usd"] == pytest.approx(cost["usd"])
+
+
+def _today(worker: Worker) -> tuple[Any, Any]:
+    from datetime import date
+
+    day = date.fromisoformat(worker.queue.calendar.day())
+    return day, day
+
+
+def _everyone() -> Any:
+    from llmworker.ledger import Scope
+
+    return Scope(None)
+
+
+async def test_a_dead_runs_reservation_is_settled_when_its_lease_lapses(
+    make_settings, start_worker, fake_llm
+):
+    url, _fake = fake_llm
+    settings = make_settings(
+        **env(url, PRICE_M1="3,15", QUOTA_FREE_TOKENS_PER_DAY=100_000, MAX_ATTEMPTS=1)
+    )
+    idle = await start_worker(settings, dispatch=False)
+    task_id, _ = await idle.admitter.submit(_spec({**CHAT, "user": "dee"}))
+    qr = (await idle.queue.get(task_id) or {})["qr"].split()
+    claimed = await idle.queue.claim("dead", 1, 300, GuardPlan.from_settings(settings))
+    assert [c.id for c in claimed] == [task_id]
+    for _ in range(5):
+        await idle.queue.renew("alive", 300, {})
+        await asyncio.sleep(0.1)
+    assert (await idle.queue.reap(1, 60, 300)).failed == 1
+    w = await window(idle, "default/dee")
+    # Unknown use: its estimate is charged, and nothing stays reserved.
+    assert w["tokens"] == int(qr[1]) + int(qr[2]) and w["tasks"] == 1
+    assert w["r_tokens"] == 0 and w["r_tasks"] == 0
+    [entry] = await idle.ledger.entries(*_today(idle), _everyone())
+    assert (
+        entry["status"] == "failed"
+        and entry["estimated"]
+        and entry["price_source"] == "reservation"
+    )
+
+
+def test_a_killed_replicas_reservations_are_settled_and_its_tasks_reserve_again(
+    redis_url: str, prefix: str, tmp_path: Path
+):
+    """kill -9 mid-run: each lapsed run is charged its estimate, the rerun reserves again
+    and settles to what it used; nothing stays reserved."""
+
+    def kill(proc: subprocess.Popen[bytes], fake_url: str) -> None:
+        proc.kill()
+        proc.wait()
+
+    records = _interrupt_and_resume(
+        redis_url, prefix, tmp_path, n=3, call_ms=3000, stop=kill, LEASE_TTL_S="1.5",
+        PRICE_M1="3,15", QUOTA_FREE_TASKS_PER_DAY="100",
+    )  # fmt: skip
+    assert [r["status"] for r in records] == ["succeeded"] * 3
+
+    async def check() -> None:
+        settings = load_settings({"REDIS_URL": redis_url, "REDIS_PREFIX": prefix}, env_file=None)
+        worker = Worker(settings, dispatch=False)
+        try:
+            entries = await worker.ledger.entries(*_today(worker), _everyone())
+            assert sorted(e["status"] for e in entries) == ["lapsed"] * 3 + ["succeeded"] * 3
+            w = await window(worker, "default/anonymous")
+            assert w["tasks"] == 3 and w["r_tasks"] == 0 and w["r_tokens"] == 0
+            assert w["tokens"] == sum(
+                sum(e["tokens"].values()) - e["tokens"]["cached_input"] - e["tokens"]["reasoning"]
+                for e in entries
+            )
+        finally:
+            await worker.redis.aclose()
+
+    asyncio.run(check())
+
+
+def test_windows_are_days_and_months_of_the_configured_time_zone():
+    shanghai = Calendar("Asia/Shanghai")
+    before = shanghai.books(datetime(2026, 11, 30, 15, 59, 59, tzinfo=UTC))
+    after = shanghai.books(datetime(2026, 11, 30, 16, 0, 0, tzinfo=UTC))
+    assert (before.day, before.month) == ("d2026-11-30", "m2026-11")
+    assert (after.day, after.month) == ("d2026-12-01", "m2026-12")
+    assert before.resets_in_s("tasks_per_day") == 1
+    assert before.resets_in_s("usd_per_month") == 1
+    utc = Calendar().books(datetime(2026, 11, 30, 15, 59, 59, tzinfo=UTC))
+    assert utc.day == "d2026-11-30" and utc.resets_in_s("tokens_per_day") == 8 * 3600 + 1
+    # A day with a change of clocks still ends at midnight.
+    berlin = Calendar("Europe/Berlin").books(datetime(2026, 10, 25, 12, tzinfo=UTC))
+    assert berlin.day_ends.hour == 0 and berlin.resets_in_s("tasks_per_day") == 11 * 3600
+
+
+def test_bad_quota_settings_are_named():
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            {
+                "QUOTA_FREE_TASK_PER_DAY": "5",
+                "QUOTA_PAID_TOKENS_PER_DAY": "1.5",
+                "QUOTA_TIMEZONE": "Mars/Base",
+            },
+            env_file=None,
+        )
+    message = str(caught.value)
+    assert (
+        "QUOTA_FREE_TASK_PER_DAY is not QUOTA_<TIER>_<TASKS|TOKENS|USD>_PER_<DAY|MONTH>" in message
+    )
+    assert "QUOTA_PAID_TOKENS_PER_DAY='1.5' must be a whole number" in message
+    assert "QUOTA_TIMEZONE='Mars/Base' is not a time zone name" in message
+
+
+ADMIN = "admin-key-0123456789abcdef"
+TENANT = "app-key-0123456789abcdef"
+
+
+async def test_a_users_own_limits_replace_the_tiers_and_only_admins_set_them(
+    make_settings, fake_llm
+):
+    url, _fake = fake_llm
+    settings = make_settings(
+        **env(url, QUOTA_FREE_TASKS_PER_DAY=1, ADMIN_KEYS=ADMIN, API_KEYS=f"app:{TENANT}")
+    )
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    app = {"Authorization": f"Bearer {TENANT}"}
+    async with serve_api(settings, dispatch=False) as (client, _worker):
+        body = {**CHAT, "user": "vip"}
+        assert (await client.post("/v1/tasks", json=body, headers=app)).status_code == 202
+        assert (await client.post("/v1/tasks", json=body, headers=app)).status_code == 429
+        denied = await client.put("/v1/users/vip/quota", json={"tasks_per_day": 3}, headers=app)
+        assert denied.status_code == 403
+        bad = await client.put(
+            "/v1/users/vip/quota?tenant=app", json={"tasks_per_week": 3}, headers=admin
+        )
+        assert bad.status_code == 422 and bad.json()["field"] == "tasks_per_week"
+        set_ = await client.put(
+            "/v1/users/vip/quota?tenant=app", json={"tasks_per_day": 3}, headers=admin
+        )
+        assert set_.status_code == 200 and set_.json()["day"]["limits"]["tasks"] == 3
+        answers = [await client.post("/v1/tasks", json=body, headers=app) for _ in range(3)]
+        assert [a.status_code for a in answers] == [202, 202, 429]
+        view = (await client.get("/v1/users/vip/quota", headers=app)).json()
+        assert view["day"]["reserved"]["tasks"] == 3 and view["day"]["remaining"]["tasks"] == 0
+        assert view["own_limits"] == {"tasks_per_day": 3}
+        # Another user of the tenant keeps the tier's limit.
+        other = await client.get("/v1/users/someone/quota", headers=app)
+        assert other.json()["day"]["limits"]["tasks"] == 1
+        # null: back to the tier's limit.
+        await client.put(
+            "/v1/users/vip/quota?tenant=app", json={"tasks_per_day": None}, headers=admin
+        )
+        assert (await client.get("/v1/users/vip/quota", headers=app)).json()["own_limits"] == {}
+
+
+async def test_credits_are_drawn_on_and_a_top_up_counts_once(make_settings, start_worker, fake_llm):
+    url, _fake = fake_llm
+    # A quota high enough to never matter: the probe's reservation shows a task's need.
+    settings = make_settings(**env(url, PRICE_M1="3,15", QUOTA_FREE_USD_PER_MONTH=1000))
+    async with serve_api(settings) as (client, worker):
+        qr = await reservation(worker, CHAT)
+        need_usd = int(qr[3]) / NANO
+        top_up = {"usd": round(need_usd * 2.5, 9), "reference": "pay_1"}
+        first = await client.post("/v1/users/eve/credits", json=top_up)
+        again = await client.post("/v1/users/eve/credits", json=top_up)
+        assert first.json()["applied"] is True and again.json()["applied"] is False
+        assert again.json()["credits"]["usd"]["balance"] == pytest.approx(top_up["usd"])
+        body = {**CHAT, "user": "eve"}
+        answers = [await client.post("/v1/tasks", json=body) for _ in range(3)]
+        assert [a.status_code for a in answers] == [202, 202, 402]
+        assert answers[2].json()["error"] == "insufficient_credits"
+        records = [await final(worker, a.json()["id"]) for a in answers[:2]]
+        spent = sum(_json(r["cost"])["usd"] for r in records)
+        view = (await client.get("/v1/users/eve/quota")).json()
+        credits = view["credits"]["usd"]
+        assert credits["reserved"] == 0
+        assert credits["balance"] == pytest.approx(top_up["usd"] - spent, abs=2e-9)
+        bad = await client.post("/v1/users/eve/credits", json={"usd": "five"})
+        assert bad.status_code == 422 and bad.json()["field"] == "usd"
+
+
+async def test_the_ledgers_export_equals_the_sum_of_the_records(make_settings, fake_llm):
+    url, fake = fake_llm
+    settings = make_settings(
+        **env(url, PRICE_M1="3,15", ADMIN_KEYS=ADMIN, API_KEYS=f"app:{TENANT},other:x{TENANT}")
+    )
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    app = {"Authorization": f"Bearer {TENANT}"}
+    other = {"Authorization": f"Bearer x{TENANT}"}
+    async with serve_api(settings) as (client, worker):
+        ids = []
+        for i in range(6):
+            headers = app if i % 3 else other
+            answer = await client.post(
+                "/v1/tasks", json={**CHAT, "user": f"u{i % 2}"}, headers=headers
+            )
+            ids.append(answer.json()["id"])
+        fake.config.fail_next = [400]
+        ids.append(
+            (await client.post("/v1/tasks", json={**CHAT, "user": "u9"}, headers=app)).json()["id"]
+        )
+        records = [
+            await wait_until(lambda tid=task_id: _final_any(client, tid, (app, other)), 20)
+            for task_id in ids
+        ]
+        entries = (await client.get("/v1/usage/entries", headers=admin)).json()["entries"]
+        assert len(entries) == len(records) == 7
+        by_task = {e["task"]: e for e in entries}
+        for r in records:
+            e = by_task[r["id"]]
+            cost = r.get("cost")
+            assert e["status"] == r["status"]
+            assert e["cost_usd"] == (pytest.approx(cost["usd"]) if cost else None)
+            assert e["tokens"] == (cost["tokens"] if cost else dict.fromkeys(e["tokens"], 0))
+        total = (await client.get("/v1/usage?group_by=model", headers=admin)).json()
+        assert total["total"]["cost_usd"] == pytest.approx(
+            sum((r.get("cost") or {}).get("usd", 0) for r in records)
+        )
+        assert total["total"]["attempts"] == 7 and total["rows"][0]["model"] == "m1"
+        # A tenant sees its own users only, by its own names.
+        mine = (await client.get("/v1/usage?group_by=user", headers=app)).json()
+        assert {row["user"] for row in mine["rows"]} == {"u0", "u1", "u9"}
+        assert mine["total"]["attempts"] == 5
+        assert len((await client.get("/v1/usage/entries", headers=app)).json()["entries"]) == 5
+        bad = await client.get("/v1/usage?group_by=week", headers=admin)
+        assert bad.status_code == 400
+
+
+async def _final_any(
+    client: httpx.AsyncClient, task_id: str, headers: tuple[dict[str, str], ...]
+) -> Any:
+    for h in headers:
+        got = await client.get(f"/v1/tasks/{task_id}", headers=h)
+        if got.status_code == 200 and got.json()["status"] in ("succeeded", "failed"):
+            return got.json()
+    return None
