@@ -23,7 +23,7 @@ from llmworker.worker import Worker
 from .conftest import serve_api, wait_until
 from .test_executor import MESSAGES, final
 from .test_processes import _interrupt_and_resume
-from .test_provider_limits import env, submit
+from .test_provider_limits import env
 
 CHAT = {"kind": "chat", "model": "m1", "input": {"messages": MESSAGES, "max_tokens": 50}}
 
@@ -37,7 +37,7 @@ async def window(worker: Worker, user: str, period: str = "day") -> dict[str, in
 
 async def reservation(worker: Worker, body: dict[str, Any], user: str = "probe") -> list[str]:
     """What one task like ``body`` reserves (its record's 'qr'), from a user of its own."""
-    task_id, stored = await worker.admitter.submit(_spec({**body, "user": user}))
+    task_id, _stored = await worker.admitter.submit(_spec({**body, "user": user}))
     fields = await worker.queue.get(task_id)
     assert fields is not None
     return fields["qr"].split()
@@ -354,7 +354,7 @@ async def test_the_ledgers_export_equals_the_sum_of_the_records(make_settings, f
     admin = {"Authorization": f"Bearer {ADMIN}"}
     app = {"Authorization": f"Bearer {TENANT}"}
     other = {"Authorization": f"Bearer x{TENANT}"}
-    async with serve_api(settings) as (client, worker):
+    async with serve_api(settings) as (client, _worker):
         ids = []
         for i in range(6):
             headers = app if i % 3 else other
