@@ -31,7 +31,7 @@ CHAT = {"kind": "chat", "model": "m1", "input": {"messages": MESSAGES, "max_toke
 async def window(worker: Worker, user: str, period: str = "day") -> dict[str, int]:
     books = worker.queue.calendar.books()
     name = books.day if period == "day" else books.month
-    raw = await worker.redis.hgetall(f"{worker.keys.base}q:{user}:{name}")
+    raw: dict[str, str] = await worker.redis.hgetall(f"{worker.keys.base}q:{user}:{name}")  # type: ignore[misc]
     return {k: int(v) for k, v in raw.items()}
 
 
@@ -366,10 +366,7 @@ async def test_the_ledgers_export_equals_the_sum_of_the_records(make_settings, f
         ids.append(
             (await client.post("/v1/tasks", json={**CHAT, "user": "u9"}, headers=app)).json()["id"]
         )
-        records = [
-            await wait_until(lambda tid=task_id: _final_any(client, tid, (app, other)), 20)
-            for task_id in ids
-        ]
+        records = [await _wait_final_any(client, task_id, (app, other)) for task_id in ids]
         entries = (await client.get("/v1/usage/entries", headers=admin)).json()["entries"]
         assert len(entries) == len(records) == 7
         by_task = {e["task"]: e for e in entries}
@@ -391,6 +388,12 @@ async def test_the_ledgers_export_equals_the_sum_of_the_records(make_settings, f
         assert len((await client.get("/v1/usage/entries", headers=app)).json()["entries"]) == 5
         bad = await client.get("/v1/usage?group_by=week", headers=admin)
         assert bad.status_code == 400
+
+
+async def _wait_final_any(
+    client: httpx.AsyncClient, task_id: str, headers: tuple[dict[str, str], ...]
+) -> Any:
+    return await wait_until(lambda: _final_any(client, task_id, headers), 20)
 
 
 async def _final_any(
