@@ -4,6 +4,9 @@ a real Redis, the fake provider over HTTP, and real processes."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import os
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +23,7 @@ from llmworker.settings import load_settings
 from llmworker.usage import NANO
 from llmworker.worker import Worker
 
-from .conftest import serve_api, wait_until
+from .conftest import llmworker_command, serve_api, wait_until
 from .test_executor import MESSAGES, final
 from .test_processes import _interrupt_and_resume
 from .test_provider_limits import env
@@ -388,6 +391,28 @@ async def test_the_ledgers_export_equals_the_sum_of_the_records(make_settings, f
         assert len((await client.get("/v1/usage/entries", headers=app)).json()["entries"]) == 5
         bad = await client.get("/v1/usage?group_by=week", headers=admin)
         assert bad.status_code == 400
+        # The command line's export says the same.
+        rows = list(csv.DictReader(io.StringIO(await _cli(client, "usage", "--entries", "--csv"))))
+        assert sorted(r["task"] for r in rows) == sorted(e["task"] for e in entries)
+        by_model = list(
+            csv.DictReader(io.StringIO(await _cli(client, "usage", "--group-by", "model", "--csv")))
+        )
+        assert [r["model"] for r in by_model] == ["m1"]
+        assert float(by_model[0]["cost_usd"]) == pytest.approx(total["total"]["cost_usd"], abs=1e-6)
+        table = await _cli(client, "usage", "--since", "1d", "--group-by", "user")
+        assert "total" in table.splitlines()[-1] and "by user" in table.splitlines()[0]
+
+
+async def _cli(client: httpx.AsyncClient, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *llmworker_command(*args),
+        env={**os.environ, "LLMWORKER_URL": str(client.base_url), "LLMWORKER_API_KEY": ADMIN},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
 
 
 async def _wait_final_any(

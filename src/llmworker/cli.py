@@ -29,6 +29,8 @@ from llmworker import __version__
 from llmworker.auth import first_key
 from llmworker.client import ApiError, Client, WorkerUnreachable
 from llmworker.errors import ConfigError, LLMWorkerError
+from llmworker.usage_cli import add_arguments as add_usage_arguments
+from llmworker.usage_cli import cmd_usage
 
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
@@ -420,6 +422,9 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
 
     c = client("stats", "queue depths, guard slots, replicas (an admin key)", cmd_stats)
     c.add_argument("--json", action="store_true", help="print the JSON answer")
+
+    c = client("usage", "tokens and cost by day, model, tier or user (the ledger)", cmd_usage)
+    add_usage_arguments(c)
 
     c = client(
         "top",

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -95,6 +96,12 @@ def task_body(kind: str, input: Any, **fields: Any) -> dict[str, Any]:
     return {"kind": kind, "input": {} if input is None else input} | {
         k: v for k, v in fields.items() if v is not None
     }
+
+
+def usage_query(query: dict[str, Any]) -> dict[str, str]:
+    """The usage endpoints' parameters: ``since``/``until`` are ``from``/``to``."""
+    names = {"since": "from", "until": "to"}
+    return {names.get(k, k): str(v) for k, v in query.items() if v is not None}
 
 
 def _answer(response: httpx.Response) -> Any:
@@ -295,6 +302,28 @@ class Client(_Base):
     def stats(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/stats"))
 
+    def usage(self, **query: Any) -> dict[str, Any]:
+        """Token and cost totals (``since``, ``until``: YYYY-MM-DD or ``7d``; ``group_by``:
+        day, model, tier or user; ``user``, ``tier``, ``model`` filter)."""
+        return dict(self._request("GET", "/v1/usage", params=usage_query(query)))
+
+    def usage_entries(self, **query: Any) -> list[dict[str, Any]]:
+        """The ledger's entries, oldest first (``since``, ``until``, ``user``, ``limit``)."""
+        return list(self._request("GET", "/v1/usage/entries", params=usage_query(query))["entries"])
+
+    def quota(self, user: str, tier: str | None = None) -> dict[str, Any]:
+        params = {"tier": tier} if tier else {}
+        return dict(self._request("GET", f"/v1/users/{quote(user, safe='')}/quota", params=params))
+
+    def set_quota(self, user: str, **limits: float | None) -> dict[str, Any]:
+        """The user's own limits (tasks_per_day ... usd_per_month; None: the tier's)."""
+        return dict(self._request("PUT", f"/v1/users/{quote(user, safe='')}/quota", json=limits))
+
+    def add_credits(self, user: str, **amount: Any) -> dict[str, Any]:
+        """Prepaid credit: ``usd``, ``tokens``, and a ``reference`` that applies it once."""
+        path = f"/v1/users/{quote(user, safe='')}/credits"
+        return dict(self._request("POST", path, json=amount))
+
     def events(self, task_id: str, last_event_id: str | None = None) -> Iterator[Event]:
         """The task's events as they happen, ending with its final record; a dropped
         stream is resumed after the last event seen."""
@@ -437,6 +466,14 @@ class AsyncClient(_Base):
 
     async def stats(self) -> dict[str, Any]:
         return dict(await self._request("GET", "/v1/stats"))
+
+    async def usage(self, **query: Any) -> dict[str, Any]:
+        return dict(await self._request("GET", "/v1/usage", params=usage_query(query)))
+
+    async def quota(self, user: str, tier: str | None = None) -> dict[str, Any]:
+        params = {"tier": tier} if tier else {}
+        path = f"/v1/users/{quote(user, safe='')}/quota"
+        return dict(await self._request("GET", path, params=params))
 
     async def events(self, task_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
         stream = _Stream(last_event_id, self.reconnects)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from llmworker import __version__, errors
@@ -14,13 +14,10 @@ from llmworker.auth import TENANT_RE
 from llmworker.handlers import registry
 from llmworker.httpapp import NON_RETRYABLE_STATUS
 from llmworker.observe.snapshot import Lane
+from llmworker.openapi.accounts import ACCOUNT_MODELS, CostToday, account_paths
+from llmworker.openapi.parts import AUTHED, REF, Open, error_answers, json_body
 from llmworker.record import ID_RE, TaskSpec
 from llmworker.settings import Settings
-
-
-class Open(BaseModel):
-    # Answers may gain fields: clients must ignore what they do not know.
-    model_config = ConfigDict(extra="allow")
 
 
 class QStashDelivery(Open):
@@ -126,6 +123,12 @@ class ErrorAnswer(Open):
     field: str | None = Field(None, description="The field that is wrong (422).")
     retry_after: int | None = Field(None, description="Seconds to wait (429).")
     tier: str | None = None
+    quota: str | None = Field(None, description="quota_exceeded: the limit used up.")
+    limit: float | None = None
+    used: float | None = Field(None, description="quota_exceeded: used and reserved.")
+    credits: str | None = Field(None, description="insufficient_credits: usd or tokens.")
+    available: float | None = None
+    need: float | None = Field(None, description="What the task may take.")
 
 
 class StatusEvent(Open):
@@ -189,6 +192,7 @@ class Stats(Open):
     guards: dict[str, dict[str, Any]]
     user_limits: dict[str, int]
     replicas_alive: int
+    cost_today: CostToday
     held: dict[str, float] = Field(
         default_factory=dict,
         description="Models whose provider asked to wait: seconds until they take tasks again.",
@@ -234,36 +238,8 @@ MODELS: list[type[BaseModel]] = [
     Failures,
     Health,
     Readiness,
+    *ACCOUNT_MODELS,
 ]
-REF = "#/components/schemas/{model}"
-
-
-def _json(name: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": REF.format(model=name)}}}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    reasons = {
-        400: "The request is malformed (the message says how).",
-        401: "No valid API key (send `Authorization: Bearer <key>`).",
-        403: "The key may not do this (admin only, or another tenant).",
-        404: "Unknown, expired, or not the caller's.",
-        409: "The task is not finished yet.",
-        413: "The body is over MAX_BODY_BYTES.",
-        415: "The body is not declared as application/json.",
-        422: "A field is missing or wrong; `field` names it.",
-        429: "The tier's queue is full; retry after `retry_after` s (also `Retry-After`).",
-        503: "Redis is unreachable, or the endpoint is not configured here.",
-        NON_RETRYABLE_STATUS: "QStash: the task can never be admitted (dead-letter it).",
-    }
-    out: dict[str, Any] = {}
-    for status in statuses:
-        answer: dict[str, Any] = {"description": reasons[status], "content": _json("ErrorAnswer")}
-        if status == 429:
-            answer["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
-        out[str(status)] = answer
-    return out
-
 
 TASK_ID = {
     "name": "id",
@@ -325,10 +301,6 @@ def _tenant(settings: Settings) -> dict[str, Any]:
     }
 
 
-# Every endpoint that reads or writes tasks may refuse for these reasons.
-AUTHED = (400, 401, 403)
-
-
 def _submission(settings: Settings) -> dict[str, Any]:
     example = {
         "kind": "chat",
@@ -339,13 +311,13 @@ def _submission(settings: Settings) -> dict[str, Any]:
     return {
         "required": True,
         "content": {
-            "application/json": {**_json("TaskSpec")["application/json"], "example": example}
+            "application/json": {**json_body("TaskSpec")["application/json"], "example": example}
         },
     }
 
 
 def _task_answer(description: str, status: str = "200") -> dict[str, Any]:
-    return {status: {"description": description, "content": _json("TaskRecord")}}
+    return {status: {"description": description, "content": json_body("TaskRecord")}}
 
 
 def _paths(settings: Settings) -> dict[str, Any]:
@@ -355,7 +327,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
     submitted = {
         **admitted,
         **_task_answer("The same id or idempotency key was admitted before: that task."),
-        **_errors(*AUTHED, 413, 415, 422, 429, 503),
+        **error_answers(*AUTHED, 402, 413, 415, 422, 429, 503),
     }
     events_doc = (
         "Server-Sent Events: `status` (StatusEvent), `progress` (the handler's JSON), "
@@ -385,7 +357,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     },
                     tenant,
                 ],
-                "responses": {**_task_answer("The task."), **_errors(*AUTHED, 404, 503)},
+                "responses": {**_task_answer("The task."), **error_answers(*AUTHED, 404, 503)},
             },
         },
         "/v1/tasks/{id}": {
@@ -393,14 +365,14 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "get": {
                 "operationId": "getTask",
                 "summary": "A task's record",
-                "responses": {**_task_answer("The task."), **_errors(*AUTHED, 404, 503)},
+                "responses": {**_task_answer("The task."), **error_answers(*AUTHED, 404, 503)},
             },
             "delete": {
                 "operationId": "cancelTask",
                 "summary": "Cancel a task (a finished one stays as it is)",
                 "responses": {
                     **_task_answer("The task after the cancel."),
-                    **_errors(*AUTHED, 404, 503),
+                    **error_answers(*AUTHED, 404, 503),
                 },
             },
         },
@@ -420,7 +392,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 "responses": {
                     **_task_answer("The new task.", "202"),
                     **_task_answer("The task was retried before: that retry."),
-                    **_errors(*AUTHED, 404, 409, 415, 422, 429, 503),
+                    **error_answers(*AUTHED, 404, 409, 415, 422, 429, 503),
                 },
             },
         },
@@ -439,7 +411,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "description": events_doc,
                         "content": {"text/event-stream": {"schema": SSE_EVENT}},
                     },
-                    **_errors(*AUTHED, 404, 503),
+                    **error_answers(*AUTHED, 404, 503),
                 },
                 "x-events": {
                     "status": {"$ref": REF.format(model="StatusEvent")},
@@ -462,7 +434,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     {"name": "Upstash-Message-Id", "in": "header", "schema": {"type": "string"}},
                 ],
                 "requestBody": _submission(settings),
-                "responses": {**submitted, **_errors(NON_RETRYABLE_STATUS)},
+                "responses": {**submitted, **error_answers(NON_RETRYABLE_STATUS)},
             }
         },
         "/v1/stats": {
@@ -470,11 +442,12 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 "operationId": "stats",
                 "summary": "Queues, guards, throughput, provider health (admin)",
                 "responses": {
-                    "200": {"description": "The deployment.", "content": _json("Stats")},
-                    **_errors(*AUTHED, 503),
+                    "200": {"description": "The deployment.", "content": json_body("Stats")},
+                    **error_answers(*AUTHED, 503),
                 },
             }
         },
+        **account_paths(tenant),
         "/v1/failures": {
             "get": {
                 "operationId": "failures",
@@ -495,8 +468,8 @@ def _paths(settings: Settings) -> dict[str, Any]:
                     tenant,
                 ],
                 "responses": {
-                    "200": {"description": "Newest first.", "content": _json("Failures")},
-                    **_errors(*AUTHED, 503),
+                    "200": {"description": "Newest first.", "content": json_body("Failures")},
+                    **error_answers(*AUTHED, 503),
                 },
             }
         },
@@ -509,7 +482,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "description": "Prometheus text format.",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
-                    **_errors(*AUTHED, 404),
+                    **error_answers(*AUTHED, 404),
                 },
             }
         },
@@ -518,7 +491,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 "operationId": "health",
                 "summary": "Liveness",
                 **open_,
-                "responses": {"200": {"description": "Serving.", "content": _json("Health")}},
+                "responses": {"200": {"description": "Serving.", "content": json_body("Health")}},
             }
         },
         "/ready": {
@@ -527,8 +500,8 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 "summary": "Readiness: Redis answers and the replica is not draining",
                 **open_,
                 "responses": {
-                    "200": {"description": "Ready.", "content": _json("Readiness")},
-                    "503": {"description": "Not ready.", "content": _json("Readiness")},
+                    "200": {"description": "Ready.", "content": json_body("Readiness")},
+                    "503": {"description": "Not ready.", "content": json_body("Readiness")},
                 },
             }
         },
