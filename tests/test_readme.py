@@ -64,7 +64,15 @@ def example(name: str, port: int | None = None) -> str:
     return block.code if port is None else block.code.replace("8080", str(port))
 
 
-EXAMPLES = {"try-it", "python-client", "verify-callback", "own-kind", "python-publish", "watch"}
+EXAMPLES = {
+    "try-it",
+    "python-client",
+    "verify-callback",
+    "own-kind",
+    "python-publish",
+    "watch",
+    "quotas",
+}
 
 
 def test_every_example_is_run_or_says_why_not():
@@ -148,6 +156,43 @@ def test_the_watching_example_runs_as_written(worker_url: int):
     assert shell.returncode == 0, shell.stderr
     assert 'llmworker_queue_waiting{model="fake",tier="paid"} 0.0' in shell.stdout
     assert "/v1/tasks /v1/tasks/{id}" in shell.stdout
+
+
+def test_the_quotas_example_runs_as_written(redis_url: str, prefix: str, tmp_path: Path):
+    port = free_port()
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": prefix,
+        "FAKE_LATENCY_MS": "50",
+        "QUOTA_FREE_TASKS_PER_DAY": "20",
+        "PRICE_FAKE": "1,2",
+    }
+    serve = llmworker_command("serve", "--port", str(port))
+    with process(serve, env, tmp_path / "serve.log"):
+        wait_ready(f"http://127.0.0.1:{port}")
+        bin_dir = str(Path(sys.executable).parent)
+        shell = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", example("quotas", port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
+        )
+    assert shell.returncode == 0, shell.stdout + shell.stderr
+    decoder = json.JSONDecoder()
+    answers = []
+    rest = shell.stdout
+    while rest.startswith("{"):
+        value, end = decoder.raw_decode(rest)
+        answers.append(value)
+        rest = rest[end:].lstrip("\n")
+    set_quota, credits, task, quota = answers
+    assert set_quota["day"]["limits"]["tasks"] == 100
+    assert credits["applied"] is True and credits["credits"]["usd"]["balance"] == 2.5
+    assert task["status"] == "queued"
+    assert quota["day"]["used"]["tasks"] + quota["day"]["reserved"]["tasks"] == 1
+    assert quota["month"]["limits"]["usd"] == 5
+    assert "by user" in rest and "total" in rest
 
 
 def test_the_python_client_example_runs_as_written(worker_url: int):
