@@ -118,6 +118,11 @@ async def test_reserve_then_settle_to_the_providers_usage_exactly(
         assert w["nusd"] == round(cost["usd"] * NANO)
         assert not any(w.get(k) for k in ("r_tasks", "r_tokens", "r_nusd"))
     assert "qr" not in (await worker.queue.get(task_id) or {})
+    # The metrics count the same.
+    text = worker.metrics.exposition(None).decode()
+    assert f'llmworker_cost_usd_total{{model="m1",tier="free"}} {cost["usd"]!r}' in text
+    output = f'llmworker_tokens_total{{model="m1",tier="free",type="output"}} {usage["completion_tokens"]}.0'
+    assert output in text
 
 
 async def test_a_failure_before_any_token_and_a_cancel_in_the_queue_refund_everything(
@@ -261,6 +266,11 @@ def test_windows_are_days_and_months_of_the_configured_time_zone():
     # A day with a change of clocks still ends at midnight.
     berlin = Calendar("Europe/Berlin").books(datetime(2026, 10, 25, 12, tzinfo=UTC))
     assert berlin.day_ends.hour == 0 and berlin.resets_in_s("tasks_per_day") == 11 * 3600
+    # Before the change: 23:30 of wall clock to midnight, but 24:30 hours.
+    change = Calendar("Europe/Berlin").books(datetime(2026, 10, 24, 22, 30, tzinfo=UTC))
+    assert change.resets_in_s("tasks_per_day") == 24 * 3600 + 30 * 60
+    october = Calendar("Europe/Berlin").books(datetime(2026, 10, 10, tzinfo=UTC))
+    assert october.resets_in_s("usd_per_month") == (21 * 24 + 23) * 3600
 
 
 def test_bad_quota_settings_are_named():
@@ -429,3 +439,114 @@ async def _final_any(
         if got.status_code == 200 and got.json()["status"] in ("succeeded", "failed"):
             return got.json()
     return None
+
+
+async def _dead_claim(worker: Worker, settings: Any, lease_ms: int = 300) -> str:
+    """Claim the next task as a replica that then dies; wait for its lease to lapse."""
+    [claimed] = await worker.queue.claim("dead", 1, lease_ms, GuardPlan.from_settings(settings))
+    for _ in range(5):
+        # Another replica keeps reaching Redis meanwhile (else the gap reads as Redis away).
+        await worker.queue.renew("alive", lease_ms, {})
+        await asyncio.sleep(lease_ms / 3000)
+    return claimed.token
+
+
+async def test_a_lapsed_run_that_reports_after_all_is_booked_once_as_it_was(
+    make_settings, start_worker, fake_llm
+):
+    url, _fake = fake_llm
+    settings = make_settings(**env(url, PRICE_M1="3,15", QUOTA_FREE_TOKENS_PER_DAY=100_000))
+    idle = await start_worker(settings, dispatch=False)
+    task_id, _ = await idle.admitter.submit(_spec({**CHAT, "user": "fay"}))
+    token = await _dead_claim(idle, settings)
+    assert (await idle.queue.reap(3, 60, 300)).requeued == 1
+    cost = {"usd": 0.0001, "source": "PRICE_M1", "estimated": False,
+            "tokens": {"input": 10, "cached_input": 0, "output": 20, "reasoning": 0}}  # fmt: skip
+    recorded = await idle.queue.finish(
+        task_id, token, "succeeded", result='"late"', ttl_s=60, cost=orjson.dumps(cost).decode()
+    )
+    assert recorded
+    [entry] = await idle.ledger.entries(*_today(idle), _everyone())
+    assert entry["status"] == "succeeded" and entry["cost_usd"] == 0.0001
+    w = await window(idle, "default/fay")
+    assert w["tokens"] == 30 and w["nusd"] == 100_000 and w["tasks"] == 1
+    assert w["r_tokens"] == 0 and "lapsed" not in (await idle.queue.get(task_id) or {})
+
+
+async def test_a_run_handed_back_mid_stream_at_shutdown_is_booked_and_its_task_keeps_its_reservation(
+    make_settings, start_worker, fake_llm
+):
+    url, fake = fake_llm
+    fake.config.latency_ms = 3000
+    fake.config.tokens = 40
+    settings = make_settings(
+        **env(url, PRICE_M1="3,15", QUOTA_FREE_TASKS_PER_DAY=10, SHUTDOWN_GRACE_S=0)
+    )
+    worker = await start_worker(settings)
+    task_id, _ = await worker.admitter.submit(
+        _spec({**CHAT, "user": "gus", "input": {"messages": MESSAGES, "stream": True}})
+    )
+
+    async def streamed() -> bool:
+        events = await worker.redis.xrange(worker.keys.events(task_id))
+        return any(fields.get("type") == "tokens" for _, fields in events)
+
+    await wait_until(streamed, 5)
+    await worker.stop()
+    [entry] = await worker.ledger.entries(*_today(worker), _everyone())
+    assert entry["status"] == "handed_back" and entry["estimated"] and entry["tokens"]["output"] > 0
+    w = await window(worker, "default/gus")
+    assert w["tokens"] > 0 and w["r_tasks"] == 1
+    fake.config.latency_ms = 10
+    again = await start_worker(settings)
+    assert (await final(again, task_id))["status"] == "succeeded"
+    statuses = [e["status"] for e in await again.ledger.entries(*_today(again), _everyone())]
+    assert statuses == ["handed_back", "succeeded"]
+    w = await window(again, "default/gus")
+    assert w["tasks"] == 1 and w["r_tasks"] == 0 and w["r_tokens"] == 0
+
+
+async def test_a_cancelled_run_whose_replica_died_is_booked_after_its_record_would_have_expired(
+    make_settings, start_worker, fake_llm
+):
+    url, _fake = fake_llm
+    settings = make_settings(
+        **env(
+            url, PRICE_M1="3,15", QUOTA_FREE_TASKS_PER_DAY=10, RESULT_TTL_S=1, CALLBACK_DEADLINE_S=1
+        )
+    )
+    idle = await start_worker(settings, dispatch=False)
+    await idle.quotas.add_credits("default/hal", 1.0, 0, "")
+    task_id, _ = await idle.admitter.submit(_spec({**CHAT, "user": "hal"}))
+    [_claimed] = await idle.queue.claim("dead", 1, 1500, GuardPlan.from_settings(settings))
+    assert await idle.queue.cancel(task_id, 1) == "running"
+    for _ in range(8):
+        await idle.queue.renew("alive", 1500, {})
+        await asyncio.sleep(0.25)
+    await idle.queue.reap(3, 1, 1500)
+    w = await window(idle, "default/hal")
+    assert w["r_tasks"] == 0 and w["r_nusd"] == 0 and w["tasks"] == 1
+    credit = await idle.redis.hgetall(f"{idle.keys.base}cr:default/hal")  # type: ignore[misc]
+    assert int(credit["r_nusd"]) == 0 and int(credit["nusd"]) < NANO
+    [entry] = await idle.ledger.entries(*_today(idle), _everyone())
+    assert entry["status"] == "cancelled" and entry["price_source"] == "reservation"
+
+
+async def test_a_task_over_the_whole_limit_is_refused_without_a_retry_after(
+    make_settings, fake_llm
+):
+    url, _fake = fake_llm
+    settings = make_settings(**env(url, QUOTA_FREE_TOKENS_PER_DAY=1000))
+    async with serve_api(settings, dispatch=False) as (client, _worker):
+        big = {**CHAT, "input": {"messages": MESSAGES, "max_tokens": 5000}}
+        answer = await client.post("/v1/tasks", json=big)
+        assert answer.status_code == 422 and "retry-after" not in answer.headers
+        assert (
+            answer.json()["error"] == "quota_exceeded" and "max_tokens" in answer.json()["message"]
+        )
+        huge = await client.post("/v1/users/ivy/credits", json={"usd": 1e7})
+        assert huge.status_code == 422 and huge.json()["field"] == "usd"
+        most = await client.post("/v1/users/ivy/credits", json={"usd": 1e6, "tokens": 10**12})
+        assert most.status_code == 200
+        assert most.json()["credits"]["usd"]["balance"] == 1e6
+        assert most.json()["credits"]["tokens"]["balance"] == 10**12

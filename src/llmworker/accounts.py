@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 # The longest user id (record.py) and reference accepted.
 MAX_USER = 200
 MAX_REFERENCE = 200
+# The most one top-up adds (or takes back): balances stay well inside Redis's integers.
+MAX_USD = 1_000_000
+MAX_TOKENS = 10**12
 
 
 class Accounts:
@@ -131,9 +134,12 @@ class Accounts:
             name = sorted(unknown)[0]
             raise InvalidField(name, f"Unknown field {name[:60]!r}; use usd, tokens and reference.")
         usd, tokens = body.get("usd", 0), body.get("tokens", 0)
-        if isinstance(usd, bool) or not isinstance(usd, int | float) or abs(usd) > 1e9:
-            raise InvalidField("usd", "usd must be a number of USD (negative takes credit back).")
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or abs(tokens) > 10**15:
+        if isinstance(usd, bool) or not isinstance(usd, int | float) or not abs(usd) <= MAX_USD:
+            raise InvalidField(
+                "usd",
+                f"usd must be a number of USD up to {MAX_USD:g} (negative takes credit back).",
+            )
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or abs(tokens) > MAX_TOKENS:
             raise InvalidField(
                 "tokens", "tokens must be a whole number (negative takes credit back)."
             )

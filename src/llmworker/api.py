@@ -29,8 +29,6 @@ from llmworker.errors import (
     BadRequest,
     BodyTooLarge,
     Forbidden,
-    InsufficientCredits,
-    InvalidField,
     NotConfigured,
     NotFinished,
     NotFound,
@@ -241,15 +239,15 @@ class Api:
                 admitted = await self.worker.admitter.submit(
                     spec, self.settings.qstash_tenant, delivery, source="qstash"
                 )
-        except (BadRequest, InvalidField, InsufficientCredits) as exc:
+        except RequestError as exc:
+            if exc.status not in (400, 402, 422):
+                self.worker.metrics.rejected(exc.code)
+                raise
             # Sent again, it would be refused again: to the dead-letter queue (a user
             # without credit may be topped up and the message republished from there).
             log.warning("qstash_invalid_task", error=exc.code, message_id=_shown(message_id))
             self.worker.metrics.rejected(exc.code)
             return non_retryable_answer(exc)
-        except RequestError as exc:
-            self.worker.metrics.rejected(exc.code)
-            raise
         return await self._admitted(*admitted)
 
     async def _verify(

@@ -13,7 +13,8 @@
     │   ├── NotFound           404: unknown or expired task (or a switched-off endpoint)
     │   ├── NotFinished        409: the task must be final first (retry)
     │   ├── QueueFull          429: the tier's queue is at its cap; carries retry_after_s
-    │   ├── QuotaExceeded      429: the user's quota window is used up; until it resets
+    │   ├── QuotaExceeded      429: the user's quota window is used up, until it resets (422:
+    │   │                      the task alone is over the limit)
     │   ├── InsufficientCredits 402: the user's prepaid credits do not cover the task
     │   ├── SignatureInvalid   401: a QStash delivery failed one check; the code names it
     │   └── NotConfigured      503: the endpoint needs settings this worker lacks
@@ -140,16 +141,21 @@ class QuotaExceeded(RequestError):
     code = "quota_exceeded"
 
     def __init__(
-        self, limit: str, allowed: float, taken: float, need: float, retry_after_s: int
+        self, limit: str, allowed: float, taken: float, need: float, retry_after_s: int | None
     ) -> None:
         unit = limit.split("_", 1)[0]
-        if need > allowed:
-            why = f"this task alone needs {need:g} {unit}, more than the limit of {allowed:g}"
+        if retry_after_s is None:
+            # Waiting would not help: the task alone is over the limit (422).
+            self.status = 422
+            super().__init__(
+                f"This task may take {need:g} {unit}, more than the user's whole quota "
+                f"{limit} of {allowed:g}: lower its max_tokens or raise the limit."
+            )
         else:
-            why = f"{taken:g} of {allowed:g} {unit} are used or reserved, and this task needs {need:g}"
-        super().__init__(
-            f"The user's quota {limit} is used up: {why}. It resets in {retry_after_s} s."
-        )
+            super().__init__(
+                f"The user's quota {limit} is used up: {taken:g} of {allowed:g} {unit} are used "
+                f"or reserved, and this task may take {need:g}. It resets in {retry_after_s} s."
+            )
         self.limit = limit
         self.allowed = allowed
         self.taken = taken
@@ -158,7 +164,7 @@ class QuotaExceeded(RequestError):
 
     def extra(self) -> dict[str, Any]:
         return {
-            "retry_after": self.retry_after_s,
+            **({"retry_after": self.retry_after_s} if self.retry_after_s is not None else {}),
             "quota": self.limit,
             "limit": self.allowed,
             "used": self.taken,

@@ -313,18 +313,18 @@ class Executor:
         """After a cancelled run: free its slots, or hand the task back on shutdown."""
         try:
             used = _used(ctx)
-            cost = self._cost(claimed, ctx, used) if run.stop_reason == "cancelled" else None
+            # What streamed before the stop was paid for: the release (or hand-back)
+            # books it, and a cancelled task's record shows it, whichever way the stop
+            # was learnt (a cancel's message, or a renewal that found the task cancelled).
+            cost = self._cost(claimed, ctx, used)
             if cost is not None:
-                # What streamed before the cancel was paid for: the record says so, and
-                # the release books it (the ledger, the user's quota).
-                await self.queue.mark(claimed.id, "cost", _json(cost))
                 self.metrics.spent(
                     claimed.fields.get("tier", ""), claimed.fields.get("model", ""), cost
                 )
             if run.stop_reason == "cancelled" or run.stop_reason == "lease_lost":
                 await self.queue.release(claimed.id, claimed.token, _spent(ctx, used), _json(cost))
             else:
-                await self.queue.handback(claimed.id, claimed.token)
+                await self.queue.handback(claimed.id, claimed.token, _json(cost))
             log.info("task_stopped", reason=run.stop_reason or "shutdown")
         except Exception as exc:  # the leases lapse on their own; say so
             log.warning("stop_cleanup_failed", error=str(exc))

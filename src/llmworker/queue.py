@@ -235,8 +235,9 @@ class Queue:
         """True the first time ``key`` is used within ``ttl_ms``."""
         return bool(await self.scripts.command("SET", key, "1", "NX", "PX", max(1, ttl_ms)))
 
-    async def handback(self, task_id: str, token: str) -> bool:
-        return bool(await self._run("handback", task_id, token))
+    async def handback(self, task_id: str, token: str, cost: str = "") -> bool:
+        """Give a running task back to the queue; ``cost``: what the run used (booked)."""
+        return bool(await self._run("handback", task_id, token, cost, self.calendar.books_arg()))
 
     async def hold(self, model: str, wait_ms: int) -> tuple[int, bool]:
         """Hold ``model``'s dispatch for ``wait_ms``: (ms held, whether this lengthened it)."""
@@ -310,7 +311,7 @@ class Queue:
 
     async def cancel(self, task_id: str, ttl_s: int) -> str | None:
         """Cancel a task; the status it had, or None if unknown."""
-        reply = await self._run("cancel", task_id, ttl_s)
+        reply = await self._run("cancel", task_id, ttl_s, self.calendar.books_arg())
         return reply if reply else None
 
     async def renew(self, replica: str, lease_ms: int, runs: dict[str, str]) -> list[str]:

@@ -21,6 +21,7 @@ Money is counted in nano-USD, whole numbers (``usage.NANO``).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -67,7 +68,8 @@ class Books:
 
     def resets_in_s(self, limit: str) -> int:
         end = self.day_ends if limit.endswith("_day") else self.month_ends
-        return max(1, int((end - self.now).total_seconds() + 0.999))
+        # Timestamps, not wall clocks: a day with a change of clocks is 23 or 25 hours.
+        return max(1, math.ceil(end.timestamp() - self.now.timestamp()))
 
 
 class Calendar:
@@ -137,10 +139,12 @@ def refusal(reply: list[Any], books: Books) -> Exception:
     """The error for admit.lua's ``quota`` or ``credits`` answer."""
     if reply[0] == "quota":
         name, limit, taken, need = str(reply[1]), int(reply[2]), int(reply[3]), int(reply[4])
+        # A task that needs more than the whole limit would be refused after the reset
+        # too: no Retry-After for it.
+        wait = books.resets_in_s(name) if need <= limit else None
         return QuotaExceeded(
-            name, _shown(name, limit), _shown(name, taken), _shown(name, need),
-            books.resets_in_s(name),
-        )  # fmt: skip
+            name, _shown(name, limit), _shown(name, taken), _shown(name, need), wait
+        )
     unit, left, need = str(reply[1]), int(reply[2]), int(reply[3])
     if unit == "usd":
         return InsufficientCredits(unit, max(0, left) / NANO, need / NANO)
@@ -204,9 +208,11 @@ class Quotas:
 
     async def add_credits(self, user: str, usd: float, tokens: int, reference: str) -> bool:
         """Add credit once per ``reference``; whether it was added now."""
+        # Whole numbers as text: the script adds them with HINCRBY as given.
         reply = await self.scripts.call(
-            "credits", user, round(usd * NANO), tokens, reference, CREDIT_REFERENCE_TTL_S
-        )
+            "credits", user, str(round(usd * NANO)), str(tokens), reference,
+            CREDIT_REFERENCE_TTL_S,
+        )  # fmt: skip
         return bool(int(reply[0]))
 
     async def view(self, user: str, tier: str, shown_user: str) -> dict[str, Any]:

@@ -281,9 +281,9 @@ local function add_fields(key, pairs_)
   end
 end
 
--- Settle a task's quota reservation ('qr' on its record: '<task> <input> <output> <nusd>
--- <day window> <its expiry> <month window> <its expiry> <credits: u usd, k tokens, - none>',
--- admit.lua) to what it used: the reservation leaves 'reserved', the use enters 'used',
+-- Settle a task's quota reservation ('qr' on its record: '<task> <input> <output> <nusd,
+-- n for a model without a price> <day window> <its expiry> <month window> <its expiry>
+-- <credits: u usd, k tokens, - none>', admit.lua) to what it used: the reservation leaves 'reserved', the use enters 'used',
 -- and its credits pay it. A task without a reservation is counted in the current
 -- windows. counted: the task counts against tasks per day/month (it succeeded or used
 -- tokens: a failure before any token, a cancel in the queue, pay nothing).
@@ -291,7 +291,7 @@ local function settle_quota(tk, user, qr, tokens, nusd, counted, books)
   local task = counted and 1 or 0
   if qr and qr ~= '' then
     local r = words(qr)
-    local r_task, r_tokens, r_nusd = tonumber(r[1]), tonumber(r[2]) + tonumber(r[3]), tonumber(r[4])
+    local r_task, r_tokens, r_nusd = tonumber(r[1]), tonumber(r[2]) + tonumber(r[3]), tonumber(r[4]) or 0
     task = math.min(task, r_task)
     for _, w in ipairs({{r[5], r[6]}, {r[7], r[8]}}) do
       local key = quota_key(user, w[1])
@@ -359,8 +359,8 @@ local function use_of(cost)
     estimated = c.estimated == true}
 end
 
--- What a run whose end nobody saw (its replica died) probably used: its reservation's
--- estimate, or nothing known.
+-- What a run whose end nobody saw (its replica died) probably used: its task's
+-- reservation's estimate ('n' as its price: a model without one), or nothing known.
 local function use_guessed(qr)
   local r = words(qr)
   if #r < 4 then
@@ -370,28 +370,49 @@ local function use_guessed(qr)
     nusd = tonumber(r[4]), source = 'reservation', estimated = true}
 end
 
--- The books of a run that ended: its ledger entry, and its quota settled.
+-- A run that ended without ending its task (handed back mid-stream at a shutdown, or
+-- lapsed: its replica died): its ledger entry, and its use charged to the user's windows
+-- and credits. The task's reservation stays for the run that ends it.
 -- t: the task's record fields {id, tenant, user, tier, kind, model, qr}.
-local function book_run(tk, t, status, u, books, now)
+local function book_extra(t, status, u, books, now)
   ledger_add(t, status, u, books, now)
-  local tokens = u.input + u.output
-  settle_quota(tk, t[3], t[7], tokens, u.nusd or 0, status == 'succeeded' or tokens > 0, books)
-end
-
--- A requeued task's next run reserves what its last reservation did, its task already
--- counted (reap.lua).
-local function reserve_again(tk, user, qr)
-  local r = words(qr)
-  local tokens, nusd = tonumber(r[2]) + tonumber(r[3]), tonumber(r[4])
-  for _, w in ipairs({{r[5], r[6]}, {r[7], r[8]}}) do
-    local key = quota_key(user, w[1])
-    add_fields(key, {'r_tokens', tokens, 'r_nusd', nusd})
+  local tokens, nusd = u.input + u.output, u.nusd or 0
+  if tokens == 0 and nusd == 0 then return end
+  local windows, credit
+  if t[7] and t[7] ~= '' then
+    local r = words(t[7])
+    windows, credit = {{r[5], r[6]}, {r[7], r[8]}}, r[9]
+  else
+    local b = words(books)
+    windows, credit = {{b[1], b[3]}, {b[2], b[4]}}, '-'
+  end
+  for _, w in ipairs(windows) do
+    local key = quota_key(t[3], w[1])
+    add_fields(key, {'tokens', tokens, 'nusd', nusd})
     redis.call('EXPIREAT', key, w[2])
   end
-  local credit = {}
-  if string.find(r[9], 'u', 1, true) then credit = {'r_nusd', nusd} end
-  if string.find(r[9], 'k', 1, true) then credit[#credit + 1] = 'r_tokens'; credit[#credit + 1] = tokens end
-  add_fields(P .. 'cr:' .. user, credit)
-  r[1] = '0'
-  redis.call('HSET', tk, 'qr', table.concat(r, ' '))
+  local draw = {}
+  if string.find(credit, 'u', 1, true) then draw = {'nusd', -nusd} end
+  if string.find(credit, 'k', 1, true) then draw[#draw + 1] = 'tokens'; draw[#draw + 1] = -tokens end
+  add_fields(P .. 'cr:' .. t[3], draw)
+end
+
+-- Runs of the task that lapsed ('lapsed' on its record, counted by reap.lua) are booked
+-- at their estimate once the task ends: a run that lapsed may still report (finish.lua),
+-- and then it is booked as it was, once. Returns how many were booked.
+local function book_lapsed(tk, t, books, now)
+  local n = tonumber(redis.call('HGET', tk, 'lapsed') or '0') or 0
+  for _ = 1, n do book_extra(t, 'lapsed', use_guessed(t[7]), books, now) end
+  if n > 0 then redis.call('HDEL', tk, 'lapsed') end
+  return n
+end
+
+-- The books of the run that ended its task: its ledger entry (and those of its runs that
+-- lapsed), and the task's quota reservation settled to what it used.
+local function book_run(tk, t, status, u, books, now)
+  local lapsed = book_lapsed(tk, t, books, now)
+  ledger_add(t, status, u, books, now)
+  local tokens = u.input + u.output
+  settle_quota(tk, t[3], t[7], tokens, u.nusd or 0, status == 'succeeded' or tokens > 0 or lapsed > 0,
+    books)
 end

@@ -41,7 +41,8 @@ if any or credit[1] or credit[2] then
   local nusd = math.ceil(est_in * tonumber(q[7]) + out * tonumber(q[8]))
   local need = {1, tokens, nusd}
   local windows = {quota_key(user, q[1]), quota_key(user, q[3])}
-  for w = 1, 2 do
+  -- The month first: when both are used up, the month's reset is the one to wait for.
+  for w = 2, 1, -1 do
     local v = redis.call('HMGET', windows[w], 'tasks', 'tokens', 'nusd', 'r_tasks', 'r_tokens', 'r_nusd')
     for m = 1, 3 do
       local limit = limits[(w - 1) * 3 + m]
@@ -72,7 +73,8 @@ if any or credit[1] or credit[2] then
   else
     kinds = '-'
   end
-  reservation = table.concat({1, est_in, out, nusd, q[1], q[2], q[3], q[4], kinds}, ' ')
+  local priced = (tonumber(q[7]) > 0 or tonumber(q[8]) > 0) and nusd or 'n'
+  reservation = table.concat({1, est_in, out, priced, q[1], q[2], q[3], q[4], kinds}, ' ')
 end
 
 local now = now_ms()

@@ -10,8 +10,8 @@ if ref ~= '' then
   end
 end
 if applied == 1 then
-  if nusd ~= 0 then redis.call('HINCRBY', key, 'nusd', nusd) end
-  if tokens ~= 0 then redis.call('HINCRBY', key, 'tokens', tokens) end
+  if nusd ~= 0 then redis.call('HINCRBY', key, 'nusd', ARGV[2]) end
+  if tokens ~= 0 then redis.call('HINCRBY', key, 'tokens', ARGV[3]) end
 end
 local b = redis.call('HMGET', key, 'nusd', 'tokens')
 return {applied, b[1], b[2]}

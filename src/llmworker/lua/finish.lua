@@ -12,6 +12,13 @@
 -- Returns 1 when recorded; 0 when the run was stale (cancelled, or another run started):
 -- then only this run's slots are freed and its reservations settled.
 local id, token, status = ARGV[1], ARGV[2], ARGV[3]
+
+-- This run lapsed but reports: one lapsed run fewer to book at an estimate.
+local function unlapse(tk)
+  local left = redis.call('HINCRBY', tk, 'lapsed', -1)
+  if left <= 0 then redis.call('HDEL', tk, 'lapsed') end
+  return left >= 0
+end
 local tk = task_key(id)
 local current = redis.call('HMGET', tk, 'token', 'status', 'guards', 'attempts', 'tier', 'model',
   'user', 'kind', 'rl', 'models', 'tenant', 'qr')
@@ -31,14 +38,21 @@ wake(id, now)
 if current[1] ~= token then return 0 end
 local t = {id, current[11], current[7], current[5], current[8], current[6], current[12]}
 if status == '' or current[2] == 'cancelled' then
-  -- A run stopped (or ending) after a cancel: what it streamed was paid for (cancel.lua
-  -- listed it in 'qp' to be booked once).
   if current[2] == 'cancelled' and redis.call('ZREM', P .. 'qp', id) == 1 then
+    -- A run stopped (or ending) after a cancel: what it streamed was paid for (cancel.lua
+    -- listed it in 'qp' to be booked once, and kept its record until then).
     book_run(tk, t, 'cancelled', use_of(ARGV[11]), ARGV[12], now)
+    if ARGV[11] ~= '' then redis.call('HSET', tk, 'cost', ARGV[11]) end
+    redis.call('EXPIRE', tk, tonumber(redis.call('HGET', tk, 'keep') or '') or 86400)
+  elseif current[2] == 'queued' and unlapse(tk) then
+    -- A run whose lease lapsed, stopping: booked as it was, not at an estimate.
+    book_extra(t, 'lapsed', use_of(ARGV[11]), ARGV[12], now)
   end
   return 0
 end
 if current[2] == 'queued' then
+  -- The run whose lease lapsed reports after all: it is the task's end, not a lapse.
+  unlapse(tk)
   local tier, model, user = current[5], current[6], current[7]
   local route = route_of(model, current[8])
   redis.call('LREM', user_queue(tier, route, user), 1, id)

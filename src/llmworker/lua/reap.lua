@@ -1,9 +1,9 @@
 -- Requeue running tasks whose lease lapsed (their replica died or stalled), or fail
 -- them once they have used MAX_ATTEMPTS. The run token stays on a requeued task until
 -- a claim starts it again: an outcome its run records meanwhile still counts (finish).
--- What a dead run used is unknown: its books take its quota reservation's estimate (a
--- requeued task reserves it again for its next run, without a check: it was admitted).
--- Runs cancelled while their holder died ('qp') are booked the same way.
+-- What a dead run used is unknown: its books take its task's quota reservation's
+-- estimate, when the task ends (a requeued task's reservation stays for its next run).
+-- Runs cancelled while their holder died ('qp') are booked the same way, now.
 -- ARGV: max attempts, ttl s, how many at most, lease ms, books (_common.lua).
 -- Returns {requeued, failed, ms until the next lease lapses (-1: none), the failed tasks'
 -- '<tier>|<model>' (for the metrics)}.
@@ -20,11 +20,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', cutoff, 
     release(t[3], t[1])
     -- What the dead run used is unknown: its tokens go back, its request stays counted.
     settle_rates(t[9], t[1], nil, nil, now)
-    local last = tonumber(t[7]) >= max_attempts
-    book_run(tk, {id, t[11], t[6], t[4], t[8], t[5], t[12]}, last and 'failed' or 'lapsed',
-      use_guessed(t[12]), ARGV[5], now)
-    if t[12] and not last then reserve_again(tk, t[6], t[12]) end
-    if last then
+    if tonumber(t[7]) >= max_attempts then
+      book_run(tk, {id, t[11], t[6], t[4], t[8], t[5], t[12]}, 'failed', use_guessed(t[12]), ARGV[5], now)
       local err = cjson.encode({code = 'lease_expired', message =
         'The task was started ' .. t[7] .. ' times and each run stopped renewing its lease ' ..
         '(its worker died or stalled); raise MAX_ATTEMPTS or LEASE_TTL_S if runs block the event loop.'})
@@ -33,6 +30,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', cutoff, 
       failed = failed + 1
       failed_lanes[failed] = t[4] .. '|' .. t[5]
     else
+      -- Booked when the task ends, unless this run reports after all (finish.lua).
+      redis.call('HINCRBY', tk, 'lapsed', 1)
       redis.call('HSET', tk, 'status', 'queued')
       redis.call('HDEL', tk, 'holder')
       enqueue(id, t[4], t[5], t[8], t[6], true)
@@ -45,9 +44,10 @@ end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'qp', '-inf', cutoff, 'LIMIT', 0, limit)) do
   redis.call('ZREM', P .. 'qp', id)
   local tk = task_key(id)
-  local t = redis.call('HMGET', tk, 'tenant', 'user', 'tier', 'kind', 'model', 'qr')
+  local t = redis.call('HMGET', tk, 'tenant', 'user', 'tier', 'kind', 'model', 'qr', 'keep')
   if t[2] then
     book_run(tk, {id, t[1], t[2], t[3], t[4], t[5], t[6]}, 'cancelled', use_guessed(t[6]), ARGV[5], now)
+    redis.call('EXPIRE', tk, tonumber(t[7]) or ttl_s)
   end
 end
 if requeued + failed > 0 then redis.call('PUBLISH', P .. 'wake', 'reap') end
