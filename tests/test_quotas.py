@@ -526,7 +526,7 @@ async def test_a_cancelled_run_whose_replica_died_is_booked_after_its_record_wou
     await idle.queue.reap(3, 1, 1500)
     w = await window(idle, "default/hal")
     assert w["r_tasks"] == 0 and w["r_nusd"] == 0 and w["tasks"] == 1
-    credit = await idle.redis.hgetall(f"{idle.keys.base}cr:default/hal")  # type: ignore[misc]
+    credit = await idle.redis.hgetall(f"{idle.keys.base}cr:default/hal")
     assert int(credit["r_nusd"]) == 0 and int(credit["nusd"]) < NANO
     [entry] = await idle.ledger.entries(*_today(idle), _everyone())
     assert entry["status"] == "cancelled" and entry["price_source"] == "reservation"
