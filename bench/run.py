@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -222,6 +223,38 @@ def ingress(bench: Bench) -> None:
     bench.add("d", "POST /v1/tasks p99", f"{p99:.2f} ms", "<= 20 ms")
 
 
+# Quotas of every kind, per day and month, high enough never to refuse: every submission
+# reserves in two windows and is checked against six limits (and PRICE_FAKE prices it).
+QUOTAS_ON = {
+    "PRICE_FAKE": "0.27,1.10",
+    **{
+        f"QUOTA_FREE_{measure}_PER_{period}": "1000000000000"
+        for measure in ("TASKS", "TOKENS", "USD")
+        for period in ("DAY", "MONTH")
+    },
+}
+
+
+def quota_ingress(bench: Bench) -> None:
+    """(q) POST /v1/tasks with quotas on against off, runs alternated."""
+    print("ingress with quotas off / on: serve --workers 2, 64 connections, 8 s each", flush=True)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    p99s: dict[bool, list[float]] = {False: [], True: []}
+    for on in (False, True, True, False):
+        rate, _p50, p99, _cpu, _tool = ingress_load(
+            bench, 8, workers=2, **(QUOTAS_ON if on else {})
+        )
+        rates[on].append(rate)
+        p99s[on].append(p99)
+    for on in (False, True):
+        runs = ", ".join(f"{r:,.0f}" for r in rates[on])
+        tails = ", ".join(f"{p:.2f}" for p in p99s[on])
+        bench.add("q", f"submissions/s, quotas {'on' if on else 'off'} (runs)", runs)
+        bench.add("q", f"POST /v1/tasks p99 ms, quotas {'on' if on else 'off'} (runs)", tails)
+    ratio = statistics.mean(rates[True]) / statistics.mean(rates[False])
+    bench.add("q", "submissions/s, on / off", f"{ratio:.3f}", ">= 0.90")
+
+
 def rss(bench: Bench) -> None:
     """(e) resident memory of one replica holding 1,000 streaming tasks in flight."""
     print("memory: 1 replica, 1,000 streaming tasks in flight", flush=True)
@@ -337,6 +370,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "idle_pickup": idle_pickup,
     "noop": noop_rate,
     "ingress": ingress,
+    "quota_ingress": quota_ingress,
     "rss": rss,
     "transport": transport,
     "metrics_cost": observe.metrics_cost,

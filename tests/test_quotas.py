@@ -8,7 +8,7 @@ import csv
 import io
 import os
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from llmworker.errors import ConfigError
+from llmworker.errors import ConfigError, QuotaExceeded
 from llmworker.guards import GuardPlan
 from llmworker.quotas import Calendar
 from llmworker.settings import load_settings
@@ -550,3 +550,44 @@ async def test_a_task_over_the_whole_limit_is_refused_without_a_retry_after(
         assert most.status_code == 200
         assert most.json()["credits"]["usd"]["balance"] == 1e6
         assert most.json()["credits"]["tokens"]["balance"] == 10**12
+
+
+class FixedCalendar(Calendar):
+    """A calendar whose clock the test sets (windows expire by Redis's clock: keep it near)."""
+
+    at = datetime.now(UTC)
+
+    def books(self, at: datetime | None = None) -> Any:
+        return super().books(at or self.at)
+
+
+async def test_a_day_window_resets_at_midnight_in_the_configured_time_zone(
+    make_settings, start_worker, fake_llm
+):
+    url, _fake = fake_llm
+    settings = make_settings(**env(url, QUOTA_FREE_TASKS_PER_DAY=1, QUOTA_TIMEZONE="Asia/Shanghai"))
+    idle = await start_worker(settings, dispatch=False)
+    clock = FixedCalendar("Asia/Shanghai")
+    # The next midnight in Shanghai is 16:00 UTC.
+    midnight = datetime.now(UTC).replace(hour=16, minute=0, second=0, microsecond=0)
+    if midnight <= datetime.now(UTC):
+        midnight += timedelta(days=1)
+    clock.at = midnight - timedelta(seconds=1)
+    idle.admitter.calendar = clock
+    body = {**CHAT, "user": "jo"}
+    await idle.admitter.submit(_spec(body))
+    before = clock.books()
+    # 23:59:59 in Shanghai: the day's one task is taken, for one more second.
+    with pytest.raises(QuotaExceeded) as refused:
+        await idle.admitter.submit(_spec(body))
+    assert refused.value.retry_after_s == 1
+    # Midnight in Shanghai: a new day.
+    clock.at = midnight
+    await idle.admitter.submit(_spec(body))
+    after = clock.books()
+    assert after.day != before.day and after.day_ends == before.day_ends + timedelta(days=1)
+    base = f"{idle.keys.base}q:default/jo:"
+    windows = {key.removeprefix(base) async for key in idle.redis.scan_iter(base + "*")}
+    assert windows == {before.day, after.day, before.month, after.month}
+    month = await idle.redis.hget(base + after.month, "r_tasks")  # type: ignore[misc]
+    assert month == ("2" if after.month == before.month else "1")

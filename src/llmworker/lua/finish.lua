@@ -27,9 +27,12 @@ release(current[3], token)
 if current[9] and current[9] ~= '' then
   settle_rates(current[9], token, tonumber(ARGV[8]), tonumber(ARGV[9]), now)
 end
--- The model's usual output, for the next tasks' estimates (TPM_*, quotas): a moving average.
+-- The model's usual output, for the next tasks' estimates (TPM_*, quotas): a moving
+-- average, kept where something reserves with it.
 local output = tonumber(ARGV[10])
-if output and output > 0 and current[6] then
+local estimates = (current[9] and string.find(current[9], 'tpm:', 1, true)) or
+  (current[12] and current[12] ~= '')
+if output and output > 0 and current[6] and estimates then
   local key = model_state(current[6])
   local before = tonumber(redis.call('HGET', key, 'out') or '')
   redis.call('HSET', key, 'out', before and math.floor(before * 0.9 + output * 0.1 + 0.5) or output)
