@@ -589,5 +589,5 @@ async def test_a_day_window_resets_at_midnight_in_the_configured_time_zone(
     base = f"{idle.keys.base}q:default/jo:"
     windows = {key.removeprefix(base) async for key in idle.redis.scan_iter(base + "*")}
     assert windows == {before.day, after.day, before.month, after.month}
-    month = await idle.redis.hget(base + after.month, "r_tasks")  # type: ignore[misc]
+    month = await idle.redis.hget(base + after.month, "r_tasks")
     assert month == ("2" if after.month == before.month else "1")
