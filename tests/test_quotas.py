@@ -32,10 +32,12 @@ CHAT = {"kind": "chat", "model": "m1", "input": {"messages": MESSAGES, "max_toke
 
 
 async def window(worker: Worker, user: str, period: str = "day") -> dict[str, int]:
+    """The user's window today or this month: used and reserved."""
     books = worker.queue.calendar.books()
     name = books.day if period == "day" else books.month
-    raw: dict[str, str] = await worker.redis.hgetall(f"{worker.keys.base}q:{user}:{name}")  # type: ignore[misc]
-    return {k: int(v) for k, v in raw.items()}
+    packed = await worker.redis.hget(f"{worker.keys.base}q:{user}:{books.month}", name)  # type: ignore[misc]
+    names = ("tasks", "tokens", "nusd", "r_tasks", "r_tokens", "r_nusd")
+    return dict(zip(names, map(int, (packed or "0 0 0 0 0 0").split()), strict=True))
 
 
 async def reservation(worker: Worker, body: dict[str, Any], user: str = "probe") -> list[str]:
@@ -526,7 +528,7 @@ async def test_a_cancelled_run_whose_replica_died_is_booked_after_its_record_wou
     await idle.queue.reap(3, 1, 1500)
     w = await window(idle, "default/hal")
     assert w["r_tasks"] == 0 and w["r_nusd"] == 0 and w["tasks"] == 1
-    credit = await idle.redis.hgetall(f"{idle.keys.base}cr:default/hal")
+    credit = await idle.redis.hgetall(f"{idle.keys.base}qu:default/hal")
     assert int(credit["r_nusd"]) == 0 and int(credit["nusd"]) < NANO
     [entry] = await idle.ledger.entries(*_today(idle), _everyone())
     assert entry["status"] == "cancelled" and entry["price_source"] == "reservation"
@@ -586,8 +588,10 @@ async def test_a_day_window_resets_at_midnight_in_the_configured_time_zone(
     await idle.admitter.submit(_spec(body))
     after = clock.books()
     assert after.day != before.day and after.day_ends == before.day_ends + timedelta(days=1)
-    base = f"{idle.keys.base}q:default/jo:"
-    windows = {key.removeprefix(base) async for key in idle.redis.scan_iter(base + "*")}
-    assert windows == {before.day, after.day, before.month, after.month}
-    month = await idle.redis.hget(base + after.month, "r_tasks")
-    assert month == ("2" if after.month == before.month else "1")
+    # Each day's window holds its own task; the month's both (if the day was no 1st).
+    idle.queue.calendar = clock
+    assert (await window(idle, "default/jo", "day"))["r_tasks"] == 1
+    month = (await window(idle, "default/jo", "month"))["r_tasks"]
+    assert month == (2 if after.month == before.month else 1)
+    clock.at = midnight - timedelta(seconds=1)
+    assert (await window(idle, "default/jo", "day"))["r_tasks"] == 1

@@ -66,11 +66,13 @@ key                                    type     lifetime
 ``ld:d<day>`` / ``lt:d<day>``          hash     LEDGER_RETENTION_DAYS past the day: the day's
                                                 totals per tier, model and user / per tier
                                                 and model (day of QUOTA_TIMEZONE)
-``q:<user>:d<day>`` / ``:m<month>``    hash     two days past the window: the user's tasks,
-                                                tokens and nano-USD used and reserved in it
-``qo:<user>``                          hash     forever: the user's own quota limits
-``cr:<user>``                          hash     forever: the user's prepaid credits and what
-                                                running tasks reserved of them
+``q:<user>:m<month>``                  hash     two days past the month: the user's windows,
+                                                field ``m<month>`` and ``d<day>`` for each
+                                                of its days: tasks, tokens, nano-USD used
+                                                and reserved (lua/_common.lua, add_windows)
+``qu:<user>``                          hash     forever: the user's own quota limits, and
+                                                prepaid credits and what running tasks
+                                                reserved of them (quotas.py)
 ``crref:<user>:<reference>``           string   90 days: a credit top-up already applied
 ``qp``                                 zset     tasks cancelled while running whose run is
                                                 still to be booked, by lease expiry (ms)

@@ -1,9 +1,10 @@
 """Quotas and credits per user: what admission reserves, and what the books say.
 
-A user's limits are their own (``PUT /v1/users/{user}/quota``, kept in ``qo:<user>``)
+A user's limits are their own (``PUT /v1/users/{user}/quota``, kept in ``qu:<user>``)
 where set, else their task's tier's (``QUOTA_<TIER>_<MEASURE>_PER_<DAY|MONTH>``). Each
-day and month of ``QUOTA_TIMEZONE`` is a window (``q:<user>:<window>``) holding what the
-user's tasks used and what the tasks admitted but not yet finished reserved.
+day and month of ``QUOTA_TIMEZONE`` is a window holding what the user's tasks used and
+what the tasks admitted but not yet finished reserved; a month's windows share one hash
+(``q:<user>:m<YYYY-MM>``, lua/_common.lua), so an admission reads two hashes.
 
 - Admission (lua/admit.lua) reserves a task's estimate (one task; its input's tokens
   plus ``max_tokens`` or the model's usual output; their price) in both windows, and
@@ -13,7 +14,7 @@ user's tasks used and what the tasks admitted but not yet finished reserved.
   reservation to what it used: a failure before any token and a cancel in the queue pay
   nothing; a cancelled stream pays what streamed; a run whose replica died pays its
   estimate. A running task is never stopped for its quota.
-- Credits (``POST /v1/users/{user}/credits``, ``cr:<user>``): prepaid USD or tokens that
+- Credits (``POST /v1/users/{user}/credits``, ``qu:<user>``): prepaid USD or tokens that
   the user's tasks draw on; once a user holds credits, a task needs enough of them left.
 
 Money is counted in nano-USD, whole numbers (``usage.NANO``).
@@ -118,9 +119,10 @@ def terms(
     max_out: int,
     unit_prices: tuple[float, float],
 ) -> str:
-    """What admit.lua checks a task against: the windows, the task's estimate (its input
-    tokens; its max_tokens, 0 for the model's usual output; nano-USD per input and output
-    token) and its tier's limits (-1: none; USD in nano-USD)."""
+    """What admit.lua checks a task against: the windows (day, month, when the month's
+    hash expires), the task's estimate (its input tokens; its max_tokens, 0 for the
+    model's usual output; nano-USD per input and output token) and its tier's limits
+    (-1: none; USD in nano-USD)."""
     values = []
     for name in LIMITS:
         limit = limits.get(name)
@@ -129,8 +131,7 @@ def terms(
         else:
             values.append(str(round(limit * NANO) if name.startswith("usd") else int(limit)))
     return (
-        f"{books.day} {Books.expires(books.day_ends)} {books.month} "
-        f"{Books.expires(books.month_ends)} {est_in} {max_out} "
+        f"{books.day} {books.month} {Books.expires(books.month_ends)} {est_in} {max_out} "
         f"{unit_prices[0]!r} {unit_prices[1]!r} " + " ".join(values)
     )
 
@@ -185,14 +186,11 @@ class Quotas:
         self.settings = settings
         self.calendar = Calendar.of(settings)
 
-    def _own_key(self, user: str) -> str:
-        return f"{self.keys.base}qo:{user}"
+    def _user_key(self, user: str) -> str:
+        return f"{self.keys.base}qu:{user}"
 
-    def _credit_key(self, user: str) -> str:
-        return f"{self.keys.base}cr:{user}"
-
-    def _window_key(self, user: str, window: str) -> str:
-        return f"{self.keys.base}q:{user}:{window}"
+    def _window_key(self, user: str, month: str) -> str:
+        return f"{self.keys.base}q:{user}:{month}"
 
     async def set_own(self, user: str, limits: dict[str, float]) -> None:
         """Replace the user's own limits (none left: the tier's apply again)."""
@@ -201,9 +199,9 @@ class Quotas:
             for name, v in limits.items()
         }
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(self._own_key(user))
+        pipe.hdel(self._user_key(user), *LIMITS)
         if stored:
-            pipe.hset(self._own_key(user), mapping=stored)
+            pipe.hset(self._user_key(user), mapping=stored)
         await pipe.execute()
 
     async def add_credits(self, user: str, usd: float, tokens: int, reference: str) -> bool:
@@ -220,11 +218,10 @@ class Quotas:
         and this month, and credits."""
         books = self.calendar.books()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self._own_key(user))
-        pipe.hgetall(self._window_key(user, books.day))
-        pipe.hgetall(self._window_key(user, books.month))
-        pipe.hgetall(self._credit_key(user))
-        own_raw, day_raw, month_raw, credit_raw = await pipe.execute()
+        pipe.hgetall(self._user_key(user))
+        pipe.hmget(self._window_key(user, books.month), [books.day, books.month])
+        own_raw, (day_raw, month_raw) = await pipe.execute()
+        credit_raw = own_raw
         tier_limits = self.settings.quotas.get(tier, {})
         own = {n: _shown(n, int(v)) for n, v in own_raw.items() if n in LIMITS}
         windows: dict[str, Any] = {}
@@ -232,8 +229,9 @@ class Quotas:
             ("day", day_raw, books.day, books.day_ends),
             ("month", month_raw, books.month, books.month_ends),
         ):
-            used = _measures(raw, "")
-            reserved = _measures(raw, "r_")
+            packed = [int(v) for v in (raw or "0 0 0 0 0 0").split()]
+            used = _measures(packed[:3])
+            reserved = _measures(packed[3:])
             limits: dict[str, float | None] = {}
             remaining: dict[str, float | None] = {}
             for measure in ("tasks", "tokens", "usd"):
@@ -274,9 +272,6 @@ class Quotas:
         }
 
 
-def _measures(raw: dict[str, str], prefix: str) -> dict[str, Any]:
-    return {
-        "tasks": int(raw.get(prefix + "tasks", 0)),
-        "tokens": int(raw.get(prefix + "tokens", 0)),
-        "usd": int(raw.get(prefix + "nusd", 0)) / NANO,
-    }
+def _measures(values: list[int]) -> dict[str, Any]:
+    tasks, tokens, nusd = values
+    return {"tasks": tasks, "tokens": tokens, "usd": nusd / NANO}

@@ -263,17 +263,51 @@ local function hand_back(id, token)
   return attempts
 end
 
--- Money, tokens and quotas. Costs are counted in nano-USD, whole numbers, so HINCRBY
--- adds them exactly. 'books' (ledger.py, Books.arg): '<day> <month> <day window expires
--- at, s> <month window expires at, s> <ledger kept, s>', the day and month being those
--- of QUOTA_TIMEZONE now.
+-- Money, tokens and quotas. Costs are counted in nano-USD, whole numbers. 'books'
+-- (quotas.py, Books.arg): '<day> <month> <day window expires at, s> <month window expires
+-- at, s> <ledger kept, s>', the day (dYYYY-MM-DD) and month (mYYYY-MM) being those of
+-- QUOTA_TIMEZONE now.
+-- A user's windows live in one hash per month, 'q:<user>:<month>': field '<month>' for
+-- the month and '<day>' for each of its days, each '<tasks> <tokens> <nusd> <reserved
+-- tasks> <reserved tokens> <reserved nusd>'. The user's own limits and credits are
+-- 'qu:<user>' (quotas.py). So an admission reads two hashes and writes one.
 local function words(s)
   local out = {}
   for w in string.gmatch(s or '', '%S+') do out[#out + 1] = w end
   return out
 end
 
-local function quota_key(user, window) return P .. 'q:' .. user .. ':' .. window end
+local function quota_key(user, month) return P .. 'q:' .. user .. ':' .. month end
+local function user_key(user) return P .. 'qu:' .. user end
+
+local function window_of(packed)
+  if not packed then return {0, 0, 0, 0, 0, 0} end
+  local a, b, c, d, e, f = string.match(packed, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+  return {tonumber(a) or 0, tonumber(b) or 0, tonumber(c) or 0, tonumber(d) or 0, tonumber(e) or 0,
+    tonumber(f) or 0}
+end
+
+local function window_text(v)
+  return string.format('%d %d %d %d %d %d', v[1], v[2], v[3], v[4], v[5], v[6])
+end
+
+-- Add deltas {tasks, tokens, nusd, reserved tasks, reserved tokens, reserved nusd} to
+-- the user's day and month windows ('<day> <month> <expires at, s>'); now_v: the two
+-- fields when already read.
+local function add_windows(user, where, delta, now_v)
+  local w = words(where)
+  local key = quota_key(user, w[2])
+  now_v = now_v or redis.call('HMGET', key, w[1], w[2])
+  local day, month = window_of(now_v[1]), window_of(now_v[2])
+  for i = 1, 6 do
+    day[i] = day[i] + delta[i]
+    month[i] = month[i] + delta[i]
+  end
+  -- New fields mean a new day (or key): only then is its expiry set.
+  if redis.call('HSET', key, w[1], window_text(day), w[2], window_text(month)) > 0 then
+    redis.call('EXPIREAT', key, w[3])
+  end
+end
 
 local function add_fields(key, pairs_)
   for i = 1, #pairs_, 2 do
@@ -281,10 +315,16 @@ local function add_fields(key, pairs_)
   end
 end
 
+-- The windows now, as add_windows takes them.
+local function windows_now(books)
+  local b = words(books)
+  return b[1] .. ' ' .. b[2] .. ' ' .. b[4]
+end
+
 -- Settle a task's quota reservation ('qr' on its record: '<task> <input> <output> <nusd,
--- n for a model without a price> <day window> <its expiry> <month window> <its expiry>
--- <credits: u usd, k tokens, - none>', admit.lua) to what it used: the reservation leaves 'reserved', the use enters 'used',
--- and its credits pay it. A task without a reservation is counted in the current
+-- n for a model without a price> <day> <month> <expires at, s> <credits: u usd, k tokens,
+-- - none>', admit.lua) to what it used: the reservation leaves 'reserved', the use enters
+-- 'used', and its credits pay it. A task without a reservation is counted in the current
 -- windows. counted: the task counts against tasks per day/month (it succeeded or used
 -- tokens: a failure before any token, a cancel in the queue, pay nothing).
 local function settle_quota(tk, user, qr, tokens, nusd, counted, books)
@@ -293,29 +333,18 @@ local function settle_quota(tk, user, qr, tokens, nusd, counted, books)
     local r = words(qr)
     local r_task, r_tokens, r_nusd = tonumber(r[1]), tonumber(r[2]) + tonumber(r[3]), tonumber(r[4]) or 0
     task = math.min(task, r_task)
-    for _, w in ipairs({{r[5], r[6]}, {r[7], r[8]}}) do
-      local key = quota_key(user, w[1])
-      add_fields(key, {'r_tasks', -r_task, 'r_tokens', -r_tokens, 'r_nusd', -r_nusd,
-        'tasks', task, 'tokens', tokens, 'nusd', nusd})
-      redis.call('EXPIREAT', key, w[2])
+    add_windows(user, r[5] .. ' ' .. r[6] .. ' ' .. r[7],
+      {task, tokens, nusd, -r_task, -r_tokens, -r_nusd})
+    local credit = {}
+    if string.find(r[8], 'u', 1, true) then credit = {'r_nusd', -r_nusd, 'nusd', -nusd} end
+    if string.find(r[8], 'k', 1, true) then
+      credit[#credit + 1] = 'r_tokens'; credit[#credit + 1] = -r_tokens
+      credit[#credit + 1] = 'tokens'; credit[#credit + 1] = -tokens
     end
-    if r[9] ~= '-' then
-      local credit = {}
-      if string.find(r[9], 'u', 1, true) then credit = {'r_nusd', -r_nusd, 'nusd', -nusd} end
-      if string.find(r[9], 'k', 1, true) then
-        credit[#credit + 1] = 'r_tokens'; credit[#credit + 1] = -r_tokens
-        credit[#credit + 1] = 'tokens'; credit[#credit + 1] = -tokens
-      end
-      add_fields(P .. 'cr:' .. user, credit)
-    end
+    add_fields(user_key(user), credit)
     redis.call('HDEL', tk, 'qr')
   elseif books and (task > 0 or tokens > 0 or nusd > 0) then
-    local b = words(books)
-    for _, w in ipairs({{b[1], b[3]}, {b[2], b[4]}}) do
-      local key = quota_key(user, w[1])
-      add_fields(key, {'tasks', task, 'tokens', tokens, 'nusd', nusd})
-      redis.call('EXPIREAT', key, w[2])
-    end
+    add_windows(user, windows_now(books), {task, tokens, nusd, 0, 0, 0})
   end
 end
 
@@ -339,9 +368,10 @@ local function ledger_add(t, status, u, books, now)
   local tail = '|' .. (t[4] or '') .. '|' .. (t[6] or '')
   for _, k in ipairs({{P .. 'lt:' .. b[1], tail}, {P .. 'ld:' .. b[1], tail .. '|' .. (t[3] or '')}}) do
     local s = k[2]
-    add_fields(k[1], {'n' .. s, 1, 't' .. s, ended, 'in' .. s, u.input, 'cin' .. s, u.cached_input,
+    -- A day's first entry (of its tier, model and user) sets the day's expiry.
+    if redis.call('HINCRBY', k[1], 'n' .. s, 1) == 1 then redis.call('EXPIRE', k[1], keep_s + 172800) end
+    add_fields(k[1], {'t' .. s, ended, 'in' .. s, u.input, 'cin' .. s, u.cached_input,
       'out' .. s, u.output, 'rsn' .. s, u.reasoning, 'nusd' .. s, u.nusd or 0, 'unp' .. s, unpriced})
-    redis.call('EXPIRE', k[1], keep_s + 172800)
   end
 end
 
@@ -378,23 +408,16 @@ local function book_extra(t, status, u, books, now)
   ledger_add(t, status, u, books, now)
   local tokens, nusd = u.input + u.output, u.nusd or 0
   if tokens == 0 and nusd == 0 then return end
-  local windows, credit
+  local where, credit = windows_now(books), '-'
   if t[7] and t[7] ~= '' then
     local r = words(t[7])
-    windows, credit = {{r[5], r[6]}, {r[7], r[8]}}, r[9]
-  else
-    local b = words(books)
-    windows, credit = {{b[1], b[3]}, {b[2], b[4]}}, '-'
+    where, credit = r[5] .. ' ' .. r[6] .. ' ' .. r[7], r[8]
   end
-  for _, w in ipairs(windows) do
-    local key = quota_key(t[3], w[1])
-    add_fields(key, {'tokens', tokens, 'nusd', nusd})
-    redis.call('EXPIREAT', key, w[2])
-  end
+  add_windows(t[3], where, {0, tokens, nusd, 0, 0, 0})
   local draw = {}
   if string.find(credit, 'u', 1, true) then draw = {'nusd', -nusd} end
   if string.find(credit, 'k', 1, true) then draw[#draw + 1] = 'tokens'; draw[#draw + 1] = -tokens end
-  add_fields(P .. 'cr:' .. t[3], draw)
+  add_fields(user_key(t[3]), draw)
 end
 
 -- Runs of the task that lapsed ('lapsed' on its record, counted by reap.lua) are booked

@@ -2,8 +2,8 @@
 -- ARGV: id, idempotency key ('' for none), tier, model, user, tier cap, the lane's
 --       model-tier limit, kind, the quota's terms (quotas.py, Terms.arg), then the
 --       record's other fields as name, value pairs.
--- Quotas: the user's own limits ('qo:<user>') over the tier's; when any applies, or the
--- user holds credits ('cr:<user>'), the task's estimated use is checked against what the
+-- Quotas: the user's own limits ('qu:<user>') over the tier's; when any applies, or the
+-- user holds credits (also 'qu:<user>'), the task's estimated use is checked against what the
 -- day's and the month's windows have used and reserved, and against the credits left,
 -- and reserved in the same step: concurrent submissions cannot overspend.
 -- Returns {'created', created_at} | {'exists', existing id} | {'full', waiting count} |
@@ -25,56 +25,55 @@ local LIMITS = {'tasks_per_day', 'tokens_per_day', 'usd_per_day', 'tasks_per_mon
 -- Output a task reserves when it names no max_tokens and its model's usual output is not
 -- known yet.
 local DEFAULT_OUTPUT = 1024
+-- The terms: day, month, the month window's expiry, the input's tokens, max_tokens (0:
+-- none), nano-USD per input and per output token, then the tier's six limits (-1: none).
 local q = words(ARGV[9])
-local own = redis.call('HMGET', P .. 'qo:' .. user, unpack(LIMITS))
+local own = redis.call('HMGET', user_key(user), 'tasks_per_day', 'tokens_per_day', 'usd_per_day',
+  'tasks_per_month', 'tokens_per_month', 'usd_per_month', 'nusd', 'tokens', 'r_nusd', 'r_tokens')
 local limits, any = {}, false
 for i = 1, 6 do
-  local limit = tonumber(own[i]) or tonumber(q[8 + i])
+  local limit = tonumber(own[i]) or tonumber(q[7 + i])
   if limit and limit >= 0 then limits[i] = limit; any = true end
 end
-local credit = redis.call('HMGET', P .. 'cr:' .. user, 'nusd', 'tokens', 'r_nusd', 'r_tokens')
 local reservation
-if any or credit[1] or credit[2] then
-  local est_in, out = tonumber(q[5]), tonumber(q[6])
+if any or own[7] or own[8] then
+  local est_in, out = tonumber(q[4]), tonumber(q[5])
   if out <= 0 then out = tonumber(redis.call('HGET', model_state(model), 'out') or '') or DEFAULT_OUTPUT end
   local tokens = est_in + out
-  local nusd = math.ceil(est_in * tonumber(q[7]) + out * tonumber(q[8]))
+  local nusd = math.ceil(est_in * tonumber(q[6]) + out * tonumber(q[7]))
   local need = {1, tokens, nusd}
-  local windows = {quota_key(user, q[1]), quota_key(user, q[3])}
+  local now_v = redis.call('HMGET', quota_key(user, q[2]), q[1], q[2])
   -- The month first: when both are used up, the month's reset is the one to wait for.
   for w = 2, 1, -1 do
-    local v = redis.call('HMGET', windows[w], 'tasks', 'tokens', 'nusd', 'r_tasks', 'r_tokens', 'r_nusd')
+    local v = window_of(now_v[w])
     for m = 1, 3 do
       local limit = limits[(w - 1) * 3 + m]
-      local taken = (tonumber(v[m]) or 0) + (tonumber(v[m + 3]) or 0)
-      if limit and taken + need[m] > limit then
-        return {'quota', LIMITS[(w - 1) * 3 + m], limit, taken, need[m]}
+      if limit and v[m] + v[m + 3] + need[m] > limit then
+        return {'quota', LIMITS[(w - 1) * 3 + m], limit, v[m] + v[m + 3], need[m]}
       end
     end
   end
   local kinds = ''
-  if credit[1] then
-    local left = tonumber(credit[1]) - (tonumber(credit[3]) or 0)
+  if own[7] then
+    local left = tonumber(own[7]) - (tonumber(own[9]) or 0)
     if left < nusd or left <= 0 then return {'credits', 'usd', left, nusd} end
     kinds = kinds .. 'u'
   end
-  if credit[2] then
-    local left = tonumber(credit[2]) - (tonumber(credit[4]) or 0)
+  if own[8] then
+    local left = tonumber(own[8]) - (tonumber(own[10]) or 0)
     if left < tokens or left <= 0 then return {'credits', 'tokens', left, tokens} end
     kinds = kinds .. 'k'
   end
-  for w = 1, 2 do
-    add_fields(windows[w], {'r_tasks', 1, 'r_tokens', tokens, 'r_nusd', nusd})
-    redis.call('EXPIREAT', windows[w], q[w * 2])
-  end
+  local where = q[1] .. ' ' .. q[2] .. ' ' .. q[3]
+  add_windows(user, where, {0, 0, 0, 1, tokens, nusd}, now_v)
   if kinds ~= '' then
-    add_fields(P .. 'cr:' .. user, {'r_nusd', string.find(kinds, 'u', 1, true) and nusd or 0,
+    add_fields(user_key(user), {'r_nusd', string.find(kinds, 'u', 1, true) and nusd or 0,
       'r_tokens', string.find(kinds, 'k', 1, true) and tokens or 0})
   else
     kinds = '-'
   end
-  local priced = (tonumber(q[7]) > 0 or tonumber(q[8]) > 0) and nusd or 'n'
-  reservation = table.concat({1, est_in, out, priced, q[1], q[2], q[3], q[4], kinds}, ' ')
+  local priced = (tonumber(q[6]) > 0 or tonumber(q[7]) > 0) and nusd or 'n'
+  reservation = table.concat({1, est_in, out, priced, where, kinds}, ' ')
 end
 
 local now = now_ms()

@@ -2,7 +2,7 @@
 -- may be 0), reference ('' for none), how long a reference is remembered (s).
 -- Returns {applied (1/0), nano-USD balance or false, tokens balance or false}.
 local user, nusd, tokens, ref = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local key = P .. 'cr:' .. user
+local key = user_key(user)
 local applied = 1
 if ref ~= '' then
   if not redis.call('SET', P .. 'crref:' .. user .. ':' .. ref, '1', 'NX', 'EX', tonumber(ARGV[5])) then
