@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import orjson
 import psutil
 import redis
 
-from bench import observe, providers
+from bench import money, observe, providers
 from bench.common import (
     CHAT_INPUT,
     ROOT,
@@ -223,40 +222,6 @@ def ingress(bench: Bench) -> None:
     bench.add("d", "POST /v1/tasks p99", f"{p99:.2f} ms", "<= 20 ms")
 
 
-# Quotas of every kind, per day and month, high enough never to refuse: every submission
-# reserves in two windows and is checked against six limits (and PRICE_FAKE prices it).
-QUOTAS_ON = {
-    "PRICE_FAKE": "0.27,1.10",
-    **{
-        f"QUOTA_FREE_{measure}_PER_{period}": "1000000000000"
-        for measure in ("TASKS", "TOKENS", "USD")
-        for period in ("DAY", "MONTH")
-    },
-}
-
-
-def quota_ingress(bench: Bench) -> None:
-    """(q) POST /v1/tasks with quotas on against off: six runs each, alternated (off, on,
-    on, off ...) so that a machine slowing down weighs on both alike; medians compared."""
-    print("ingress with quotas off / on: one process, 64 connections, 5 s each", flush=True)
-    runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
-    for on in (False, True, True, False) * 3:
-        rate, _p50, p99, cpu_us, _tool = ingress_load(
-            bench, 5, workers=1, **(QUOTAS_ON if on else {})
-        )
-        runs[on].append((rate, p99, cpu_us))
-    medians = {}
-    for on in (False, True):
-        side = "on" if on else "off"
-        rate, p99, cpu_us = (statistics.median(r[i] for r in runs[on]) for i in range(3))
-        medians[on] = rate
-        every = ", ".join(f"{r[0]:,.0f}" for r in runs[on])
-        bench.add("q", f"submissions/s, quotas {side} (median; runs)", f"{rate:,.0f}; {every}")
-        bench.add("q", f"POST /v1/tasks p99, quotas {side} (median)", f"{p99:.2f} ms")
-        bench.add("q", f"worker CPU per submission, quotas {side} (median)", f"{cpu_us:.0f} us")
-    bench.add("q", "submissions/s, on / off", f"{medians[True] / medians[False]:.3f}", ">= 0.90")
-
-
 def rss(bench: Bench) -> None:
     """(e) resident memory of one replica holding 1,000 streaming tasks in flight."""
     print("memory: 1 replica, 1,000 streaming tasks in flight", flush=True)
@@ -372,7 +337,8 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "idle_pickup": idle_pickup,
     "noop": noop_rate,
     "ingress": ingress,
-    "quota_ingress": quota_ingress,
+    "quota_ingress": money.quota_ingress,
+    "ledger_memory": money.ledger_memory,
     "rss": rss,
     "transport": transport,
     "metrics_cost": observe.metrics_cost,
