@@ -392,7 +392,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 "responses": {
                     **_task_answer("The new task.", "202"),
                     **_task_answer("The task was retried before: that retry."),
-                    **error_answers(*AUTHED, 404, 409, 415, 422, 429, 503),
+                    **error_answers(*AUTHED, 402, 404, 409, 415, 422, 429, 503),
                 },
             },
         },
