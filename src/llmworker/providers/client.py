@@ -156,7 +156,7 @@ class LLMClient:
                 self.streamed = self.streamed or timed.first is not None
                 if self.may_move and self.untouched and err.code == "provider_rate_limited":
                     raise err from exc
-                if self._pausable(err, timed):
+                if self._pausable(err):
                     # The model is held for the provider's wait, if it named one.
                     raise ModelPaused(err, err.retry_after_s or 0.0) from exc
                 delay = self._delay(err, tries)
@@ -223,17 +223,13 @@ class LLMClient:
             )
         )
 
-    def _pausable(self, err: ProviderError, timed: _Timed) -> bool:
+    def _pausable(self, err: ProviderError) -> bool:
         """Wait in the queue rather than on the slot: the provider asked for a long wait,
         or the model's cap adapts (a run let in above what the provider takes waits for
         the cut cap to let it in again); and giving the task back loses nothing (no call
-        of this run has answered, no token has streamed)."""
-        if not (
-            self.may_pause
-            and err.code == "provider_rate_limited"
-            and self.calls_done == 0
-            and timed.first is None
-        ):
+        of this run has answered, no token of any of its tries has streamed: what
+        streamed was paid for, and is booked only by the run's end)."""
+        if not (self.may_pause and err.code == "provider_rate_limited" and self.untouched):
             return False
         wait = err.retry_after_s
         return (wait is not None and wait >= PAUSE_MIN_S) or self.yield_on_limit
