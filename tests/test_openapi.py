@@ -30,7 +30,9 @@ def test_the_document_is_openapi_3_1_and_describes_every_route(make_settings):
     routes: dict[str, set[str]] = {}
     for route in app.routes:
         methods = {m.lower() for m in getattr(route, "methods", ()) if m != "HEAD"}
-        routes.setdefault(route.path, set()).update(methods)  # type: ignore[attr-defined]
+        # A converter ({user:path}: a user id may hold '/') is the router's business.
+        path = re.sub(r":\w+}", "}", route.path)  # type: ignore[attr-defined]
+        routes.setdefault(path, set()).update(methods)
     described = {path: set(ops) - {"parameters"} for path, ops in doc["paths"].items()}
     assert {p: m for p, m in routes.items() if p not in PAGES} == described
     # The tenants an admin may name, the kinds, and every error code are spelled out.

@@ -543,15 +543,49 @@ async def test_a_task_over_the_whole_limit_is_refused_without_a_retry_after(
         big = {**CHAT, "input": {"messages": MESSAGES, "max_tokens": 5000}}
         answer = await client.post("/v1/tasks", json=big)
         assert answer.status_code == 422 and "retry-after" not in answer.headers
-        assert (
-            answer.json()["error"] == "quota_exceeded" and "max_tokens" in answer.json()["message"]
-        )
+        refused = answer.json()
+        assert refused["error"] == "task_over_quota" and refused["field"] == "input.max_tokens"
+        assert "lower the task's max_tokens" in refused["message"]
+        # max_completion_tokens bounds the output as max_tokens does, times the choices n.
+        newer = {"messages": MESSAGES, "max_completion_tokens": 400, "n": 3}
+        answer = await client.post("/v1/tasks", json={**CHAT, "input": newer})
+        assert answer.json()["error"] == "task_over_quota", answer.text
+        answer = await client.post("/v1/tasks", json={**CHAT, "input": {**newer, "n": 1}})
+        assert answer.status_code == 202
         huge = await client.post("/v1/users/ivy/credits", json={"usd": 1e7})
         assert huge.status_code == 422 and huge.json()["field"] == "usd"
+        tiny = await client.post("/v1/users/ivy/credits", json={"usd": 1e-12, "tokens": None})
+        assert tiny.status_code == 422 and "nano-USD" in tiny.json()["message"]
         most = await client.post("/v1/users/ivy/credits", json={"usd": 1e6, "tokens": 10**12})
         assert most.status_code == 200
         assert most.json()["credits"]["usd"]["balance"] == 1e6
         assert most.json()["credits"]["tokens"]["balance"] == 10**12
+        # A limit of 0 says so, whatever the task.
+        await client.put("/v1/users/zed/quota", json={"tasks_per_day": 0})
+        zero = await client.post("/v1/tasks", json={**CHAT, "user": "zed"})
+        assert zero.status_code == 422 and "tasks_per_day is 0" in zero.json()["message"]
+        as_text = await client.put("/v1/users/zed/quota", json={"tasks_per_day": "5"})
+        assert as_text.status_code == 422 and as_text.json()["field"] == "tasks_per_day"
+
+
+async def test_odd_user_ids_and_days_are_answered_clearly(make_settings, fake_llm):
+    url, _fake = fake_llm
+    settings = make_settings(**env(url, QUOTA_FREE_TASKS_PER_DAY=5))
+    async with serve_api(settings, dispatch=False) as (client, _worker):
+        # A user id with '/' is managed like any other, as such or encoded.
+        assert (
+            await client.post("/v1/tasks", json={**CHAT, "user": "team/ann"})
+        ).status_code == 202
+        for path in ("/v1/users/team/ann/quota", "/v1/users/team%2Fann/quota"):
+            view = (await client.get(path)).json()
+            assert view["user"] == "team/ann" and view["day"]["reserved"]["tasks"] == 1
+        bad = await client.get("/v1/users/a%01b/quota")
+        assert bad.status_code == 422 and bad.json()["field"] == "user"
+        for query in ("from=800000d", "from=99999999999999999999d", "to=1e9", "from=2026-13-01"):
+            answer = await client.get(f"/v1/usage?{query}")
+            assert answer.status_code == 400 and "YYYY-MM-DD" in answer.json()["message"], query
+        early = (await client.get("/v1/usage?from=0001-01-01&to=0001-01-02")).json()
+        assert early["from"] == "0001-01-01"
 
 
 class FixedCalendar(Calendar):

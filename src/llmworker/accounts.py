@@ -23,6 +23,8 @@ from llmworker.errors import BadRequest, Forbidden, InvalidField
 from llmworker.httpapp import JSON, read_body, require_json
 from llmworker.ledger import GROUPS, MAX_DAYS, MAX_ENTRIES, Scope, days_between
 from llmworker.quotas import read_limits
+from llmworker.record import CONTROL_RE
+from llmworker.usage import NANO
 
 if TYPE_CHECKING:
     from llmworker.api import Api
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 # The longest user id (record.py) and reference accepted.
 MAX_USER = 200
 MAX_REFERENCE = 200
+# The furthest back a day may be named as days back (ten years).
+MAX_BACK = 3660
 # The most one top-up adds (or takes back): balances stay well inside Redis's integers.
 MAX_USD = 1_000_000
 MAX_TOKENS = 10**12
@@ -52,8 +56,22 @@ class Accounts:
     @staticmethod
     def _user(request: Request, caller: Caller) -> str:
         user = request.path_params["user"]
-        if not 1 <= len(user) <= MAX_USER:
-            raise InvalidField("user", f"A user id is 1 to {MAX_USER} characters.")
+        if not 1 <= len(user) <= MAX_USER or CONTROL_RE.search(user) or "\ufffd" in user:
+            raise InvalidField(
+                "user",
+                f"A user id is 1 to {MAX_USER} characters of UTF-8, without control characters.",
+            )
+        return scoped(caller.tenant, user)
+
+    @staticmethod
+    def _user_filter(request: Request, caller: Caller, scope: Scope) -> str:
+        """``?user=`` as stored: as the tenant names it, or for an admin who sees every
+        tenant, as the answers show it (``<tenant>/<user>``)."""
+        user = request.query_params.get("user", "")[:MAX_USER]
+        if not user:
+            return ""
+        if scope.tenant is None and "/" in user:
+            return user
         return scoped(caller.tenant, user)
 
     def _admin(self, request: Request, what: str) -> Caller:
@@ -82,12 +100,12 @@ class Accounts:
         if group_by not in GROUPS:
             raise BadRequest(f"?group_by={group_by[:30]!r}: use {', '.join(GROUPS)}.")
         first, last = self._days(request)
-        user = q.get("user", "")
+        scope = self._scope(request, caller)
         answer = await self.worker.ledger.totals(
             days_between(first, last),
-            self._scope(request, caller),
+            scope,
             group_by,
-            user=scoped(caller.tenant, user[:MAX_USER]) if user else "",
+            user=self._user_filter(request, caller, scope),
             tier=q.get("tier", "")[:64],
             model=q.get("model", "")[:64],
         )
@@ -104,15 +122,26 @@ class Accounts:
             or not 1 <= int(raw_limit) <= MAX_ENTRIES
         ):
             raise BadRequest(f"?limit={raw_limit[:30]!r}: a whole number from 1 to {MAX_ENTRIES}.")
-        user = q.get("user", "")
+        scope = self._scope(request, caller)
+        limit = int(raw_limit)
         found = await self.worker.ledger.entries(
             first,
             last,
-            self._scope(request, caller),
-            user=scoped(caller.tenant, user[:MAX_USER]) if user else "",
-            limit=int(raw_limit),
+            scope,
+            user=self._user_filter(request, caller, scope),
+            tier=q.get("tier", "")[:64],
+            model=q.get("model", "")[:64],
+            limit=limit + 1,
         )
-        return JSON({"from": f"{first}", "to": f"{last}", "entries": found})
+        return JSON(
+            {
+                "from": first.isoformat(),
+                "to": last.isoformat(),
+                "entries": found[:limit],
+                # More entries match: ask again from the last one's day, or narrow it.
+                "truncated": len(found) > limit,
+            }
+        )
 
     async def quota(self, request: Request) -> Response:
         caller = self.api.authorize(request)
@@ -133,7 +162,7 @@ class Accounts:
         if unknown:
             name = sorted(unknown)[0]
             raise InvalidField(name, f"Unknown field {name[:60]!r}; use usd, tokens and reference.")
-        usd, tokens = body.get("usd", 0), body.get("tokens", 0)
+        usd, tokens = body.get("usd") or 0, body.get("tokens") or 0
         if isinstance(usd, bool) or not isinstance(usd, int | float) or not abs(usd) <= MAX_USD:
             raise InvalidField(
                 "usd",
@@ -143,8 +172,10 @@ class Accounts:
             raise InvalidField(
                 "tokens", "tokens must be a whole number (negative takes credit back)."
             )
-        if not usd and not tokens:
-            raise InvalidField("usd", 'Name an amount: {"usd": 5} or {"tokens": 100000}.')
+        if not round(usd * NANO) and not tokens:
+            raise InvalidField(
+                "usd", 'Name an amount (a nano-USD or more): {"usd": 5} or {"tokens": 100000}.'
+            )
         reference = body.get("reference") or ""
         if not isinstance(reference, str) or len(reference) > MAX_REFERENCE:
             raise InvalidField(
@@ -176,21 +207,24 @@ class Accounts:
         return [
             Route("/v1/usage", self.usage, methods=["GET"]),
             Route("/v1/usage/entries", self.entries, methods=["GET"]),
-            Route("/v1/users/{user}/quota", self.quota, methods=["GET"]),
-            Route("/v1/users/{user}/quota", self.set_quota, methods=["PUT"]),
-            Route("/v1/users/{user}/credits", self.add_credits, methods=["POST"]),
+            Route("/v1/users/{user:path}/quota", self.quota, methods=["GET"]),
+            Route("/v1/users/{user:path}/quota", self.set_quota, methods=["PUT"]),
+            Route("/v1/users/{user:path}/credits", self.add_credits, methods=["POST"]),
         ]
 
 
 def _date(raw: str | None, name: str, default: date) -> date:
-    """A day: YYYY-MM-DD, or a number of days back (``7d``) from ``default``."""
+    """A day: YYYY-MM-DD, or a number of days before ``default`` (``7d``)."""
     if not raw:
         return default
+    wrong = BadRequest(
+        f"?{name}={raw[:30]!r}: a day as YYYY-MM-DD, or days back as 7d (at most {MAX_BACK}d)."
+    )
     if raw.endswith("d") and raw[:-1].isascii() and raw[:-1].isdigit():
+        if len(raw) > 6 or int(raw[:-1]) > MAX_BACK:
+            raise wrong
         return default - timedelta(days=int(raw[:-1]))
     try:
         return date.fromisoformat(raw)
     except ValueError:
-        raise BadRequest(
-            f"?{name}={raw[:30]!r}: a day as YYYY-MM-DD, or days back as 7d."
-        ) from None
+        raise wrong from None

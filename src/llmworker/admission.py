@@ -135,13 +135,7 @@ class Admitter:
         if len(models) > 1:
             fields["models"] = ",".join(models)
         est_in = estimate_tokens(fields["input"])
-        # A handler's own input may name any number: what a window or a quota reserves
-        # is bounded (the scripts add it up as an integer).
-        max_out = (
-            min(value["max_tokens"], MAX_RESERVED_OUTPUT)
-            if isinstance(value, dict) and _whole(value.get("max_tokens"))
-            else 0
-        )
+        max_out = _output_bound(value)
         if self._counts_tokens and any(m in self.settings.rates.tpm for m in models):
             # What TPM_* reserves when the task is claimed (settled to what it used).
             fields["est_in"] = str(est_in)
@@ -167,7 +161,7 @@ class Admitter:
         if admission.outcome == "full":
             raise QueueFull(tier, cap, self.settings.queue_full_retry_after_s)
         if admission.outcome == "refused":
-            raise refusal(list(admission.refusal), books)
+            raise refusal(list(admission.refusal), books, bounded=max_out > 0)
         if admission.outcome == "exists":
             return admission.task_id, None
         self.metrics.submitted(tier, model, source)
@@ -199,6 +193,22 @@ class Admitter:
 
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _output_bound(value: Any) -> int:
+    """The most output a task's input allows (0: it names no bound): ``max_tokens`` or
+    ``max_completion_tokens``, times its choices ``n``. A handler's own input may name
+    any number: what a window or a quota reserves is bounded (the scripts add it up as
+    an integer)."""
+    if not isinstance(value, dict):
+        return 0
+    bounds = [
+        int(value[k]) for k in ("max_tokens", "max_completion_tokens") if _whole(value.get(k))
+    ]
+    if not bounds:
+        return 0
+    choices = int(value["n"]) if _whole(value.get("n")) else 1
+    return min(max(bounds) * choices, MAX_RESERVED_OUTPUT)
 
 
 def _stored_json(field: str, value: Any) -> str:

@@ -307,9 +307,10 @@ class Client(_Base):
         day, model, tier or user; ``user``, ``tier``, ``model`` filter)."""
         return dict(self._request("GET", "/v1/usage", params=usage_query(query)))
 
-    def usage_entries(self, **query: Any) -> list[dict[str, Any]]:
-        """The ledger's entries, oldest first (``since``, ``until``, ``user``, ``limit``)."""
-        return list(self._request("GET", "/v1/usage/entries", params=usage_query(query))["entries"])
+    def usage_entries(self, **query: Any) -> dict[str, Any]:
+        """The ledger's entries, oldest first (``since``, ``until``, ``user``, ``tier``,
+        ``model``, ``limit``); ``truncated`` when more match."""
+        return dict(self._request("GET", "/v1/usage/entries", params=usage_query(query)))
 
     def quota(self, user: str, tier: str | None = None) -> dict[str, Any]:
         params = {"tier": tier} if tier else {}

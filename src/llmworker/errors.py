@@ -5,6 +5,7 @@
     ├── RequestError           a client's request cannot be accepted (mapped to HTTP in api.py)
     │   ├── BadRequest         400: not JSON, not an object
     │   ├── InvalidField       422: a field is missing or wrong; names the field
+    │   │   └── TaskOverQuota  the task alone may take more than the user's whole limit
     │   ├── Unauthorized       401: no or wrong API key
     │   ├── Forbidden          403: the key may not do this (another tenant, admin only)
     │   ├── NotJSON            415: the body is not declared as application/json
@@ -13,8 +14,7 @@
     │   ├── NotFound           404: unknown or expired task (or a switched-off endpoint)
     │   ├── NotFinished        409: the task must be final first (retry)
     │   ├── QueueFull          429: the tier's queue is at its cap; carries retry_after_s
-    │   ├── QuotaExceeded      429: the user's quota window is used up, until it resets (422:
-    │   │                      the task alone is over the limit)
+    │   ├── QuotaExceeded      429: the user's quota window is used up, until it resets
     │   ├── InsufficientCredits 402: the user's prepaid credits do not cover the task
     │   ├── SignatureInvalid   401: a QStash delivery failed one check; the code names it
     │   └── NotConfigured      503: the endpoint needs settings this worker lacks
@@ -33,6 +33,13 @@ Each carries a short machine-readable ``code`` and a message a person can act on
 from __future__ import annotations
 
 from typing import Any
+
+
+def _amount(value: float) -> str:
+    """A count or an amount of USD as a person writes it (no exponents)."""
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:.9f}".rstrip("0")
 
 
 class LLMWorkerError(Exception):
@@ -141,21 +148,14 @@ class QuotaExceeded(RequestError):
     code = "quota_exceeded"
 
     def __init__(
-        self, limit: str, allowed: float, taken: float, need: float, retry_after_s: int | None
+        self, limit: str, allowed: float, taken: float, need: float, retry_after_s: int
     ) -> None:
         unit = limit.split("_", 1)[0]
-        if retry_after_s is None:
-            # Waiting would not help: the task alone is over the limit (422).
-            self.status = 422
-            super().__init__(
-                f"This task may take {need:g} {unit}, more than the user's whole quota "
-                f"{limit} of {allowed:g}: lower its max_tokens or raise the limit."
-            )
-        else:
-            super().__init__(
-                f"The user's quota {limit} is used up: {taken:g} of {allowed:g} {unit} are used "
-                f"or reserved, and this task may take {need:g}. It resets in {retry_after_s} s."
-            )
+        super().__init__(
+            f"The user's quota {limit} is used up: {_amount(taken)} of {_amount(allowed)} {unit} "
+            f"are used or reserved, and this task may take {_amount(need)}. It resets in "
+            f"{retry_after_s} s."
+        )
         self.limit = limit
         self.allowed = allowed
         self.taken = taken
@@ -164,11 +164,41 @@ class QuotaExceeded(RequestError):
 
     def extra(self) -> dict[str, Any]:
         return {
-            **({"retry_after": self.retry_after_s} if self.retry_after_s is not None else {}),
+            "retry_after": self.retry_after_s,
             "quota": self.limit,
             "limit": self.allowed,
             "used": self.taken,
         }
+
+
+class TaskOverQuota(InvalidField):
+    """The task alone may take more than the user's whole limit: refused after any reset
+    too (422, not retried)."""
+
+    code = "task_over_quota"
+
+    def __init__(self, limit: str, allowed: float, need: float, bounded: bool) -> None:
+        unit = limit.split("_", 1)[0]
+        if allowed == 0:
+            why = f"the user's {limit} is 0"
+        else:
+            why = f"the user's whole {limit} is {_amount(allowed)}"
+        if unit == "tasks" or allowed == 0:
+            hint = "raise the user's limit"
+        elif bounded:
+            hint = "lower the task's max_tokens, or raise the limit"
+        else:
+            hint = "set a smaller max_tokens (the estimate uses the model's usual output), or raise the limit"
+        super().__init__(
+            "input.max_tokens" if bounded and unit != "tasks" else "user",
+            f"This task may take {_amount(need)} {unit} and {why}: {hint}.",
+        )
+        self.limit = limit
+        self.allowed = allowed
+        self.need = need
+
+    def extra(self) -> dict[str, Any]:
+        return {**super().extra(), "quota": self.limit, "limit": self.allowed, "need": self.need}
 
 
 class InsufficientCredits(RequestError):
@@ -177,8 +207,8 @@ class InsufficientCredits(RequestError):
 
     def __init__(self, unit: str, left: float, need: float) -> None:
         super().__init__(
-            f"The user's prepaid credits do not cover this task: {left:g} {unit} left, "
-            f"the task may take {need:g}. Add credits (POST /v1/users/{{user}}/credits)."
+            f"The user's prepaid credits do not cover this task: {_amount(left)} {unit} left, "
+            f"the task may take {_amount(need)}. Add credits (POST /v1/users/{{user}}/credits)."
         )
         self.unit = unit
         self.left = left

@@ -81,7 +81,7 @@ class Scope:
 
 
 def days_between(first: date, last: date) -> list[str]:
-    return [f"{first + timedelta(days=i):%Y-%m-%d}" for i in range((last - first).days + 1)]
+    return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
 
 
 class Ledger:
@@ -160,9 +160,11 @@ class Ledger:
         last: date,
         scope: Scope,
         user: str = "",
+        tier: str = "",
+        model: str = "",
         limit: int = MAX_ENTRIES,
     ) -> list[dict[str, Any]]:
-        """The entries of the days ``first`` to ``last``, oldest first."""
+        """The entries of the days ``first`` to ``last``, oldest first, filtered."""
         zone = self.calendar.zone
         start = datetime(first.year, first.month, first.day, tzinfo=zone)
         end = datetime(last.year, last.month, last.day, tzinfo=zone) + timedelta(days=1)
@@ -174,7 +176,12 @@ class Ledger:
                 f"{self.keys.base}ledger", cursor, str(high), count=min(1000, limit)
             )
             for _entry_id, e in batch:
-                if (user and e.get("user") != user) or not scope.sees(e.get("user", "")):
+                if (
+                    (user and e.get("user") != user)
+                    or (tier and e.get("tier") != tier)
+                    or (model and e.get("model") != model)
+                    or not scope.sees(e.get("user", ""))
+                ):
                     continue
                 found.append(_entry(e, scope))
                 if len(found) >= limit:

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 
-from llmworker.errors import InsufficientCredits, InvalidField, QuotaExceeded
+from llmworker.errors import InsufficientCredits, InvalidField, QuotaExceeded, TaskOverQuota
 from llmworker.keys import Keys
 from llmworker.scripts import Scripts
 from llmworker.settings import Settings
@@ -136,16 +136,18 @@ def terms(
     )
 
 
-def refusal(reply: list[Any], books: Books) -> Exception:
-    """The error for admit.lua's ``quota`` or ``credits`` answer."""
+def refusal(reply: list[Any], books: Books, bounded: bool) -> Exception:
+    """The error for admit.lua's ``quota`` or ``credits`` answer; ``bounded``: the task
+    named its output's bound (max_tokens)."""
     if reply[0] == "quota":
         name, limit, taken, need = str(reply[1]), int(reply[2]), int(reply[3]), int(reply[4])
-        # A task that needs more than the whole limit would be refused after the reset
-        # too: no Retry-After for it.
-        wait = books.resets_in_s(name) if need <= limit else None
+        if need > limit:
+            # Refused after the reset too: the task itself is the problem.
+            return TaskOverQuota(name, _shown(name, limit), _shown(name, need), bounded)
         return QuotaExceeded(
-            name, _shown(name, limit), _shown(name, taken), _shown(name, need), wait
-        )
+            name, _shown(name, limit), _shown(name, taken), _shown(name, need),
+            books.resets_in_s(name),
+        )  # fmt: skip
     unit, left, need = str(reply[1]), int(reply[2]), int(reply[3])
     if unit == "usd":
         return InsufficientCredits(unit, max(0, left) / NANO, need / NANO)
@@ -169,6 +171,8 @@ def read_limits(body: Any) -> dict[str, float]:
             )
         if raw is None:
             continue
+        if isinstance(raw, str):
+            raise InvalidField(name, f"{name} must be a number (or null for the tier's limit).")
         value = parse_limit(name, raw)
         if isinstance(value, str):
             raise InvalidField(name, f"{name} {value} (or null for the tier's limit).")
@@ -238,10 +242,8 @@ class Quotas:
                 name = f"{measure}_per_{period}"
                 limit = own.get(name, tier_limits.get(name))
                 limits[measure] = limit
-                remaining[measure] = (
-                    None if limit is None
-                    else max(0.0, round(limit - used[measure] - reserved[measure], 9))
-                )  # fmt: skip
+                left = None if limit is None else max(0, limit - used[measure] - reserved[measure])
+                remaining[measure] = left if left is None or measure != "usd" else round(left, 9)
             windows[period] = {
                 "window": window[1:],
                 "resets_at": ends.astimezone(UTC).isoformat().replace("+00:00", "Z"),
@@ -258,9 +260,9 @@ class Quotas:
                     balance = int(credit_raw[field]) / scale
                     held = int(credit_raw.get("r_" + field, 0)) / scale
                     credits[unit] = {
-                        "balance": balance if scale > 1 else int(balance),
-                        "reserved": held if scale > 1 else int(held),
-                        "available": (balance - held) if scale > 1 else int(balance - held),
+                        "balance": round(balance, 9) if scale > 1 else int(balance),
+                        "reserved": round(held, 9) if scale > 1 else int(held),
+                        "available": round(balance - held, 9) if scale > 1 else int(balance - held),
                     }
         return {
             "user": shown_user,

@@ -20,7 +20,7 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # No ':' in kinds: queue keys are uq:<tier>:<model>|<kind>:<user>, and a user may contain
 # ':', so the kind must not, or two (kind, user) pairs could name one queue.
 KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # A task names at most this many models to go through.
 MAX_MODELS = 8
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -62,7 +62,7 @@ class TaskSpec(BaseModel):
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
         # These end up inside Redis key names and log lines.
-        if value is not None and _CONTROL_RE.search(value):
+        if value is not None and CONTROL_RE.search(value):
             raise ValueError("must not contain control characters")
         return value
 
@@ -75,9 +75,9 @@ class TaskSpec(BaseModel):
             if len(set(value)) != len(value):
                 raise ValueError("must not name a model twice")
             for name in value:
-                if not 1 <= len(name) <= 64 or _CONTROL_RE.search(name) or "," in name:
+                if not 1 <= len(name) <= 64 or CONTROL_RE.search(name) or "," in name:
                     raise ValueError(f"{name!r} is not a model alias")
-        elif value is not None and (_CONTROL_RE.search(value) or "," in value):
+        elif value is not None and (CONTROL_RE.search(value) or "," in value):
             raise ValueError("must not contain control characters or commas")
         return value
 

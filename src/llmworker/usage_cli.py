@@ -14,7 +14,9 @@ TOKEN_TYPES = ("input", "cached_input", "output", "reasoning")
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--since", default="0d", help="first day: YYYY-MM-DD, or days back (7d)")
+    c.add_argument(
+        "--since", default="0d", help="first day: YYYY-MM-DD, or days before today (7d; 0d: today)"
+    )
     c.add_argument("--until", help="last day: YYYY-MM-DD, or days back (default: today)")
     # The worker checks it (and names the choices): the client imports nothing of the server.
     c.add_argument("--group-by", default="day", help="one row per day, model, tier or user")
@@ -27,17 +29,26 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--entries", action="store_true", help="the ledger's entries, one per finished attempt"
     )
+    c.add_argument("--limit", type=int, default=10_000, help="--entries: at most this many")
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
     from llmworker.cli import _client
 
-    query = {"since": args.since, "until": args.until, "user": args.user}
+    query = {
+        "since": args.since,
+        "until": args.until,
+        "user": args.user,
+        "tier": args.tier,
+        "model": args.model,
+    }
     with _client(args) as client:
         if args.entries:
-            rows = client.usage_entries(**query)
-            return _entries(rows, args)
-        answer = client.usage(group_by=args.group_by, tier=args.tier, model=args.model, **query)
+            found = client.usage_entries(limit=args.limit, **query)
+            if found.get("truncated"):
+                print(f"more entries match: the first {args.limit} are shown", file=sys.stderr)
+            return _entries(found["entries"], args)
+        answer = client.usage(group_by=args.group_by, **query)
     if args.json:
         sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
@@ -61,7 +72,7 @@ def _flat(row: dict[str, Any], group: str) -> dict[str, Any]:
         "attempts": row["attempts"],
         "tasks": row["tasks"],
         **{t: row["tokens"][t] for t in TOKEN_TYPES},
-        "cost_usd": f"{row['cost_usd']:.6f}",
+        "cost_usd": f"{row['cost_usd']:.9f}",
         "unpriced_attempts": row["unpriced_attempts"],
     }
 
@@ -74,7 +85,8 @@ def _entries(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
                *TOKEN_TYPES, "cost_usd", "price_source", "estimated"]  # fmt: skip
     flat = [
         {**{k: v for k, v in e.items() if k != "tokens"}, **e["tokens"],
-         "cost_usd": "" if e["cost_usd"] is None else e["cost_usd"]}
+         "cost_usd": "" if e["cost_usd"] is None else f"{e['cost_usd']:.9f}",
+         "estimated": "true" if e["estimated"] else "false"}
         for e in rows
     ]  # fmt: skip
     if args.csv:

@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from llmworker.accounts import MAX_TOKENS, MAX_USD
 from llmworker.ledger import GROUPS, MAX_DAYS, MAX_ENTRIES
 from llmworker.openapi.parts import AUTHED, Open, error_answers, json_body
-from llmworker.settings.quotas import LIMITS
+from llmworker.settings.quotas import LIMITS, MAX_LIMIT
 
 
 class UsageTokens(Open):
@@ -83,6 +84,7 @@ class LedgerEntries(Open):
     from_: str = Field(alias="from")
     to: str
     entries: list[LedgerEntry]
+    truncated: bool = Field(description="More entries match than `limit`.")
 
 
 class Measures(Open):
@@ -129,21 +131,24 @@ class CreditsAdded(Open):
 class OwnLimits(BaseModel):
     """A user's own limits; null or absent: the tier's (QUOTA_<TIER>_...)."""
 
-    tasks_per_day: int | None = Field(None, ge=0)
-    tokens_per_day: int | None = Field(None, ge=0)
-    usd_per_day: float | None = Field(None, ge=0)
-    tasks_per_month: int | None = Field(None, ge=0)
-    tokens_per_month: int | None = Field(None, ge=0)
-    usd_per_month: float | None = Field(None, ge=0)
+    tasks_per_day: int | None = Field(None, ge=0, le=MAX_LIMIT)
+    tokens_per_day: int | None = Field(None, ge=0, le=MAX_LIMIT)
+    usd_per_day: float | None = Field(None, ge=0, le=MAX_LIMIT)
+    tasks_per_month: int | None = Field(None, ge=0, le=MAX_LIMIT)
+    tokens_per_month: int | None = Field(None, ge=0, le=MAX_LIMIT)
+    usd_per_month: float | None = Field(None, ge=0, le=MAX_LIMIT)
 
 
 class CreditTopUp(BaseModel):
     """Prepaid credit: USD, tokens or both (negative takes credit back)."""
 
-    usd: float | None = None
-    tokens: int | None = None
+    usd: float | None = Field(None, ge=-MAX_USD, le=MAX_USD)
+    tokens: int | None = Field(None, ge=-MAX_TOKENS, le=MAX_TOKENS)
     reference: str | None = Field(
-        None, max_length=200, description="Applied once per reference (a payment's id)."
+        None,
+        max_length=200,
+        description="Applied once per reference for 90 days (a payment's id); without one, "
+        "every request adds again.",
     )
 
 
@@ -173,7 +178,7 @@ def account_paths(tenant: dict[str, Any]) -> dict[str, Any]:
         "name": "user",
         "in": "path",
         "required": True,
-        "description": "The user as the tenant names it.",
+        "description": "The user as the tenant names it ('/' allowed, as such or as %2F).",
         "schema": {"type": "string", "minLength": 1, "maxLength": 200},
     }
     tier = {"name": "tier", "in": "query", "description": "Whose defaults (DEFAULT_TIER).",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from llmworker.settings.providers import env_token
 
+# The largest limit: counts in Redis stay exact far past it (USD as nano-USD: 10^21).
+MAX_LIMIT = 1e12
 # Limit names, in the order the admission script takes them (lua/admit.lua).
 LIMITS = (
     "tasks_per_day",
@@ -62,6 +64,8 @@ def parse_limit(name: str, raw: object) -> float | str:
             value = float(raw.strip())
         except ValueError:
             value = None
-    if value is None or not 0 <= value <= 1e12 or (not usd and value != int(value)):
-        return "must be a number of USD, 0 or more" if usd else "must be a whole number, 0 or more"
+    if value is None or not 0 <= value <= MAX_LIMIT or (not usd and value != int(value)):
+        if usd:
+            return f"must be a number of USD from 0 to {MAX_LIMIT:.0e}"
+        return f"must be a whole number from 0 to {MAX_LIMIT:.0e}"
     return value if usd else int(value)
