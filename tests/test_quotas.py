@@ -401,6 +401,10 @@ async def test_the_ledgers_export_equals_the_sum_of_the_records(make_settings, f
         assert {row["user"] for row in mine["rows"]} == {"u0", "u1", "u9"}
         assert mine["total"]["attempts"] == 5
         assert len((await client.get("/v1/usage/entries", headers=app)).json()["entries"]) == 5
+        # By day, the quiet days of the range have their rows too.
+        week = (await client.get("/v1/usage?from=6d", headers=admin)).json()
+        assert len(week["rows"]) == 7 and sum(r["attempts"] for r in week["rows"]) == 7
+        assert week["rows"][0]["attempts"] == 0
         bad = await client.get("/v1/usage?group_by=week", headers=admin)
         assert bad.status_code == 400
         # The command line's export says the same.

@@ -109,7 +109,8 @@ class Ledger:
         """Totals over ``days`` (YYYY-MM-DD), filtered and grouped; ``user``: as stored."""
         # Without a user to filter or group by, the totals per tier and model suffice.
         per_user = bool(user) or group_by == "user" or scope.tenant is not None
-        groups: dict[str, Totals] = {}
+        # By day, every day of the range has its row, quiet ones too (a chart's x axis).
+        groups: dict[str, Totals] = {day: Totals() for day in days} if group_by == "day" else {}
         total = Totals()
         for day, raw in await self._days("ld" if per_user else "lt", days):
             for name, value in raw.items():
