@@ -21,7 +21,13 @@ run: $(STAMP)
 dev: $(STAMP)
 	REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/0} $(BIN)/llmworker serve --reload
 
-test: $(STAMP)
+# The TypeScript client's packages (clients/typescript), from its lock file.
+TS := clients/typescript
+$(TS)/node_modules/.installed: $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(STAMP) $(TS)/node_modules/.installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
@@ -46,4 +52,4 @@ fake-llm: $(STAMP)
 	$(BIN)/llmworker fake-llm
 
 clean:
-	rm -rf $(VENV) .llmworker .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .llmworker .pytest_cache .mypy_cache .ruff_cache $(TS)/node_modules $(TS)/dist
