@@ -288,3 +288,51 @@ def test_the_publish_example_runs_through_qstash_dev(redis_url: str, prefix: str
         done = _run(example("python-publish", port), publisher)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["succeeded", "True"]
+
+
+def _outline(path: Path) -> tuple[list[int], list[tuple[str | None, str, str]], list[int]]:
+    """A README's heading levels, code blocks (with the line above each) and table sizes."""
+    lines = path.read_text().splitlines()
+    levels = [len(line) - len(line.lstrip("#")) for line in lines if re.match(r"^#{1,6} ", line)]
+    tables: list[int] = []
+    in_table = False
+    for line in lines:
+        if line.startswith("|"):
+            if not in_table:
+                tables.append(0)
+            tables[-1] += 1
+        in_table = line.startswith("|")
+    return levels, _blocks_of(lines), tables
+
+
+def _blocks_of(lines: list[str]) -> list[tuple[str | None, str, str]]:
+    found: list[tuple[str | None, str, str]] = []
+    i = 0
+    while i < len(lines):
+        fence = FENCE_RE.match(lines[i])
+        if fence is None:
+            i += 1
+            continue
+        start = i
+        i += 1
+        body = []
+        while not lines[i].startswith("```"):
+            body.append(lines[i])
+            i += 1
+        i += 1
+        above = lines[start - 1] if start else None
+        found.append(
+            (above if above and above.startswith("<!--") else None, fence.group(1), "\n".join(body))
+        )
+    return found
+
+
+def test_the_chinese_readme_has_the_same_sections_commands_and_tables():
+    english, chinese = ROOT / "README.md", ROOT / "README.zh.md"
+    assert english.read_text().splitlines()[0] == "[中文](README.zh.md)"
+    assert chinese.read_text().splitlines()[0] == "[English](README.md)"
+    en_levels, en_blocks, en_tables = _outline(english)
+    zh_levels, zh_blocks, zh_tables = _outline(chinese)
+    assert zh_levels == en_levels, "the same sections, in the same order and levels"
+    assert zh_blocks == en_blocks, "the same commands and code, byte for byte"
+    assert zh_tables == en_tables, "the same tables, row for row"
