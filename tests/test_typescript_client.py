@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from .conftest import CALLBACK_SECRET, ROOT, free_port, installed, llmworker_command, process
-from .test_processes import wait_ready
+from .test_processes import wait_ready, wait_until_sync
 
 CLIENT = ROOT / "clients" / "typescript"
 
@@ -31,7 +33,12 @@ def test_the_typescript_client_passes_its_tests_against_a_live_worker(
     installed("node", "nodejs")
     built = _npm("run", "build")
     assert built.returncode == 0, built.stdout + built.stderr
-    port = free_port()
+    port, dev_port = free_port(), free_port()
+    url, dev_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{dev_port}"
+    keys = {
+        "QSTASH_CURRENT_SIGNING_KEY": "sig_ts_" + "c" * 20,
+        "QSTASH_NEXT_SIGNING_KEY": "sig_ts_" + "n" * 20,
+    }
     env = {
         "REDIS_URL": redis_url,
         "REDIS_PREFIX": prefix,
@@ -41,14 +48,27 @@ def test_the_typescript_client_passes_its_tests_against_a_live_worker(
         "MAX_USER_FREE": "1",
         "CALLBACK_SECRET": CALLBACK_SECRET,
         "CALLBACK_ALLOWED_HOSTS": "127.0.0.1",
+        "PUBLIC_URL": url,
+        **keys,
     }
-    url = f"http://127.0.0.1:{port}"
-    with process(llmworker_command("serve", "--port", str(port)), env, tmp_path / "serve.log"):
+    # QStash, played by qstash-dev: publish() goes through it to /v1/qstash.
+    dev = llmworker_command("qstash-dev", "--port", str(dev_port), "--token", "ts-token")
+    with (
+        process(dev, keys, tmp_path / "qstash-dev.log"),
+        process(llmworker_command("serve", "--port", str(port)), env, tmp_path / "serve.log"),
+    ):
         wait_ready(url)
+        wait_until_sync(lambda: httpx.get(f"{dev_url}/v2/dlq").status_code == 401)
         run = subprocess.run(
             ["node", "--test", "--test-reporter=tap", "test/"],
             cwd=CLIENT,
-            env={**os.environ, "LLMWORKER_URL": url, "CALLBACK_SECRET": CALLBACK_SECRET},
+            env={
+                **os.environ,
+                "LLMWORKER_URL": url,
+                "CALLBACK_SECRET": CALLBACK_SECRET,
+                "QSTASH_URL": dev_url,
+                "QSTASH_TOKEN": "ts-token",
+            },
             capture_output=True,
             text=True,
             timeout=240,
@@ -56,7 +76,7 @@ def test_the_typescript_client_passes_its_tests_against_a_live_worker(
     log = (tmp_path / "serve.log").read_text()
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:] + log[-2000:]
     # Every test ran and passed (a test file that fails to load counts no test).
-    assert "# fail 0" in run.stdout and "# pass 6" in run.stdout, run.stdout[-3000:]
+    assert "# fail 0" in run.stdout and "# pass 7" in run.stdout, run.stdout[-3000:]
     assert "Traceback" not in log
 
 

@@ -166,3 +166,14 @@ test("a callback the worker sent is verified, a forged one is not", async () => 
     server.close();
   }
 });
+
+test("publish through QStash, then find and wait for the task by its message id", async () => {
+  assert.ok(process.env.QSTASH_URL, "QStash (qstash-dev) runs beside the worker");
+  const messageId = await worker.publish("chat", chat("published from ts"), { user: "ts-pub", tier: "paid" });
+  assert.match(messageId, /\S+/);
+  const record = await worker.waitPublished(messageId, { timeoutMs: 30_000 });
+  assert.equal(record.status, "succeeded");
+  assert.equal(record.idempotency_key, messageId, "the message id is the task's idempotency key");
+  assert.equal(record.qstash?.message_id, messageId);
+  assert.equal((await worker.find(messageId)).id, record.id);
+});
