@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from llmworker import TaskContext, task
+from llmworker.errors import RequestError
 
 SUMMARY_PROMPT = (
     "Summarise this résumé for a recruiter in five bullet points: role, years of "
@@ -48,10 +49,20 @@ async def resume_summary(ctx: TaskContext, input: dict[str, Any]) -> dict[str, A
     )
     result: dict[str, Any] = {"summary": reply.content}
     if input.get("job"):
-        # Same user, tier and tenant; it is routed by its own kind's ROUTE_JOB_MATCH_<TIER>.
-        result["match_task"] = await ctx.submit(
-            "job_match", {"summary": reply.content, "job": input["job"]}
-        )
+        # Same user, tier and tenant, routed by its own kind's ROUTE_JOB_MATCH_<TIER>. The
+        # key makes a rerun of this task (its process died) find the match queued before
+        # instead of paying for a second; the metadata goes on (a callback_url would be
+        # given here too, if the app wants one for the match).
+        try:
+            result["match_task"] = await ctx.submit(
+                "job_match",
+                {"summary": reply.content, "job": input["job"]},
+                idempotency_key=f"{ctx.id}:job_match",
+                metadata=ctx.metadata or None,
+            )
+        except RequestError as exc:
+            # The summary was paid for: keep it, and say why no match follows.
+            result["match_error"] = {"code": exc.code, "message": exc.message}
     return result
 
 

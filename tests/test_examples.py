@@ -3,6 +3,7 @@ with TASK_MODULES and routed per kind and tier: a résumé summary that chains a
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def test_the_career_example_summarises_then_matches_on_each_kinds_route(
             "tier": "paid",
             "user": "candidate-7",
             "input": {"resume": "Ten years of Python ...", "job": "Senior backend engineer"},
+            "metadata": {"source": "test"},
         }
         summary = _final(client, client.post("/v1/tasks", json=body).json()["id"])
         assert summary["status"] == "succeeded", summary
@@ -46,15 +48,17 @@ def test_the_career_example_summarises_then_matches_on_each_kinds_route(
         assert match["status"] == "succeeded", match
         assert match["kind"] == "job_match" and match["model"] == "quick"
         assert match["user"] == "candidate-7" and match["tier"] == "paid"
+        assert match["idempotency_key"] == f"{summary['id']}:job_match"
+        assert match["metadata"] == {"source": "test"}
         # A bad input is refused at submission, naming the field.
         bad = client.post("/v1/tasks", json={**body, "input": {"resume": ""}})
         assert bad.status_code == 422 and bad.json()["field"] == "input.resume"
 
 
 def _final(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    for _ in range(200):
+    for _ in range(300):
         record: dict[str, Any] = client.get(f"/v1/tasks/{task_id}").json()
         if record["status"] in ("succeeded", "failed", "cancelled"):
             return record
-        client.get(f"/v1/tasks/{task_id}/events", timeout=10)
+        time.sleep(0.1)
     raise AssertionError(f"task {task_id} did not finish")

@@ -46,6 +46,9 @@ export interface ClientOptions {
 }
 
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+// The worker writes a comment on a quiet stream every 15 s: past this, the connection is
+// taken for half-open and followed again.
+const STREAM_IDLE_MS = 45_000;
 // A proxy whose replicas restart answers these: the stream is followed again.
 const RETRIED_STATUSES = new Set([502, 503, 504]);
 
@@ -96,6 +99,9 @@ function env(name: string): string | undefined {
   return p?.env?.[name] || undefined;
 }
 
+const QSTASH_MODULE = "@upstash/qstash";
+const WEBHOOKS_MODULE = "standardwebhooks";
+
 const sleep = (ms: number, signal?: AbortSignal) =>
   new Promise<void>((resolve, reject) => {
     if (signal?.aborted) return reject(signal.reason);
@@ -109,6 +115,22 @@ const sleep = (ms: number, signal?: AbortSignal) =>
       { once: true },
     );
   });
+
+/** The complete lines at the start of `buffer` (a line break is \r\n, \n or \r; a
+ * final \r waits for the next chunk, which may bring its \n). */
+function takeLines(buffer: string): { text: string; length: number; end: number }[] {
+  const lines: { text: string; length: number; end: number }[] = [];
+  let start = 0;
+  while (start < buffer.length) {
+    const rest = buffer.slice(start);
+    const at = rest.search(/\r\n|\r|\n/);
+    if (at < 0 || (rest[at] === "\r" && at === rest.length - 1)) break;
+    const end = rest[at] === "\r" && rest[at + 1] === "\n" ? 2 : 1;
+    lines.push({ text: rest.slice(0, at), length: at, end });
+    start += at + end;
+  }
+  return lines;
+}
 
 /** Reads Server-Sent Events: one event per blank line, comments skipped. */
 class SSEParser {
@@ -245,33 +267,43 @@ export class LLMWorker {
     let failures = 0;
     const parser = new SSEParser();
     while (true) {
+      // Each connection has its own abort: the caller's signal, or a stream silent past
+      // STREAM_IDLE_MS (the worker sends a comment every 15 s: a silent one is half-open).
+      const connection = new AbortController();
+      const abort = () => connection.abort(options.signal?.reason);
+      options.signal?.addEventListener("abort", abort, { once: true });
+      let idle: ReturnType<typeof setTimeout> | undefined;
+      const watch = (ms: number) => {
+        clearTimeout(idle);
+        idle = setTimeout(() => connection.abort(new Error(`no data for ${ms} ms`)), ms);
+      };
+      let reader: ReadableStreamDefaultReader<string> | undefined;
+      let delivered = false;
       try {
+        watch(this.timeoutMs);
         const response = await this.fetch(this.address(path), {
           headers: { ...this.headers, accept: "text/event-stream", "last-event-id": last },
-          signal: options.signal,
+          signal: connection.signal,
         });
         if (!response.ok || !response.body) await answer(response);
-        const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+        reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
         let buffer = "";
         parser.reset();
         while (true) {
+          watch(STREAM_IDLE_MS);
           const { value, done } = await reader.read();
           if (done) break;
           buffer += value;
-          let end: number;
-          while ((end = buffer.search(/\r\n|\r|\n/)) >= 0) {
-            const line = buffer.slice(0, end);
-            buffer = buffer.slice(buffer[end] === "\r" && buffer[end + 1] === "\n" ? end + 2 : end + 1);
-            const raw = parser.line(line);
+          for (const line of takeLines(buffer)) {
+            buffer = buffer.slice(line.length + line.end);
+            const raw = parser.line(line.text);
             if (raw === null) continue;
             failures = 0;
+            delivered = true;
             if (raw.id) last = raw.id;
             const event = { type: raw.type, id: raw.id, data: JSON.parse(raw.data) } as TaskEvent;
             yield event;
-            if (event.type === "record") {
-              await reader.cancel().catch(() => undefined);
-              return;
-            }
+            if (event.type === "record") return;
           }
         }
         // The stream ended without the record: the replica serving it stopped (follow it
@@ -281,9 +313,14 @@ export class LLMWorker {
           yield { type: "record", id: null, data: record };
           return;
         }
-        await sleep(100, options.signal);
+        // Ended with nothing new (a replica that keeps closing it): counted as a failure.
+        if (!delivered && ++failures > this.reconnects) {
+          throw new WorkerUnreachable(this.url, `following task ${taskId} (its stream keeps ending)`, "no events");
+        }
+        await sleep(delivered ? 100 : 250 * 2 ** failures, options.signal);
       } catch (error) {
         if (options.signal?.aborted) throw error;
+        if (error instanceof WorkerUnreachable && error.message.includes("keeps ending")) throw error;
         if (error instanceof LLMWorkerError && !RETRIED_STATUSES.has(error.status)) throw error;
         failures += 1;
         if (failures > this.reconnects) {
@@ -295,6 +332,13 @@ export class LLMWorker {
           );
         }
         await sleep(250 * 2 ** failures, options.signal);
+      } finally {
+        // Also when the caller stops early (break, an exception): the worker's side of the
+        // stream is closed, not left open.
+        clearTimeout(idle);
+        options.signal?.removeEventListener("abort", abort);
+        await reader?.cancel().catch(() => undefined);
+        connection.abort();
       }
     }
   }
@@ -353,7 +397,8 @@ export class LLMWorker {
     }
     let module: typeof import("@upstash/qstash");
     try {
-      module = await import("@upstash/qstash");
+      // Left to the runtime: bundlers must not require an optional peer at build time.
+      module = await import(/* webpackIgnore: true */ /* @vite-ignore */ QSTASH_MODULE);
     } catch {
       throw new Error("publish() needs the @upstash/qstash package: npm install @upstash/qstash");
     }
@@ -421,7 +466,7 @@ export async function verifyCallback(
 ): Promise<TaskRecord> {
   let module: typeof import("standardwebhooks");
   try {
-    module = await import("standardwebhooks");
+    module = await import(/* webpackIgnore: true */ /* @vite-ignore */ WEBHOOKS_MODULE);
   } catch {
     throw new Error("verifyCallback() needs the standardwebhooks package: npm install standardwebhooks");
   }
