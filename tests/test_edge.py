@@ -404,7 +404,7 @@ async def test_a_slow_app_is_not_taken_for_a_slow_client():
     async def slow(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(3.0)
         size = 0
         while True:
             message = await receive()
@@ -414,7 +414,9 @@ async def test_a_slow_app_is_not_taken_for_a_slow_client():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": str(size).encode()})
 
-    BoundedHttpProtocol.idle_timeout_s = 0.5
+    # Idle after 1 s: the app's 3 s are three timeouts, while a process the loaded
+    # machine does not schedule for a moment (data unread meanwhile) is not one.
+    BoundedHttpProtocol.idle_timeout_s = 1.0
     try:
         async with LoopbackServer(slow, http=BoundedHttpProtocol) as url:
             reader, writer = await _raw(url)
