@@ -30,7 +30,7 @@ import orjson
 import psutil
 import redis
 
-from bench import money, observe, providers
+from bench import footprint, money, observe, providers
 from bench.common import (
     CHAT_INPUT,
     ROOT,
@@ -339,6 +339,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "ingress": ingress,
     "quota_ingress": money.quota_ingress,
     "ledger_memory": money.ledger_memory,
+    "footprint": footprint.footprint,
     "rss": rss,
     "transport": transport,
     "metrics_cost": observe.metrics_cost,
