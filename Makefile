@@ -24,8 +24,11 @@ dev: $(STAMP)
 # The TypeScript client's packages (clients/typescript), from its lock file.
 TS := clients/typescript
 $(TS)/node_modules/.installed: $(TS)/package-lock.json
-	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
-	touch $@
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(TS) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else \
+		echo "make: no npm here: the TypeScript client's tests are skipped (they need Node 20 and npm)"; \
+	fi
 
 test: $(STAMP) $(TS)/node_modules/.installed
 	$(BIN)/ruff check src tests bench examples
