@@ -30,6 +30,17 @@ def wait_ready(url: str, path: str = "/ready", timeout_s: float = 30) -> None:
     raise AssertionError(f"{url} not ready within {timeout_s} s")
 
 
+@contextlib.contextmanager
+def qstash_dev(token: str, keys: dict[str, str], log: Path) -> Iterator[str]:
+    """``llmworker qstash-dev`` signing with ``keys`` and taking ``token``, answering; its URL."""
+    port = free_port()
+    command = llmworker_command("qstash-dev", "--port", str(port), "--token", token)
+    with process(command, keys, log):
+        url = f"http://127.0.0.1:{port}"
+        wait_until_sync(lambda: httpx.get(f"{url}/v2/dlq").status_code == 401)
+        yield url
+
+
 def wait_until_sync(predicate: Callable[[], bool], timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -425,12 +436,11 @@ def test_qstash_dev_and_serve_processes_carry_a_published_task_end_to_end(
 ):
     from qstash import QStash
 
-    dev_port, port = free_port(), free_port()
+    port = free_port()
     keys = {
         "QSTASH_CURRENT_SIGNING_KEY": "sig_proc_" + "a" * 24,
         "QSTASH_NEXT_SIGNING_KEY": "sig_proc_" + "b" * 24,
     }
-    dev = llmworker_command("qstash-dev", "--port", str(dev_port), "--token", "t0k")
     env = {
         "REDIS_URL": redis_url,
         "REDIS_PREFIX": prefix,
@@ -441,13 +451,11 @@ def test_qstash_dev_and_serve_processes_carry_a_published_task_end_to_end(
     }
     serve = llmworker_command("serve", "--host", "127.0.0.1")
     with (
-        process(dev, keys, tmp_path / "qstash-dev.log"),
+        qstash_dev("t0k", keys, tmp_path / "qstash-dev.log") as dev_url,
         process(serve, env, tmp_path / "serve.log"),
     ):
         wait_ready(f"http://127.0.0.1:{port}")
-        qstash_dev_answers = f"http://127.0.0.1:{dev_port}/v2/dlq"
-        wait_until_sync(lambda: httpx.get(qstash_dev_answers).status_code == 401)
-        sent = QStash("t0k", base_url=f"http://127.0.0.1:{dev_port}").message.publish_json(
+        sent = QStash("t0k", base_url=dev_url).message.publish_json(
             url=f"http://127.0.0.1:{port}/v1/qstash",
             body={"kind": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]}},
         )
@@ -457,7 +465,7 @@ def test_qstash_dev_and_serve_processes_carry_a_published_task_end_to_end(
             found = httpx.get(f"http://127.0.0.1:{port}/v1/stats").json()
             if found["running"] == 0 and sum(q["waiting"] for q in found["queues"].values()) == 0:
                 state = httpx.get(
-                    f"http://127.0.0.1:{dev_port}/v2/messages/{message_id}",
+                    f"{dev_url}/v2/messages/{message_id}",
                     headers={"Authorization": "Bearer t0k"},
                 ).json()
                 if state["state"] == "DELIVERED":

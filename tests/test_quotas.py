@@ -18,6 +18,7 @@ import pytest
 
 from llmworker.errors import ConfigError, QuotaExceeded
 from llmworker.guards import GuardPlan
+from llmworker.queue import Claimed
 from llmworker.quotas import Calendar
 from llmworker.settings import load_settings
 from llmworker.usage import NANO
@@ -27,6 +28,7 @@ from .conftest import llmworker_command, serve_api, wait_until
 from .test_executor import MESSAGES, final
 from .test_processes import _interrupt_and_resume
 from .test_provider_limits import env
+from .test_usage import _json, tokens_streamed
 
 CHAT = {"kind": "chat", "model": "m1", "input": {"messages": MESSAGES, "max_tokens": 50}}
 
@@ -46,10 +48,6 @@ async def reservation(worker: Worker, body: dict[str, Any], user: str = "probe")
     fields = await worker.queue.get(task_id)
     assert fields is not None
     return fields["qr"].split()
-
-
-def _json(raw: Any) -> Any:
-    return orjson.loads(raw) if isinstance(raw, str) else raw
 
 
 def _spec(body: dict[str, Any]) -> Any:
@@ -158,11 +156,7 @@ async def test_a_cancelled_stream_settles_to_what_streamed(make_settings, start_
     )
     await wait_until(lambda: fake.inflight["m1"] == 1, 5)
 
-    async def streamed() -> bool:
-        events = await worker.redis.xrange(worker.keys.events(task_id))
-        return any(fields.get("type") == "tokens" for _, fields in events)
-
-    await wait_until(streamed, 5)
+    await wait_until(lambda: tokens_streamed(worker, task_id), 5)
     await worker.queue.cancel(task_id, 60)
 
     async def settled() -> dict[str, int] | None:
@@ -203,11 +197,7 @@ async def test_a_dead_runs_reservation_is_settled_when_its_lease_lapses(
     idle = await start_worker(settings, dispatch=False)
     task_id, _ = await idle.admitter.submit(_spec({**CHAT, "user": "dee"}))
     qr = (await idle.queue.get(task_id) or {})["qr"].split()
-    claimed = await idle.queue.claim("dead", 1, 300, GuardPlan.from_settings(settings))
-    assert [c.id for c in claimed] == [task_id]
-    for _ in range(5):
-        await idle.queue.renew("alive", 300, {})
-        await asyncio.sleep(0.1)
+    assert (await _dead_claim(idle, settings)).id == task_id
     assert (await idle.queue.reap(1, 60, 300)).failed == 1
     w = await window(idle, "default/dee")
     # Unknown use: its estimate is charged, and nothing stays reserved.
@@ -447,14 +437,14 @@ async def _final_any(
     return None
 
 
-async def _dead_claim(worker: Worker, settings: Any, lease_ms: int = 300) -> str:
+async def _dead_claim(worker: Worker, settings: Any, lease_ms: int = 300) -> Claimed:
     """Claim the next task as a replica that then dies; wait for its lease to lapse."""
     [claimed] = await worker.queue.claim("dead", 1, lease_ms, GuardPlan.from_settings(settings))
     for _ in range(5):
         # Another replica keeps reaching Redis meanwhile (else the gap reads as Redis away).
         await worker.queue.renew("alive", lease_ms, {})
         await asyncio.sleep(lease_ms / 3000)
-    return claimed.token
+    return claimed
 
 
 async def test_a_lapsed_run_that_reports_after_all_is_booked_once_as_it_was(
@@ -464,7 +454,7 @@ async def test_a_lapsed_run_that_reports_after_all_is_booked_once_as_it_was(
     settings = make_settings(**env(url, PRICE_M1="3,15", QUOTA_FREE_TOKENS_PER_DAY=100_000))
     idle = await start_worker(settings, dispatch=False)
     task_id, _ = await idle.admitter.submit(_spec({**CHAT, "user": "fay"}))
-    token = await _dead_claim(idle, settings)
+    token = (await _dead_claim(idle, settings)).token
     assert (await idle.queue.reap(3, 60, 300)).requeued == 1
     cost = {"usd": 0.0001, "source": "PRICE_M1", "estimated": False,
             "tokens": {"input": 10, "cached_input": 0, "output": 20, "reasoning": 0}}  # fmt: skip
@@ -493,11 +483,7 @@ async def test_a_run_handed_back_mid_stream_at_shutdown_is_booked_and_its_task_k
         _spec({**CHAT, "user": "gus", "input": {"messages": MESSAGES, "stream": True}})
     )
 
-    async def streamed() -> bool:
-        events = await worker.redis.xrange(worker.keys.events(task_id))
-        return any(fields.get("type") == "tokens" for _, fields in events)
-
-    await wait_until(streamed, 5)
+    await wait_until(lambda: tokens_streamed(worker, task_id), 5)
     await worker.stop()
     [entry] = await worker.ledger.entries(*_today(worker), _everyone())
     assert entry["status"] == "handed_back" and entry["estimated"] and entry["tokens"]["output"] > 0
@@ -613,7 +599,7 @@ async def test_a_day_window_resets_at_midnight_in_the_configured_time_zone(
     if midnight <= datetime.now(UTC):
         midnight += timedelta(days=1)
     clock.at = midnight - timedelta(seconds=1)
-    idle.admitter.calendar = clock
+    idle.queue.calendar = clock
     body = {**CHAT, "user": "jo"}
     await idle.admitter.submit(_spec(body))
     before = clock.books()
@@ -627,7 +613,6 @@ async def test_a_day_window_resets_at_midnight_in_the_configured_time_zone(
     after = clock.books()
     assert after.day != before.day and after.day_ends == before.day_ends + timedelta(days=1)
     # Each day's window holds its own task; the month's both (if the day was no 1st).
-    idle.queue.calendar = clock
     assert (await window(idle, "default/jo", "day"))["r_tasks"] == 1
     month = (await window(idle, "default/jo", "month"))["r_tasks"]
     assert month == (2 if after.month == before.month else 1)

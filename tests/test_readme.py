@@ -22,7 +22,7 @@ import pytest
 from llmworker.webhooks import sign, signing_key
 
 from .conftest import CALLBACK_SECRET, ROOT, free_port, llmworker_command, process
-from .test_processes import wait_ready, wait_until_sync
+from .test_processes import qstash_dev, wait_ready, wait_until_sync
 
 FENCE_RE = re.compile(r"^```(\w*)\s*$")
 MARK_RE = re.compile(r"^<!-- (example: [\w-]+|not run: .+) -->$")
@@ -37,9 +37,9 @@ class Block:
     line: int
 
 
-def blocks() -> list[Block]:
+def blocks(path: Path = ROOT / "README.md") -> list[Block]:
     found: list[Block] = []
-    lines = (ROOT / "README.md").read_text().splitlines()
+    lines = path.read_text().splitlines()
     i = 0
     while i < len(lines):
         fence = FENCE_RE.match(lines[i])
@@ -260,7 +260,7 @@ def _final(url: str, task_id: str) -> dict[str, object]:
 
 
 def test_the_publish_example_runs_through_qstash_dev(redis_url: str, prefix: str, tmp_path: Path):
-    dev_port, port = free_port(), free_port()
+    port = free_port()
     keys = {
         "QSTASH_CURRENT_SIGNING_KEY": "sig_readme_" + "c" * 20,
         "QSTASH_NEXT_SIGNING_KEY": "sig_readme_" + "n" * 20,
@@ -272,16 +272,14 @@ def test_the_publish_example_runs_through_qstash_dev(redis_url: str, prefix: str
         "FAKE_LATENCY_MS": "20",
         **keys,
     }
-    dev = llmworker_command("qstash-dev", "--port", str(dev_port), "--token", "readme")
     serve = llmworker_command("serve", "--port", str(port))
     with (
-        process(dev, keys, tmp_path / "qstash-dev.log"),
+        qstash_dev("readme", keys, tmp_path / "qstash-dev.log") as dev_url,
         process(serve, env, tmp_path / "serve.log"),
     ):
         wait_ready(f"http://127.0.0.1:{port}")
-        wait_until_sync(lambda: httpx.get(f"http://127.0.0.1:{dev_port}/v2/dlq").status_code == 401)
         publisher = {
-            "QSTASH_URL": f"http://127.0.0.1:{dev_port}",
+            "QSTASH_URL": dev_url,
             "QSTASH_TOKEN": "readme",
             "PUBLIC_URL": f"http://127.0.0.1:{port}",
         }
@@ -302,29 +300,7 @@ def _outline(path: Path) -> tuple[list[int], list[tuple[str | None, str, str]], 
                 tables.append(0)
             tables[-1] += 1
         in_table = line.startswith("|")
-    return levels, _blocks_of(lines), tables
-
-
-def _blocks_of(lines: list[str]) -> list[tuple[str | None, str, str]]:
-    found: list[tuple[str | None, str, str]] = []
-    i = 0
-    while i < len(lines):
-        fence = FENCE_RE.match(lines[i])
-        if fence is None:
-            i += 1
-            continue
-        start = i
-        i += 1
-        body = []
-        while not lines[i].startswith("```"):
-            body.append(lines[i])
-            i += 1
-        i += 1
-        above = lines[start - 1] if start else None
-        found.append(
-            (above if above and above.startswith("<!--") else None, fence.group(1), "\n".join(body))
-        )
-    return found
+    return levels, [(b.mark, b.lang, b.code) for b in blocks(path)], tables
 
 
 def test_the_chinese_readme_has_the_same_sections_commands_and_tables():

@@ -9,10 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
-
 from .conftest import CALLBACK_SECRET, ROOT, free_port, installed, llmworker_command, process
-from .test_processes import wait_ready, wait_until_sync
+from .test_processes import qstash_dev, wait_ready
 
 CLIENT = ROOT / "clients" / "typescript"
 
@@ -33,8 +31,8 @@ def test_the_typescript_client_passes_its_tests_against_a_live_worker(
     installed("node", "nodejs")
     built = _npm("run", "build")
     assert built.returncode == 0, built.stdout + built.stderr
-    port, dev_port = free_port(), free_port()
-    url, dev_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{dev_port}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     keys = {
         "QSTASH_CURRENT_SIGNING_KEY": "sig_ts_" + "c" * 20,
         "QSTASH_NEXT_SIGNING_KEY": "sig_ts_" + "n" * 20,
@@ -52,13 +50,11 @@ def test_the_typescript_client_passes_its_tests_against_a_live_worker(
         **keys,
     }
     # QStash, played by qstash-dev: publish() goes through it to /v1/qstash.
-    dev = llmworker_command("qstash-dev", "--port", str(dev_port), "--token", "ts-token")
     with (
-        process(dev, keys, tmp_path / "qstash-dev.log"),
+        qstash_dev("ts-token", keys, tmp_path / "qstash-dev.log") as dev_url,
         process(llmworker_command("serve", "--port", str(port)), env, tmp_path / "serve.log"),
     ):
         wait_ready(url)
-        wait_until_sync(lambda: httpx.get(f"{dev_url}/v2/dlq").status_code == 401)
         run = subprocess.run(
             ["node", "--test", "--test-reporter=tap", "test/"],
             cwd=CLIENT,

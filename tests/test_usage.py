@@ -93,12 +93,7 @@ async def test_a_cancelled_stream_is_charged_an_estimate_of_what_streamed(
     worker = await start_worker(make_settings(**env(url, PRICE_M1="3,15")))
     task_id = await submit(worker, input={"messages": MESSAGES, "stream": True})
     await wait_until(lambda: fake.inflight["m1"] == 1, 5)
-
-    async def streamed() -> bool:
-        events = await worker.redis.xrange(worker.keys.events(task_id))
-        return any(fields.get("type") == "tokens" for _, fields in events)
-
-    await wait_until(streamed, 5)
+    await wait_until(lambda: tokens_streamed(worker, task_id), 5)
     await worker.queue.cancel(task_id, 60)
 
     async def charged() -> dict[str, Any] | None:
@@ -109,6 +104,12 @@ async def test_a_cancelled_stream_is_charged_an_estimate_of_what_streamed(
     assert cost["estimated"] is True
     assert 0 < cost["tokens"]["output"] < 40
     assert cost["tokens"]["input"] > 0 and cost["usd"] > 0
+
+
+async def tokens_streamed(worker: Any, task_id: str) -> bool:
+    """Some of the task's answer has streamed (a tokens event is in its stream)."""
+    events = await worker.redis.xrange(worker.keys.events(task_id))
+    return any(fields.get("type") == "tokens" for _, fields in events)
 
 
 def _json(raw: Any) -> Any:

@@ -22,7 +22,7 @@ from llmworker.notify import check_callback_url
 from llmworker.observe import tracing
 from llmworker.observe.metrics import Metrics, NoMetrics
 from llmworker.queue import Queue
-from llmworker.quotas import Calendar, refusal, terms
+from llmworker.quotas import refusal, terms
 from llmworker.record import TaskSpec, invalid_field, new_task_id
 from llmworker.settings import Settings, env_token
 from llmworker.usage import Pricing, estimate_tokens
@@ -48,7 +48,6 @@ class Admitter:
         self._tiers = settings.tier_names
         self._fallback_model = settings.fallback_model
         self._counts_tokens = bool(settings.rates.tpm)
-        self.calendar = Calendar.of(settings)
         self.pricing = Pricing(settings)
         self.on_admitted: Callable[[], None] = lambda: None
 
@@ -141,7 +140,8 @@ class Admitter:
             fields["est_in"] = str(est_in)
             if max_out:
                 fields["max_out"] = str(max_out)
-        books = self.calendar.books()
+        # The queue's calendar: the windows a task reserves in are those its end settles.
+        books = self.queue.calendar.books()
         # The dearest of the task's models: it may end up on any of them.
         prices = max((self.pricing.unit_prices(m, books.now) for m in models), key=sum)
         quota = terms(books, self.settings.quotas.get(tier, {}), est_in, max_out, prices)

@@ -183,12 +183,14 @@ def read_limits(body: Any) -> dict[str, float]:
 class Quotas:
     """The admin side: users' own limits, credits, and what a user has left."""
 
-    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, settings: Settings) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, scripts: Scripts, settings: Settings, calendar: Calendar
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = scripts
         self.settings = settings
-        self.calendar = Calendar.of(settings)
+        self.calendar = calendar
 
     def _user_key(self, user: str) -> str:
         return f"{self.keys.base}qu:{user}"
@@ -224,8 +226,8 @@ class Quotas:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self._user_key(user))
         pipe.hmget(self._window_key(user, books.month), [books.day, books.month])
+        # One hash holds the user's own limits and credits.
         own_raw, (day_raw, month_raw) = await pipe.execute()
-        credit_raw = own_raw
         tier_limits = self.settings.quotas.get(tier, {})
         own = {n: _shown(n, int(v)) for n, v in own_raw.items() if n in LIMITS}
         windows: dict[str, Any] = {}
@@ -253,12 +255,12 @@ class Quotas:
                 "remaining": remaining,
             }
         credits = None
-        if "nusd" in credit_raw or "tokens" in credit_raw:
+        if "nusd" in own_raw or "tokens" in own_raw:
             credits = {}
             for unit, field, scale in (("usd", "nusd", NANO), ("tokens", "tokens", 1)):
-                if field in credit_raw:
-                    balance = int(credit_raw[field]) / scale
-                    held = int(credit_raw.get("r_" + field, 0)) / scale
+                if field in own_raw:
+                    balance = int(own_raw[field]) / scale
+                    held = int(own_raw.get("r_" + field, 0)) / scale
                     credits[unit] = {
                         "balance": round(balance, 9) if scale > 1 else int(balance),
                         "reserved": round(held, 9) if scale > 1 else int(held),

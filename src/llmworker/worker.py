@@ -55,7 +55,9 @@ class Worker:
         self.queue = Queue(self.redis, self.keys, settings.redis_timeout_s, Calendar.of(settings))
         self.metrics = Metrics() if settings.metrics_enabled else NoMetrics()
         self.ledger = Ledger(self.redis, self.keys, self.queue.calendar)
-        self.quotas = Quotas(self.redis, self.keys, self.queue.scripts, settings)
+        self.quotas = Quotas(
+            self.redis, self.keys, self.queue.scripts, settings, self.queue.calendar
+        )
         self.observer = Observer(settings, self.queue.scripts)
         self.health = ProviderHealth(self.queue.scripts)
         self.admitter = Admitter(settings, self.queue, self.registry, self.metrics)
