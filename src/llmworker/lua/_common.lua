@@ -315,6 +315,18 @@ local function add_fields(key, pairs_)
   end
 end
 
+-- Move a user's credits of the kinds a task draws on ('u' USD, 'k' tokens, as in 'qr'):
+-- their reservations by the reserved deltas, their balances down by what was used.
+local function move_credits(user, kinds, reserved_tokens, reserved_nusd, tokens, nusd)
+  local delta = {}
+  if string.find(kinds, 'u', 1, true) then delta = {'r_nusd', reserved_nusd, 'nusd', -nusd} end
+  if string.find(kinds, 'k', 1, true) then
+    delta[#delta + 1] = 'r_tokens'; delta[#delta + 1] = reserved_tokens
+    delta[#delta + 1] = 'tokens'; delta[#delta + 1] = -tokens
+  end
+  add_fields(user_key(user), delta)
+end
+
 -- The windows now, as add_windows takes them.
 local function windows_now(books)
   local b = words(books)
@@ -335,13 +347,7 @@ local function settle_quota(tk, user, qr, tokens, nusd, counted, books)
     task = math.min(task, r_task)
     add_windows(user, r[5] .. ' ' .. r[6] .. ' ' .. r[7],
       {task, tokens, nusd, -r_task, -r_tokens, -r_nusd})
-    local credit = {}
-    if string.find(r[8], 'u', 1, true) then credit = {'r_nusd', -r_nusd, 'nusd', -nusd} end
-    if string.find(r[8], 'k', 1, true) then
-      credit[#credit + 1] = 'r_tokens'; credit[#credit + 1] = -r_tokens
-      credit[#credit + 1] = 'tokens'; credit[#credit + 1] = -tokens
-    end
-    add_fields(user_key(user), credit)
+    move_credits(user, r[8], -r_tokens, -r_nusd, tokens, nusd)
     redis.call('HDEL', tk, 'qr')
   elseif books and (task > 0 or tokens > 0 or nusd > 0) then
     add_windows(user, windows_now(books), {task, tokens, nusd, 0, 0, 0})
@@ -414,10 +420,7 @@ local function book_extra(t, status, u, books, now)
     where, credit = r[5] .. ' ' .. r[6] .. ' ' .. r[7], r[8]
   end
   add_windows(t[3], where, {0, tokens, nusd, 0, 0, 0})
-  local draw = {}
-  if string.find(credit, 'u', 1, true) then draw = {'nusd', -nusd} end
-  if string.find(credit, 'k', 1, true) then draw[#draw + 1] = 'tokens'; draw[#draw + 1] = -tokens end
-  add_fields(user_key(t[3]), draw)
+  move_credits(t[3], credit, 0, 0, tokens, nusd)
 end
 
 -- Runs of the task that lapsed ('lapsed' on its record, counted by reap.lua) are booked

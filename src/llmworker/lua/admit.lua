@@ -66,12 +66,8 @@ if any or own[7] or own[8] then
   end
   local where = q[1] .. ' ' .. q[2] .. ' ' .. q[3]
   add_windows(user, where, {0, 0, 0, 1, tokens, nusd}, now_v)
-  if kinds ~= '' then
-    add_fields(user_key(user), {'r_nusd', string.find(kinds, 'u', 1, true) and nusd or 0,
-      'r_tokens', string.find(kinds, 'k', 1, true) and tokens or 0})
-  else
-    kinds = '-'
-  end
+  move_credits(user, kinds, tokens, nusd, 0, 0)
+  if kinds == '' then kinds = '-' end
   local priced = (tonumber(q[6]) > 0 or tonumber(q[7]) > 0) and nusd or 'n'
   reservation = table.concat({1, est_in, out, priced, where, kinds}, ' ')
 end
