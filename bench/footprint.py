@@ -16,12 +16,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlparse
 
+import orjson
 import redis
 
 from bench.common import Bench, cleanup
 
 TASKS = 2_000
 USERS = 200
+QSTASH_KEY = "sig_benchFootprintKey0000000000000"
 
 
 class CommandCounter:
@@ -93,22 +95,31 @@ class _Commands:
                 done += 1
 
 
+# What a task is, how it arrives, and whether a reader follows its events (the reader
+# on the admitting replica, as a web app's SSE route on another replica would be).
+CASES = (
+    ("a short chat", 24, False, "api"),
+    ("a 400-token streamed chat", 400, True, "api"),
+    ("a 400-token streamed chat, followed", 400, True, "reader"),
+    ("a short chat delivered by QStash", 24, False, "qstash"),
+)
+
+
 def footprint(bench: Bench) -> None:
     """(m) bytes per waiting and finished task; commands per task."""
     print(f"footprint: {TASKS:,} tasks of {USERS} users, one replica, no latency", flush=True)
-    for name, tokens, stream in (
-        ("a short chat", 24, False),
-        ("a 400-token streamed chat", 400, True),
-    ):
-        waiting, finished, commands = asyncio.run(_measure(bench, tokens, stream))
-        bench.add("m", f"Redis bytes per waiting task ({name})", f"{waiting:,.0f} B")
+    for name, tokens, stream, how in CASES:
+        waiting, finished, commands = asyncio.run(_measure(bench, tokens, stream, how))
+        if how == "api":
+            bench.add("m", f"Redis bytes per waiting task ({name})", f"{waiting:,.0f} B", "<= 1 KB")
         bench.add(
             "m", f"Redis bytes per finished task, kept RESULT_TTL_S ({name})", f"{finished:,.0f} B"
         )
-        bench.add("m", f"commands per task, nobody following ({name})", f"{commands:.1f}")
+        target = "<= 15" if how == "api" and tokens == 400 else ""
+        bench.add("m", f"commands per task ({name})", f"{commands:.1f}", target)
 
 
-async def _measure(bench: Bench, tokens: int, stream: bool) -> tuple[float, float, float]:
+async def _measure(bench: Bench, tokens: int, stream: bool, how: str) -> tuple[float, float, float]:
     url = urlparse(bench.redis_url)
     counter = CommandCounter(url.hostname or "127.0.0.1", url.port or 6379)
     port = await counter.start()
@@ -118,19 +129,42 @@ async def _measure(bench: Bench, tokens: int, stream: bool) -> tuple[float, floa
         # One replica admits (it runs nothing: the bytes of waiting), another drains.
         async with _worker(bench, prefix, port, tokens, dispatch=False) as idle:
             base = _used(store)
-            await _submit(idle, TASKS, stream)
+            start = counter.commands
+            ids = await (_deliver(idle, TASKS) if how == "qstash" else _submit(idle, TASKS, stream))
+            admitted = counter.commands - start
             waiting = (_used(store) - base) / TASKS
-        before = counter.commands
-        async with _worker(bench, prefix, port, tokens, dispatch=True) as busy:
-            await _drained(busy)
-            finished = (_used(store) - base) / TASKS
-        # The admissions' commands count too: one script per task, as sent.
-        commands = (counter.commands - before) / TASKS + 1
-        return waiting, finished, commands
+            before = counter.commands
+            readers = await _follow(idle, ids) if how == "reader" else None
+            async with _worker(bench, prefix, port, tokens, dispatch=True) as busy:
+                await _drained(busy)
+                if readers is not None:
+                    await readers
+                    # The readers' hub stops naming itself once they leave.
+                    await asyncio.sleep(0.2)
+                finished = (_used(store) - base) / TASKS
+            ran = counter.commands - before
+        return waiting, finished, (admitted + ran) / TASKS
     finally:
         store.close()
         await counter.stop()
         cleanup(bench, prefix)
+
+
+async def _follow(worker: Any, ids: list[str]) -> asyncio.Future[Any]:
+    """A reader per task on ``worker``'s hub, each until its task's final status."""
+    from llmworker.states import FINAL_STATES
+
+    async def read(task_id: str) -> None:
+        reader, status = await worker.hub.follow(task_id, "0-0")
+        try:
+            while status not in FINAL_STATES:
+                for _id, entry in await reader.next(30):
+                    if entry["type"] == "status":
+                        status = orjson.loads(entry["data"])["status"]
+        finally:
+            worker.hub.leave(reader)
+
+    return asyncio.gather(*(read(task_id) for task_id in ids))
 
 
 def _used(store: redis.Redis) -> float:
@@ -157,6 +191,8 @@ async def _worker(
             "MAX_FAKE_FREE": "200",
             "MAX_USER_FREE": "50",
             "QUEUE_MAX_FREE": str(TASKS),
+            "QSTASH_CURRENT_SIGNING_KEY": QSTASH_KEY,
+            "QSTASH_NEXT_SIGNING_KEY": QSTASH_KEY,
         },
         env_file=None,
     )
@@ -169,11 +205,12 @@ async def _worker(
         await worker.stop()
 
 
-async def _submit(worker: Any, n: int, stream: bool) -> None:
+async def _submit(worker: Any, n: int, stream: bool) -> list[str]:
     from llmworker.record import TaskSpec
 
+    ids: list[str] = []
     for start in range(0, n, 500):
-        await asyncio.gather(
+        admitted = await asyncio.gather(
             *(
                 worker.admitter.submit(
                     TaskSpec.model_validate(
@@ -184,6 +221,37 @@ async def _submit(worker: Any, n: int, stream: bool) -> None:
                 for i in range(start, min(n, start + 500))
             )
         )  # fmt: skip
+        ids += [task_id for task_id, _ in admitted]
+    return ids
+
+
+async def _deliver(worker: Any, n: int) -> list[str]:
+    """``n`` QStash deliveries, signed as QStash signs them, through the HTTP API."""
+    import httpx
+
+    from llmworker import signature
+    from llmworker.api import create_app
+
+    app = create_app(worker.settings, worker)
+    url = "http://worker.test/v1/qstash"
+    ids: list[str] = []
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker.test") as client:
+        for i in range(n):
+            body = orjson.dumps(
+                {"kind": "chat", "user": f"user-{i % USERS}",
+                 "input": {"messages": [{"role": "user", "content": "hello"}]}}
+            )  # fmt: skip
+            headers = {
+                "upstash-signature": signature.sign(QSTASH_KEY, body, url),
+                "upstash-message-id": f"msg_{uuid.uuid4().hex}",
+                "content-type": "application/json",
+            }
+            answer = await client.post("/v1/qstash", content=body, headers=headers)
+            if answer.status_code != 202:
+                raise RuntimeError(f"delivery got {answer.status_code}: {answer.text}")
+            ids.append(answer.json()["id"])
+    return ids
 
 
 async def _drained(worker: Any) -> None:

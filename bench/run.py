@@ -30,7 +30,7 @@ import orjson
 import psutil
 import redis
 
-from bench import footprint, money, observe, providers
+from bench import footprint, money, observe, providers, streams
 from bench.common import (
     CHAT_INPUT,
     ROOT,
@@ -340,6 +340,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "quota_ingress": money.quota_ingress,
     "ledger_memory": money.ledger_memory,
     "footprint": footprint.footprint,
+    "streams": streams.streams,
     "rss": rss,
     "transport": transport,
     "metrics_cost": observe.metrics_cost,

@@ -155,7 +155,8 @@ async def test_cancel_and_retry_from_the_command_line(make_settings):
 
 
 async def test_events_follow_a_task_from_the_command_line_and_resume(make_settings):
-    async with serve_api(make_settings(FAKE_LATENCY_MS=50)) as (client, _):
+    # TOKEN_EVENTS=always: a finished task's text stays readable from its events.
+    async with serve_api(make_settings(FAKE_LATENCY_MS=50, TOKEN_EVENTS="always")) as (client, _):
         url = str(client.base_url)
         first = (await client.post("/v1/tasks", json=CHAT)).json()
 

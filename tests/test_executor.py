@@ -61,7 +61,7 @@ async def test_chat_streams_from_an_openai_compatible_provider(
     make_settings, start_worker, fake_llm, client
 ):
     url, fake = fake_llm
-    worker = await start_worker(make_settings(**provider_env(url, client)))
+    worker = await start_worker(make_settings(**provider_env(url, client), TOKEN_EVENTS="always"))
     task_id = await submit(worker, model="m1")
     record = await final(worker, task_id)
     assert record["status"] == "succeeded", record
@@ -166,7 +166,8 @@ async def test_user_handler_gets_context_progress_and_chains_a_follow_up(
         return {"outline": reply.content, "follow_up": follow}
 
     worker = await start_worker(
-        make_settings(FAKE_LATENCY_MS=10), tasks=tasks_with(("outline", outline))
+        make_settings(FAKE_LATENCY_MS=10, TOKEN_EVENTS="always"),
+        tasks=tasks_with(("outline", outline)),
     )
     task_id, _ = await worker.admitter.submit(
         TaskSpec(kind="outline", input={"topic": "bees"}, user="ann", tier="paid")
@@ -422,7 +423,9 @@ async def test_buffered_tokens_go_out_20_ms_after_the_first_even_when_the_model_
         await asyncio.sleep(0.5)  # fewer than 5 tokens, then a long pause
         return "done"
 
-    worker = await start_worker(make_settings(), tasks=tasks_with(("pausing", pausing)))
+    worker = await start_worker(
+        make_settings(TOKEN_EVENTS="always"), tasks=tasks_with(("pausing", pausing))
+    )
     task_id, _ = await worker.admitter.submit(TaskSpec(kind="pausing"))
     record = await final(worker, task_id)
     entries = await worker.redis.xrange(worker.keys.events(task_id))
@@ -476,7 +479,7 @@ async def test_reasoning_streams_as_its_own_events_and_lands_in_the_result(
 ):
     url, _ = fake_llm
     env = provider_env(url, client, MODEL_R1="fakeai/r1-reasoner", MAX_R1_FREE=1)
-    worker = await start_worker(make_settings(**env))
+    worker = await start_worker(make_settings(**env, TOKEN_EVENTS="always"))
     task_id = await submit(worker, model="r1", input={"messages": MESSAGES})
     record = await final(worker, task_id)
     assert record["result"]["reasoning_content"] == "Let me think."
@@ -494,7 +497,7 @@ async def test_several_choices_and_logprobs_come_back_whole(
     make_settings, start_worker, fake_llm, client
 ):
     url, _ = fake_llm
-    worker = await start_worker(make_settings(**provider_env(url, client)))
+    worker = await start_worker(make_settings(**provider_env(url, client), TOKEN_EVENTS="always"))
     chat = {"messages": MESSAGES, "n": 2, "logprobs": True, "top_logprobs": 0}
     task_id = await submit(worker, model="m1", input=chat)
     result = (await final(worker, task_id))["result"]

@@ -106,8 +106,14 @@ async def test_a_cancelled_stream_is_charged_an_estimate_of_what_streamed(
     assert cost["tokens"]["input"] > 0 and cost["usd"] > 0
 
 
+_followed: dict[str, Any] = {}
+
+
 async def tokens_streamed(worker: Any, task_id: str) -> bool:
-    """Some of the task's answer has streamed (a tokens event is in its stream)."""
+    """Some of the task's answer has streamed (a tokens event is in its stream). The task
+    is followed as an SSE reader follows it: its run writes its text from then on."""
+    if task_id not in _followed:
+        _followed[task_id] = await worker.hub.follow(task_id, "0-0")
     events = await worker.redis.xrange(worker.keys.events(task_id))
     return any(fields.get("type") == "tokens" for _, fields in events)
 

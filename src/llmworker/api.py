@@ -46,6 +46,7 @@ from llmworker.httpapp import (
     request_error,
     require_json,
 )
+from llmworker.hub import MAX_PENDING, Entry, fields_of
 from llmworker.observe import tracing
 from llmworker.observe.metrics import CONTENT_TYPE
 from llmworker.record import ID_RE, TaskSpec, invalid_field, record_view
@@ -78,6 +79,28 @@ def event_cursor(raw: str) -> str:
 def _shown(value: str | None, limit: int = 100) -> str | None:
     """A header value as logged: anyone can send a long one."""
     return value if value is None or len(value) <= limit else value[:limit] + "..."
+
+
+def _next_id(entry_id: str) -> str | None:
+    """The first stream id after ``entry_id`` (None: it was the last there can be)."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq or 0) < MAX_U64:
+        return f"{ms}-{int(seq or 0) + 1}"
+    return f"{int(ms) + 1}-0" if int(ms) < MAX_U64 else None
+
+
+def sse_events(entries: list[Entry]) -> tuple[bytes, str, bool]:
+    """Stream entries as SSE, up to the first final status (a task retried later starts
+    a new stream of its own): the bytes, the last id sent, whether it ended there."""
+    out = []
+    last_id = ""
+    for entry_id, entry in entries:
+        last_id = entry_id
+        etype, data = entry.get("type", "message"), entry.get("data", "{}")
+        out.append(f"id: {entry_id}\nevent: {etype}\ndata: {data}\n\n")
+        if etype == "status" and orjson.loads(data).get("status") in FINAL_STATES:
+            return "".join(out).encode(), last_id, True
+    return "".join(out).encode(), last_id, False
 
 
 class Api:
@@ -349,7 +372,7 @@ class Api:
         )
 
     async def _stream(
-        self, ref: str, last_id: str, fields: dict[str, str] | None, closing: asyncio.Event
+        self, ref: str, last_id: str, fields: dict[str, str], closing: asyncio.Event
     ) -> AsyncIterator[bytes]:
         shutdown = asyncio.ensure_future(closing.wait())
         try:
@@ -362,51 +385,50 @@ class Api:
             shutdown.cancel()
 
     async def _entries(
-        self,
-        ref: str,
-        last_id: str,
-        fields: dict[str, str] | None,
-        shutdown: asyncio.Future[Any],
+        self, ref: str, last_id: str, fields: dict[str, str], shutdown: asyncio.Future[Any]
     ) -> AsyncIterator[bytes]:
-        redis = self.worker.redis
-        key = self.worker.keys.events(ref)
-        block_ms = int(SSE_PING_S * 1000)
-        while True:
-            final = fields is None or fields.get("status") in FINAL_STATES
-            # A finished task has nothing more to wait for: read what is left and end,
-            # even when the reader resumes after the last event.
-            read = asyncio.ensure_future(
-                redis.xread({key: last_id}, count=100, block=None if final else block_ms)
-            )
+        """The task's events after ``last_id`` as SSE, then its record once it ended. A
+        queued or running task is followed through the process's hub (hub.py)."""
+        status: str | None = fields.get("status")
+        if status not in FINAL_STATES:
+            hub = self.worker.hub
+            reader, status = await hub.follow(ref, last_id)
+            # The server is stopping (the reader resumes elsewhere): stop waiting.
+            shutdown.add_done_callback(lambda _: reader.wake())
+            ended = False
             try:
-                await asyncio.wait({read, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+                # A status that is final already: it ended before the hub followed it.
+                while status not in FINAL_STATES and not ended:
+                    if status is None or shutdown.done() or reader.gone:
+                        return  # no such task any more, or the server stops
+                    entries = await reader.next(SSE_PING_S)
+                    if not entries:
+                        if not (shutdown.done() or reader.gone):
+                            yield b": ping\n\n"
+                        continue
+                    if len(entries) >= MAX_PENDING:
+                        hub.caught_up(reader)
+                    chunk, last_id, ended = sse_events(entries)
+                    yield chunk
             finally:
-                # The server is stopping (the reader resumes elsewhere), or the reader
-                # left (the stream is cancelled): the blocking read and its connection go.
-                answered = read.done()
-                if not answered:
-                    read.cancel()
-            if not answered:
+                hub.leave(reader)
+            if ended:
+                record = await self.worker.queue.get(ref)
+                if record is not None:
+                    yield self._record_event(record)
                 return
-            reply = read.result()
-            if not reply:
-                if final:
-                    if fields is not None:
-                        yield self._record_event(fields)
-                    return
-                yield b": ping\n\n"
-                # Quiet for a while: has the task ended or expired meanwhile?
-                fields = await self.worker.queue.get(ref)
-                continue
-            for entry_id, entry in reply[0][1]:
-                last_id = entry_id
-                etype, data = entry.get("type", "message"), entry.get("data", "{}")
-                yield f"id: {entry_id}\nevent: {etype}\ndata: {data}\n\n".encode()
-                if etype == "status" and orjson.loads(data).get("status") in FINAL_STATES:
-                    fields = await self.worker.queue.get(ref)
-                    if fields is not None:
-                        yield self._record_event(fields)
-                    return
+        # An ended task: what is left of its events, then its record.
+        start = _next_id(last_id)
+        if start is not None:
+            rest = await self.worker.queue.scripts.command(
+                "XRANGE", self.worker.keys.events(ref), start, "+"
+            )
+            chunk, last_id, _ended = sse_events([(i, fields_of(f)) for i, f in rest])
+            if chunk:
+                yield chunk
+        record = await self.worker.queue.get(ref)
+        if record is not None:
+            yield self._record_event(record)
 
     @staticmethod
     def _record_event(fields: dict[str, str]) -> bytes:

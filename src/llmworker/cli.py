@@ -304,6 +304,7 @@ def cmd_fake_llm(args: argparse.Namespace) -> int:
         load_ttft_ms=args.load_ttft_ms,
         keepalive_s=args.keepalive_s,
         quota_tokens=args.quota_tokens,
+        stamp=args.stamp,
         quota_status=args.quota_status,
         down=[m for m in (args.down or "").split(",") if m],
         down_status=args.down_status,
@@ -492,6 +493,11 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         choices=[429, 402],
         default=429,
         help="429 insufficient_quota, or 402",
+    )
+    real.add_argument(
+        "--stamp",
+        action="store_true",
+        help="each streamed piece is its send time (@<epoch s>), to time its way downstream",
     )
     real.add_argument("--down", help="models that are down, comma-separated ('*': all)")
     real.add_argument(

@@ -295,6 +295,12 @@ class Dispatcher:
             run.job.cancel()
             log.info("run_stopped", task_id=task_id, reason=reason)
 
+    def _followed(self, task_id: str) -> None:
+        """A reader follows a task: if it runs here, its run streams from now on."""
+        run = self.runs.get(task_id)
+        if run is not None and run.events is not None:
+            run.events.follow()
+
     async def _listen(self) -> None:
         # Its own client without retries: redis-py would otherwise reconnect and
         # resubscribe inside get_message, silently, and what was published in between
@@ -302,16 +308,18 @@ class Dispatcher:
         client = connect(self.settings.redis_url or "", retries=0)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self.keys.wake_channel, self.keys.cancel_channel)
+            cancel_channel, follow_channel = self.keys.cancel_channel, self.keys.follow_channel
+            await pubsub.subscribe(self.keys.wake_channel, cancel_channel, follow_channel)
             # Anything published while we were not subscribed is unknown: look again.
             self._wake.set()
-            cancel_channel = self.keys.cancel_channel
             while not self._closing.is_set():
                 message = await pubsub.get_message(timeout=None)
                 if message is None:
                     continue
                 if message["channel"] == cancel_channel:
                     self._stop_run(message["data"], "cancelled")
+                elif message["channel"] == follow_channel:
+                    self._followed(message["data"])
                 else:
                     self._wake.set()
         finally:

@@ -1,4 +1,4 @@
-"""A task's events: one Redis stream per task, read back as Server-Sent Events.
+"""A task's events: one Redis stream per task, read back as Server-Sent Events (hub.py).
 
 Status events are written by the Lua scripts in the same step as the change they
 report; progress, token and reasoning events are written here by the running task.
@@ -6,6 +6,13 @@ Entries are ``type`` (status | progress | tokens | reasoning) and ``data`` (JSON
 ``tokens`` and ``reasoning`` carry ``{"text", "n"}``, a batch of the answer's text or of
 the model's reasoning (DeepSeek's ``reasoning_content``), in the order the model said
 them.
+
+Events cost Redis commands and memory only while somebody may read them. A run nobody
+follows keeps its text and its latest progress here, in the process; when a reader
+comes (a replica's hub names itself in ``fl:<id>`` and says so on ``follow``), the run
+writes what it kept as one event per kind, then streams live. A task nobody ever
+followed has no stream at all: its record says how it ended. ``TOKEN_EVENTS=always``
+streams every run live, followed or not.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from typing import Any
 import orjson
 import structlog
 
-from llmworker.keys import EVENTS_MAXLEN, Keys
 from llmworker.scripts import Scripts
 
 log = structlog.get_logger("llmworker.events")
@@ -26,31 +32,62 @@ log = structlog.get_logger("llmworker.events")
 TOKEN_BATCH = 5
 TOKEN_FLUSH_S = 0.020
 
+TEXT_KINDS = ("tokens", "reasoning")
+
 
 class EventWriter:
-    """Writes one task's progress, token and reasoning events, in order.
+    """Writes one run's progress, token and reasoning events, in order.
 
     Writes join the process's shared batch (scripts.py), which sends in submission
     order: a token batch queued before the run's final status is stored before it,
-    without waiting for it."""
+    without waiting for it.
 
-    def __init__(self, scripts: Scripts, keys: Keys, task_id: str) -> None:
+    ``live``: the run's events go to Redis as they come (somebody follows the task, or
+    TOKEN_EVENTS=always); otherwise they are kept until somebody does. ``started``: the
+    run's ``running`` status is in the stream, or will be before this writes anything
+    (claim.lua wrote it, or follow.lua writes it for a reader who comes later); else
+    the first write says it."""
+
+    def __init__(
+        self,
+        scripts: Scripts,
+        task_id: str,
+        *,
+        live: bool = False,
+        always: bool = False,
+        started: bool = False,
+        attempts: int = 0,
+        run: int = 0,
+    ) -> None:
         self.scripts = scripts
-        self.key = keys.events(task_id)
+        self.task_id = task_id
+        self.live = live or always
+        self._always = "1" if always else "0"
+        self._started = started
+        self._running = orjson.dumps({"status": "running", "attempts": attempts, "run": run})
         self._tokens: list[str] = []
         # What the buffered text is: the answer ("tokens") or the reasoning.
         self._kind = "tokens"
         self._timer: asyncio.TimerHandle | None = None
         self._lost = 0
+        # While nobody follows: the events a reader would need, [type, data, n], text of
+        # one kind merged into one event, and only the latest progress.
+        self._kept: list[list[Any]] = []
 
-    def _xadd(self, etype: str, data: dict[str, Any]) -> asyncio.Future[Any]:
-        return self.scripts.command(
-            "XADD", self.key, "MAXLEN", "~", EVENTS_MAXLEN, "*",
-            "type", etype, "data", orjson.dumps(data),
-        )  # fmt: skip
+    def _write(self, pairs: list[Any]) -> asyncio.Future[Any]:
+        if not self._started:
+            # The first event of this run a reader sees says which run it is.
+            self._started = True
+            pairs = ["status", self._running, *pairs]
+        return self.scripts.call("events", self.task_id, self._always, *pairs)
 
     async def emit(self, etype: str, data: dict[str, Any]) -> None:
-        await self._xadd(etype, data)
+        if self.live:
+            await self._write([etype, orjson.dumps(data)])
+            return
+        if etype == "progress":
+            self._kept = [e for e in self._kept if e[0] != "progress"]
+        self._kept.append([etype, data, 0])
 
     def token(self, text: str) -> None:
         """Buffer a token; queue the batch when it is full, or TOKEN_FLUSH_S after its first
@@ -62,6 +99,14 @@ class EventWriter:
         self._buffer("reasoning", text)
 
     def _buffer(self, kind: str, text: str) -> None:
+        if not self.live:
+            last = self._kept[-1] if self._kept else None
+            if last is not None and last[0] == kind:
+                last[1].append(text)
+                last[2] += 1
+            else:
+                self._kept.append([kind, [text], 1])
+            return
         if kind != self._kind:
             # A batch holds one kind: what came before goes out first.
             self.flush()
@@ -72,6 +117,19 @@ class EventWriter:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(TOKEN_FLUSH_S, self.flush)
 
+    def follow(self) -> None:
+        """Somebody follows the task now: write what the run kept, then stream live."""
+        if self.live:
+            return
+        self.live = True
+        pairs: list[Any] = []
+        for etype, data, n in self._kept:
+            if etype in TEXT_KINDS:
+                data = {"text": "".join(data), "n": n}
+            pairs += [etype, orjson.dumps(data)]
+        self._kept = []
+        self._written(self._write(pairs))
+
     def flush(self) -> None:
         """Queue the buffered tokens as one event (also at the end of a run)."""
         if self._timer is not None:
@@ -80,8 +138,12 @@ class EventWriter:
         if not self._tokens:
             return
         batch, self._tokens = self._tokens, []
-        batch_written = self._xadd(self._kind, {"text": "".join(batch), "n": len(batch)})
-        batch_written.add_done_callback(self._failed)
+        self._written(
+            self._write([self._kind, orjson.dumps({"text": "".join(batch), "n": len(batch)})])
+        )
+
+    def _written(self, future: asyncio.Future[Any]) -> None:
+        future.add_done_callback(self._failed)
 
     def _failed(self, future: asyncio.Future[Any]) -> None:
         # Token events are a live view; the task's result is what must not be lost. Say

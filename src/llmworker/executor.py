@@ -64,6 +64,8 @@ class Run:
     token: str
     job: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = None
+    # Its events, for a reader who starts following while it runs.
+    events: EventWriter | None = None
 
 
 class Executor:
@@ -109,7 +111,19 @@ class Executor:
         if fields.get("runs") == "1" and fields.get("created_at") and fields.get("started_at"):
             queued_ms = int(fields["started_at"]) - int(fields["created_at"])
             self.metrics.started(tier, model, max(0, queued_ms) / 1000)
-        events = EventWriter(self.queue.scripts, self.queue.keys, claimed.id)
+        followed = fields.get("followed") == "1"
+        always = self.settings.token_events == "always"
+        events = EventWriter(
+            self.queue.scripts,
+            claimed.id,
+            live=followed,
+            always=always,
+            # Somebody who follows later gets the status from follow.lua.
+            started=followed or not always,
+            attempts=int(fields.get("attempts") or 0),
+            run=int(fields.get("runs") or 0),
+        )
+        run.events = events
         timeout_s = float(claimed.fields.get("timeout_s") or self.settings.task_timeout_s)
         deadline = started + timeout_s
         status, result, error = "failed", "", ""

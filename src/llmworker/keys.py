@@ -15,7 +15,11 @@ key                                    type     lifetime
                                                 ``RESULT_TTL_S`` after a final state
 ``ik:<tenant>/<key>``                  string   as its task: the id of the tenant's task
                                                 admitted with that idempotency key
-``ev:<id>``                            stream   as its task; capped at ~EVENTS_MAXLEN entries
+``ev:<id>``                            stream   as its task, once somebody followed it (a
+                                                task nobody follows has none); capped at
+                                                ~EVENTS_MAXLEN entries
+``fl:<id>``                            set      FOLLOW_TTL_S, renewed while readers stay:
+                                                the replicas whose readers follow the task
 ``seq``                                string   forever: the admission order counter
 ``wrr``                                string   forever: the weighted tier schedule position
 ``lanes:<tier>``                       set      routes (``<model>|<kind>``) of the tier with
@@ -78,8 +82,10 @@ key                                    type     lifetime
                                                 still to be booked, by lease expiry (ms)
 =====================================  =======  ==========================================
 
-Channels: ``wake`` (a task was queued or a slot freed: idle dispatchers try a claim) and
-``cancel`` (a task id whose run must stop).
+Channels: ``wake`` (a task was queued or a slot freed: idle dispatchers try a claim),
+``cancel`` (a task id whose run must stop), ``follow`` (a task id somebody started
+following: its run streams its text from then on) and ``hub:<replica>`` (a task id
+with new events, for the replica's readers; hub.py).
 """
 
 from __future__ import annotations
@@ -89,6 +95,11 @@ from dataclasses import dataclass
 # A stream per task holds its status, progress and token events; past this many entries
 # the oldest are trimmed (approximately, which is cheap) so a long stream stays bounded.
 EVENTS_MAXLEN = 2000
+
+# A replica's hub stays named as a task's follower this long without renewing (it
+# renews every SSE ping while its readers stay): a hub that died stops costing the
+# task's writer a publish per event within this time.
+FOLLOW_TTL_S = 60
 
 # How long a finished task's record, its idempotency key and its events stay readable
 # is RESULT_TTL_S (settings). Queued and running tasks never expire: nothing is lost.
@@ -114,6 +125,16 @@ class Keys:
 
     def events(self, task_id: str) -> str:
         return f"{self.base}ev:{task_id}"
+
+    def followers(self, task_id: str) -> str:
+        return f"{self.base}fl:{task_id}"
+
+    def hub_channel(self, hub: str) -> str:
+        return f"{self.base}hub:{hub}"
+
+    @property
+    def follow_channel(self) -> str:
+        return f"{self.base}follow"
 
     @property
     def depth(self) -> str:

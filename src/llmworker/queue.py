@@ -331,8 +331,10 @@ class Queue:
         return str(found) if found else None
 
     async def get(self, task_id: str) -> dict[str, str] | None:
-        fields: dict[str, str] = await self.redis.hgetall(self.keys.task(task_id))  # type: ignore[misc]
-        return fields if fields and "id" in fields else None
+        # Through the batch: a thousand readers looking at once share its connection.
+        flat = await self.scripts.command("HGETALL", self.keys.task(task_id))
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        return fields if "id" in fields else None
 
     async def depths(self) -> dict[str, int]:
         raw: dict[str, str] = await self.redis.hgetall(self.keys.depth)  # type: ignore[misc]

@@ -57,6 +57,8 @@ NAMES = (
     "circuit",
     "adapt",
     "credits",
+    "events",
+    "follow",
 )
 
 # Past this many calls a batch is cut, so one reply never grows without bound.

@@ -19,6 +19,7 @@ from llmworker.connection import connect, wait_for_redis
 from llmworker.dispatcher import Dispatcher
 from llmworker.executor import Executor
 from llmworker.handlers import Registry, import_task_modules, registry
+from llmworker.hub import EventHub
 from llmworker.keys import Keys
 from llmworker.ledger import Ledger
 from llmworker.notify import Notifier
@@ -78,6 +79,9 @@ class Worker:
             settings, self.redis, self.keys, self.queue, self.executor, self.replica_id
         )
         self.notifier = Notifier(settings, self.queue, self.metrics)
+        self.hub = EventHub(
+            settings.redis_url or "", self.queue.scripts, self.keys, self.replica_id
+        )
         self.adapter = Adapter(settings, self.queue)
         # Holds being recorded (a provider said a limit is used up).
         self._holding: set[asyncio.Future[None]] = set()
@@ -155,6 +159,7 @@ class Worker:
             except (RedisError, OSError) as exc:
                 log.warning("replica_not_removed", error=str(exc))
         self.started = False
+        await self.hub.stop()
         await self.health.stop()
         await self.metrics.unshare()
         await self.providers.aclose()

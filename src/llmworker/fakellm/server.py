@@ -72,6 +72,9 @@ class FakeConfig:
     load_ttft_ms: float = 0.0
     keepalive_s: float = 0.0
     quota_tokens: int = 0
+    # Each streamed piece of content is its send time ("@<epoch seconds> "), so a reader
+    # downstream can time each piece's way to it (bench/streams.py).
+    stamp: bool = False
     quota_status: int = 429
     down: list[str] = field(default_factory=list)
     down_status: int = 503
@@ -335,6 +338,8 @@ class FakeLLM:
             )
             if disconnected.done():
                 return first
+            if self.config.stamp and delta.get("content"):
+                delta = {**delta, "content": f"@{time.time():.6f} "}
             if body.get("logprobs") and delta.get("content"):
                 pieces = [_with_logprobs(chunk(each(delta)), delta["content"])]
             else:

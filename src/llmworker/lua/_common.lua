@@ -50,8 +50,19 @@ local function route_of(model, kind) return model .. '|' .. kind end
 local function user_queue(tier, route, user) return P .. 'uq:' .. tier .. ':' .. route .. ':' .. user end
 local function lane_key(tier, route) return P .. 'lane:' .. tier .. ':' .. route end
 
+-- A task's events are written only while somebody may read them: once a reader followed
+-- it ('fl:<id>' names the replicas whose readers do) the stream exists, and from then on
+-- every event goes in. A task nobody follows costs no stream: a reader who comes later
+-- gets the record, and a running task's text so far from its writer (events.py). Each
+-- following replica's hub is told which task has news on its own channel. Returns
+-- whether the event was written.
 local function emit(id, etype, data)
-  redis.call('XADD', P .. 'ev:' .. id, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', etype, 'data', data)
+  local ev = P .. 'ev:' .. id
+  local readers = redis.call('SMEMBERS', P .. 'fl:' .. id)
+  if #readers == 0 and redis.call('EXISTS', ev) == 0 then return false end
+  redis.call('XADD', ev, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', etype, 'data', data)
+  for _, hub in ipairs(readers) do redis.call('PUBLISH', P .. 'hub:' .. hub, id) end
+  return true
 end
 
 -- err is already JSON: it is spliced in, not decoded and encoded again.
@@ -61,7 +72,7 @@ local function status_event(id, status, attempts, err, run)
   local body = '{"status":"' .. status .. '","attempts":' .. (tonumber(attempts) or 0)
   if run then body = body .. ',"run":' .. run end
   if err then body = body .. ',"error":' .. err end
-  emit(id, 'status', body .. '}')
+  return emit(id, 'status', body .. '}')
 end
 
 -- A lane (tier, route) lists each user with waiting tasks once, scored by the sequence

@@ -84,7 +84,6 @@ enqueue(id, tier, model, kind, user, false)
 for i = 10, #ARGV, 2 do
   if ARGV[i] == 'models' then mark_spillable(tier, route_of(model, kind)) end
 end
-status_event(id, 'queued', 0)
 -- Wake idle dispatchers only when the lane has a free slot: while it is full, the
 -- release of a slot wakes them instead, so a burst of submissions costs no futile claims.
 -- Live leases only: slots of dead holders not yet pruned are free too.

@@ -22,6 +22,8 @@ elseif t[1] == 'running' then
 else
   return t[1]
 end
+-- Before finalize, which gives the stream (if any) the record's TTL.
+status_event(id, 'cancelled', t[5])
 finalize(id, 'cancelled', ttl_s, now)
 if running then
   -- Booked once, by the run's end or, past its lease, by the reaper.
@@ -29,6 +31,5 @@ if running then
   redis.call('PERSIST', tk)
   redis.call('HSET', tk, 'keep', ttl_s)
 end
-status_event(id, 'cancelled', t[5])
 if t[1] == 'running' then redis.call('PUBLISH', P .. 'cancel', id) end
 return t[1]

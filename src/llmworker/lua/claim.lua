@@ -304,7 +304,11 @@ local function take(tier, route, model, user, want)
   redis.call('HSET', tk, unpack(flat))
   -- Not stored: what this run is (a probe; moved off its lane's model).
   for _, v in ipairs(extra) do record[#record + 1] = v end
-  status_event(id, 'running', attempts, nil, runs)
+  -- Somebody follows the task: its writer streams this run's events from the start.
+  if status_event(id, 'running', attempts, nil, runs) then
+    record[#record + 1] = 'followed'
+    record[#record + 1] = '1'
+  end
   return record
 end
 

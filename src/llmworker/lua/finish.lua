@@ -71,7 +71,8 @@ if ARGV[6] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = ARGV[
 if ARGV[11] and ARGV[11] ~= '' then fields[#fields + 1] = 'cost'; fields[#fields + 1] = ARGV[11] end
 -- A task with other models says how it ended on the one it ran on last.
 if current[10] and current[10] ~= '' then add_tried(tk, {model = current[6], outcome = status}) end
+-- Before finalize, which gives the stream (if any) the record's TTL.
+status_event(id, status, current[4], ARGV[5] ~= '' and ARGV[5] or nil)
 finalize(id, status, tonumber(ARGV[7]), now, fields)
 book_run(tk, t, status, use_of(ARGV[11]), ARGV[12], now)
-status_event(id, status, current[4], ARGV[5] ~= '' and ARGV[5] or nil)
 return 1

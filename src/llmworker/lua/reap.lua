@@ -25,8 +25,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', cutoff, 
       local err = cjson.encode({code = 'lease_expired', message =
         'The task was started ' .. t[7] .. ' times and each run stopped renewing its lease ' ..
         '(its worker died or stalled); raise MAX_ATTEMPTS or LEASE_TTL_S if runs block the event loop.'})
-      finalize(id, 'failed', ttl_s, now, {'error', err})
       status_event(id, 'failed', t[7], err)
+      finalize(id, 'failed', ttl_s, now, {'error', err})
       failed = failed + 1
       failed_lanes[failed] = t[4] .. '|' .. t[5]
     else

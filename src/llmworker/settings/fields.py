@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(30.0, gt=0.5, le=3600)
     max_attempts: int = Field(3, ge=1, le=100)
     result_ttl_s: int = Field(86400, ge=1)
+    # A run's token and progress events: written while somebody follows the task
+    # ("followed"; a reader who comes later gets the text so far at once), or always.
+    token_events: Literal["followed", "always"] = "followed"
     shutdown_grace_s: float = Field(30.0, ge=0)
     task_timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(1_048_576, ge=256)

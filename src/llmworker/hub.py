@@ -1,0 +1,261 @@
+"""Event readers share: one hub per process reads the events of every task its readers
+follow, on a constant number of Redis connections however many readers there are.
+
+A reader (an SSE response, api.py) asks the hub to follow a task from an event id. The
+hub names itself in the task's ``fl:<id>`` set (follow.lua): from then on every event of
+the task is written (events.py, lua/_common.lua) and the hub is told the task's id on
+its own Pub/Sub channel, ``hub:<replica>``. It then reads the new entries of all the
+tasks it was told of with one non-blocking ``XREAD`` over many streams, sent through the
+process's command batch (scripts.py), and hands each reader the entries past its own
+last id. So a thousand readers cost one Pub/Sub connection and a share of the batch's
+one connection, on any Redis: no blocking read, no ``CLIENT UNBLOCK``.
+
+Nothing is missed: the hub subscribes (and waits for Redis to confirm it) before it
+names itself anywhere, and reads each followed stream once it is named; after a lost
+Pub/Sub connection, or once per ``SSE_PING_S`` anyway, it reads every followed stream
+again and renews its names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError
+
+from llmworker.connection import connect
+from llmworker.keys import FOLLOW_TTL_S, Keys
+from llmworker.scripts import Scripts
+
+log = structlog.get_logger("llmworker.hub")
+
+# Streams read by one XREAD, and entries taken of each per read (more: read again).
+STREAMS_PER_READ = 256
+ENTRIES_PER_STREAM = 200
+# A reader that lags this many entries behind gets no more until it has sent them (the
+# hub reads the rest from Redis again then): a slow client costs memory, bounded.
+MAX_PENDING = 1000
+# How often the hub renews its names and reads every followed stream again.
+RENEW_S = 15.0
+
+Entry = tuple[str, dict[str, str]]
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Reader:
+    """One reader of one task's events: the entries handed to it and not yet sent."""
+
+    __slots__ = ("_waiter", "after", "gone", "pending", "ref")
+
+    def __init__(self, ref: str, after: str) -> None:
+        self.ref = ref
+        # The last entry handed to this reader (or the id it resumes after).
+        self.after = _id(after)
+        self.pending: list[Entry] = []
+        # The task's record expired while it was followed.
+        self.gone = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def next(self, timeout_s: float) -> list[Entry]:
+        """The entries handed over since the last call; waits up to ``timeout_s`` for
+        some (none: the time passed, the task is gone, or :meth:`wake` was called)."""
+        if not self.pending and not self.gone:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout_s, self.wake)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        entries, self.pending = self.pending, []
+        return entries
+
+    def wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class EventHub:
+    def __init__(self, redis_url: str, scripts: Scripts, keys: Keys, name: str) -> None:
+        self.redis_url = redis_url
+        self.scripts = scripts
+        self.keys = keys
+        self.name = name
+        self.channel = keys.hub_channel(name)
+        self.readers: dict[str, set[Reader]] = {}
+        self._dirty: set[str] = set()
+        self._kick = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # -- for readers ----------------------------------------------------------------
+
+    async def follow(self, ref: str, after: str) -> tuple[Reader, str | None]:
+        """Follow task ``ref``'s events after entry id ``after``. Also returns the task's
+        status as it was when the hub named itself (None: no such task any more)."""
+        self._start()
+        await self._subscribed.wait()
+        reader = Reader(ref, after)
+        self.readers.setdefault(ref, set()).add(reader)
+        try:
+            status = await self.scripts.call("follow", ref, self.name, FOLLOW_TTL_S * 1000)
+        except BaseException:
+            self.leave(reader)
+            raise
+        self._mark(ref)
+        return reader, status
+
+    def leave(self, reader: Reader) -> None:
+        readers = self.readers.get(reader.ref)
+        if readers is None:
+            return
+        readers.discard(reader)
+        if not readers:
+            del self.readers[reader.ref]
+            # The writer need not tell this hub any more (else the name lapses).
+            self.scripts.command("SREM", self.keys.followers(reader.ref), self.name)
+
+    def caught_up(self, reader: Reader) -> None:
+        """The reader sent what it was handed: read on if it had stopped being fed."""
+        self._mark(reader.ref)
+
+    def _mark(self, ref: str) -> None:
+        self._dirty.add(ref)
+        self._kick.set()
+
+    # -- the hub's own work ---------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._tasks or self._closing:
+            return
+        self._tasks = [
+            asyncio.create_task(self._listen_forever(), name="hub-listen"),
+            asyncio.create_task(self._read_forever(), name="hub-read"),
+            asyncio.create_task(self._renew_forever(), name="hub-renew"),
+        ]
+
+    async def stop(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    async def _listen_forever(self) -> None:
+        delay = 0.1
+        while True:
+            # Its own client without retries: a lost connection must be known here, to
+            # read every followed stream again once subscribed anew.
+            client = connect(self.redis_url, retries=0)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        # Confirmed: whatever is published from now on reaches us.
+                        self._subscribed.set()
+                        delay = 0.1
+                        self._dirty.update(self.readers)
+                        self._kick.set()
+                    elif message["type"] == "message":
+                        self._dirty.add(message["data"])
+                        self._kick.set()
+            except (RedisError, OSError) as exc:
+                self._subscribed.clear()
+                log.warning("event_hub_reconnecting", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    async def _read_forever(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            while self._dirty:
+                refs = [r for r in self._dirty if r in self.readers][:STREAMS_PER_READ]
+                if not refs:
+                    self._dirty.clear()
+                    break
+                self._dirty.difference_update(refs)
+                try:
+                    await self._read(refs)
+                except (RedisError, OSError) as exc:
+                    # Read again later; readers meanwhile see pings.
+                    log.warning("event_hub_read_failed", error=str(exc))
+                    self._dirty.update(refs)
+                    await asyncio.sleep(0.5)
+
+    async def _read(self, refs: list[str]) -> None:
+        keys, cursors = [], []
+        for ref in refs:
+            fed = [r.after for r in self.readers[ref] if len(r.pending) < MAX_PENDING]
+            if not fed:
+                continue
+            ms, seq = min(fed)
+            keys.append(self.keys.events(ref))
+            cursors.append(f"{ms}-{seq}")
+        if not keys:
+            return
+        reply = await self.scripts.command(
+            "XREAD", "COUNT", ENTRIES_PER_STREAM, "STREAMS", *keys, *cursors
+        )
+        for key, entries in _streams(reply):
+            ref = key[len(self.keys.events("")) :]
+            if len(entries) >= ENTRIES_PER_STREAM:
+                self._dirty.add(ref)  # more is there
+                self._kick.set()
+            for reader in self.readers.get(ref, ()):
+                if len(reader.pending) >= MAX_PENDING:
+                    continue
+                fresh = [(i, fields_of(f)) for i, f in entries if _id(i) > reader.after]
+                if fresh:
+                    reader.pending += fresh
+                    reader.after = _id(fresh[-1][0])
+                    reader.wake()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_S)
+            refs = list(self.readers)
+            if not refs:
+                continue
+            calls = [
+                self.scripts.call("follow", ref, self.name, FOLLOW_TTL_S * 1000) for ref in refs
+            ]
+            replies = await asyncio.gather(*calls, return_exceptions=True)
+            for ref, status in zip(refs, replies, strict=True):
+                if isinstance(status, BaseException):
+                    continue
+                if status is None:
+                    for reader in self.readers.get(ref, ()):
+                        reader.gone = True
+                        reader.wake()
+            # Anything a lost notice would have said is read now.
+            self._dirty.update(refs)
+            self._kick.set()
+
+
+def _streams(reply: Any) -> list[tuple[str, list[Any]]]:
+    """XREAD's reply (RESP2): a list of [key, entries], or nothing new."""
+    return [(key, entries) for key, entries in reply or ()]
+
+
+def fields_of(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))

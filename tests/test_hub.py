@@ -1,0 +1,199 @@
+"""Event readers share the process's Redis connections (hub.py), and a task's events cost
+Redis only while somebody follows it (events.py): on real Redis, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import orjson
+import psutil
+import redis.asyncio as aioredis
+
+from llmworker.record import TaskSpec
+
+from .conftest import serve_api, wait_until
+
+CHAT = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]}}
+
+
+async def read_events(
+    client: httpx.AsyncClient, task_id: str, after: str | None = None
+) -> list[tuple[str, str, Any]]:
+    """Every SSE event of one stream: (id, event, data)."""
+    headers = {"Last-Event-ID": after} if after else {}
+    events: list[tuple[str, str, Any]] = []
+    fields: dict[str, str] = {}
+    async with client.stream("GET", f"/v1/tasks/{task_id}/events", headers=headers) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line:
+                if "data" in fields:
+                    events.append(
+                        (fields.get("id", ""), fields["event"], orjson.loads(fields["data"]))
+                    )
+                fields = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+    return events
+
+
+def text_of(events: list[tuple[str, str, Any]]) -> str:
+    return "".join(data["text"] for _, kind, data in events if kind == "tokens")
+
+
+def redis_connections(redis_url: str) -> int:
+    """TCP connections this process holds to the test's Redis."""
+    port = urlparse(redis_url).port or 6379
+    return sum(
+        1
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+async def test_hundreds_of_readers_share_a_constant_number_of_redis_connections(
+    make_settings, redis_url
+):
+    settings = make_settings(
+        FAKE_LATENCY_MS=1500, FAKE_TOKENS=30, MAX_FAKE_FREE=40, MAX_USER_FREE=40
+    )
+    async with serve_api(settings) as (client, _worker):
+        ids = [(await client.post("/v1/tasks", json=CHAT)).json()["id"] for _ in range(40)]
+        # One reader first: the hub and the batch have their connections from here on.
+        first = asyncio.create_task(read_events(client, ids[0]))
+        await asyncio.sleep(0.3)
+        before = redis_connections(redis_url)
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+        async with httpx.AsyncClient(
+            base_url=str(client.base_url), limits=limits, timeout=30
+        ) as many:
+            readers = [asyncio.create_task(read_events(many, ids[i % 40])) for i in range(320)]
+            await asyncio.sleep(0.8)  # all following, tokens flowing
+            during = redis_connections(redis_url)
+            done = await asyncio.gather(*readers)
+        await first
+        records = {tid: (await client.get(f"/v1/tasks/{tid}")).json() for tid in ids}
+    # Every reader saw its task's whole answer and its record, in order.
+    for i, events in enumerate(done):
+        record = records[ids[i % 40]]
+        assert events[-1][1] == "record" and record["status"] == "succeeded"
+        assert text_of(events) == record["result"]["content"]
+    assert during <= before + 2, (before, during)
+
+
+async def test_a_reader_who_comes_mid_answer_gets_the_text_so_far_then_the_rest(make_settings):
+    async with serve_api(make_settings(FAKE_LATENCY_MS=1200, FAKE_TOKENS=40)) as (client, worker):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+
+        async def running() -> bool:
+            fields = await worker.queue.get(task["id"])
+            return fields is not None and fields["status"] == "running"
+
+        await wait_until(running)
+        await asyncio.sleep(0.5)  # about a third of the answer has streamed, unread
+        assert not await worker.redis.exists(worker.keys.events(task["id"]))
+        events = await read_events(client, task["id"])
+    record = events[-1][2]
+    assert record["status"] == "succeeded"
+    kinds = [kind for _, kind, _ in events]
+    assert kinds[0] == "status" and events[0][2] == {"status": "running", "attempts": 1, "run": 1}
+    tokens = [data for _, kind, data in events if kind == "tokens"]
+    # What streamed before the reader came, as one event; then the rest as it comes.
+    assert tokens[0]["n"] >= 8 and len(tokens) >= 3
+    assert text_of(events) == record["result"]["content"]
+    assert [i for i, _, _ in events[:-1]] == sorted(
+        (i for i, _, _ in events[:-1]), key=lambda i: tuple(map(int, i.split("-")))
+    )
+
+
+async def test_a_task_nobody_follows_has_no_event_stream_waiting_or_finished(
+    make_settings, start_worker
+):
+    settings = make_settings(FAKE_LATENCY_MS=20, FAKE_TOKENS=50)
+    admitter = await start_worker(settings, dispatch=False)
+    task_id, _ = await admitter.admitter.submit(TaskSpec(kind="chat", input=CHAT["input"]))
+    assert not await admitter.redis.exists(admitter.keys.events(task_id))
+    await start_worker(settings)
+
+    async def finished() -> Any:
+        fields = await admitter.queue.get(task_id)
+        return fields if fields and fields["status"] == "succeeded" else None
+
+    await wait_until(finished)
+    assert not await admitter.redis.exists(admitter.keys.events(task_id))
+    assert not await admitter.redis.exists(admitter.keys.followers(task_id))
+
+
+async def test_a_late_reader_of_a_finished_task_gets_its_record(make_settings):
+    async with serve_api(make_settings(FAKE_LATENCY_MS=10)) as (client, worker):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+
+        async def finished() -> Any:
+            fields = await worker.queue.get(task["id"])
+            return fields if fields and fields["status"] == "succeeded" else None
+
+        await wait_until(finished)
+        events = await read_events(client, task["id"])
+    assert [kind for _, kind, _ in events] == ["record"]
+    assert events[0][2]["result"]["content"]
+
+
+async def test_a_reader_on_another_replica_follows_a_task_running_here(make_settings, start_worker):
+    settings = make_settings(FAKE_LATENCY_MS=800, FAKE_TOKENS=30)
+    runner = await start_worker(settings)
+    async with serve_api(settings, dispatch=False) as (client, _api_only):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        events = await read_events(client, task["id"])
+        assert runner.dispatcher.claimed_total == 1
+        record = events[-1][2]
+        assert text_of(events) == record["result"]["content"] != ""
+        # Resumed after its second event, on this replica: the rest, nothing twice.
+        rest = await read_events(client, task["id"], after=events[1][0])
+    assert [e[0] for e in rest[:-1]] == [e[0] for e in events[2:-1]]
+
+
+async def test_readers_lose_nothing_when_the_hubs_pubsub_connection_is_cut(
+    make_settings, redis_url
+):
+    settings = make_settings(FAKE_LATENCY_MS=2000, FAKE_TOKENS=60)
+    async with serve_api(settings) as (client, _worker):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        reading = asyncio.create_task(read_events(client, task["id"]))
+        await asyncio.sleep(0.6)
+        admin = aioredis.Redis.from_url(redis_url)
+        try:
+            # Every Pub/Sub connection of the deployment's clients: the hub's among them.
+            killed = await admin.client_kill_filter(_type="pubsub")
+        finally:
+            await admin.aclose()
+        assert killed >= 1
+        events = await asyncio.wait_for(reading, 20)
+    record = events[-1][2]
+    assert record["status"] == "succeeded"
+    assert text_of(events) == record["result"]["content"]
+
+
+async def test_a_reader_leaving_stops_the_task_writing_for_it(make_settings):
+    async with serve_api(make_settings(FAKE_LATENCY_MS=3000, FAKE_TOKENS=30)) as (client, worker):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        followers = worker.keys.followers(task["id"])
+
+        async def named() -> Any:
+            return await worker.redis.smembers(followers) == {worker.replica_id}  # type: ignore[misc]
+
+        reading = asyncio.create_task(read_events(client, task["id"]))
+        await wait_until(named, 5)
+        reading.cancel()  # the reader hangs up
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+
+        async def unnamed() -> bool:
+            return not worker.hub.readers and await worker.redis.scard(followers) == 0  # type: ignore[misc]
+
+        # The replica's name leaves the task's followers with its last reader.
+        await wait_until(unnamed, 5)
