@@ -193,6 +193,7 @@ async def _worker(
             "QUEUE_MAX_FREE": str(TASKS),
             "QSTASH_CURRENT_SIGNING_KEY": QSTASH_KEY,
             "QSTASH_NEXT_SIGNING_KEY": QSTASH_KEY,
+            "PUBLIC_URL": "http://worker.test",
         },
         env_file=None,
     )

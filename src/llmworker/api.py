@@ -56,7 +56,6 @@ from llmworker.worker import Worker
 
 log = structlog.get_logger("llmworker.api")
 
-SSE_PING_S = 15.0
 # A stream entry id: milliseconds and a sequence number, each an unsigned 64-bit integer
 # in ASCII digits (Python's \d would also take other scripts' digits, which Redis refuses
 # once the stream has started).
@@ -401,7 +400,7 @@ class Api:
                 while status not in FINAL_STATES and not ended:
                     if status is None or shutdown.done() or reader.gone:
                         return  # no such task any more, or the server stops
-                    entries = await reader.next(SSE_PING_S)
+                    entries = await reader.next()
                     if not entries:
                         if not (shutdown.done() or reader.gone):
                             yield b": ping\n\n"

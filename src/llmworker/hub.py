@@ -12,7 +12,7 @@ one connection, on any Redis: no blocking read, no ``CLIENT UNBLOCK``.
 
 Nothing is missed: the hub subscribes (and waits for Redis to confirm it) before it
 names itself anywhere, and reads each followed stream once it is named; after a lost
-Pub/Sub connection, or once per ``SSE_PING_S`` anyway, it reads every followed stream
+Pub/Sub connection, or once per ``TICK_S`` anyway, it reads every followed stream
 again and renews its names.
 """
 
@@ -23,6 +23,7 @@ import contextlib
 from typing import Any
 
 import structlog
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from llmworker.connection import connect
@@ -37,8 +38,9 @@ ENTRIES_PER_STREAM = 200
 # A reader that lags this many entries behind gets no more until it has sent them (the
 # hub reads the rest from Redis again then): a slow client costs memory, bounded.
 MAX_PENDING = 1000
-# How often the hub renews its names and reads every followed stream again.
-RENEW_S = 15.0
+# How often the hub renews its names, reads every followed stream again, wakes every
+# reader (an SSE keep-alive for those with nothing new) and checks its Pub/Sub link.
+TICK_S = 15.0
 
 Entry = tuple[str, dict[str, str]]
 
@@ -62,17 +64,16 @@ class Reader:
         self.gone = False
         self._waiter: asyncio.Future[None] | None = None
 
-    async def next(self, timeout_s: float) -> list[Entry]:
-        """The entries handed over since the last call; waits up to ``timeout_s`` for
-        some (none: the time passed, the task is gone, or :meth:`wake` was called)."""
+    async def next(self) -> list[Entry]:
+        """The entries handed over since the last call, once there are some, or none
+        when woken without: every ``TICK_S`` (time for a keep-alive), when the task
+        is gone, or by :meth:`wake`."""
         if not self.pending and not self.gone:
-            loop = asyncio.get_running_loop()
-            self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(timeout_s, self.wake)
+            # One future per wait and no timer: the hub's tick wakes every reader.
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
         entries, self.pending = self.pending, []
         return entries
@@ -95,6 +96,9 @@ class EventHub:
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        # The Pub/Sub link, and how many replies it gave (its health, tick by tick).
+        self._link: AbstractConnection | None = None
+        self._heard = 0
 
     # -- for readers ----------------------------------------------------------------
 
@@ -139,7 +143,7 @@ class EventHub:
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="hub-listen"),
             asyncio.create_task(self._read_forever(), name="hub-read"),
-            asyncio.create_task(self._renew_forever(), name="hub-renew"),
+            asyncio.create_task(self._tick_forever(), name="hub-tick"),
         ]
 
     async def stop(self) -> None:
@@ -154,33 +158,36 @@ class EventHub:
     async def _listen_forever(self) -> None:
         delay = 0.1
         while True:
-            # Its own client without retries: a lost connection must be known here, to
-            # read every followed stream again once subscribed anew.
+            # A connection of its own, read as replies come (no client-side Pub/Sub
+            # machinery per message: thousands a second pass here). Lost, it is known
+            # here, and every followed stream is read again once subscribed anew.
             client = connect(self.redis_url, retries=0)
-            pubsub = client.pubsub()
+            conn = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            self._link = conn
             try:
-                await pubsub.subscribe(self.channel)
+                await conn.connect()
+                await conn.send_command("SUBSCRIBE", self.channel)
                 while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
+                    kind, _channel, data = await conn.read_response()
+                    self._heard += 1
+                    if kind == "message":
+                        self._dirty.add(data)
+                        self._kick.set()
+                    elif kind == "subscribe":
                         # Confirmed: whatever is published from now on reaches us.
                         self._subscribed.set()
                         delay = 0.1
                         self._dirty.update(self.readers)
                         self._kick.set()
-                    elif message["type"] == "message":
-                        self._dirty.add(message["data"])
-                        self._kick.set()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, ValueError) as exc:
                 self._subscribed.clear()
                 log.warning("event_hub_reconnecting", error=str(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
+                self._link = None
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await conn.disconnect()
                 with contextlib.suppress(Exception):
                     await client.aclose()
 
@@ -204,11 +211,12 @@ class EventHub:
 
     async def _read(self, refs: list[str]) -> None:
         keys, cursors = [], []
+        start: dict[str, tuple[int, int]] = {}
         for ref in refs:
             fed = [r.after for r in self.readers[ref] if len(r.pending) < MAX_PENDING]
             if not fed:
                 continue
-            ms, seq = min(fed)
+            start[ref] = ms, seq = min(fed)
             keys.append(self.keys.events(ref))
             cursors.append(f"{ms}-{seq}")
         if not keys:
@@ -224,32 +232,51 @@ class EventHub:
             for reader in self.readers.get(ref, ()):
                 if len(reader.pending) >= MAX_PENDING:
                     continue
+                if reader.after < start[ref]:
+                    # It came while this read was out, from further back: the read its
+                    # arrival marked serves it (entries from here on would skip a gap).
+                    continue
                 fresh = [(i, fields_of(f)) for i, f in entries if _id(i) > reader.after]
                 if fresh:
                     reader.pending += fresh
                     reader.after = _id(fresh[-1][0])
                     reader.wake()
 
-    async def _renew_forever(self) -> None:
+    async def _tick_forever(self) -> None:
+        heard = -1
         while True:
-            await asyncio.sleep(RENEW_S)
+            await asyncio.sleep(TICK_S)
+            await self._check_link(heard)
+            heard = self._heard
             refs = list(self.readers)
-            if not refs:
-                continue
             calls = [
                 self.scripts.call("follow", ref, self.name, FOLLOW_TTL_S * 1000) for ref in refs
             ]
             replies = await asyncio.gather(*calls, return_exceptions=True)
             for ref, status in zip(refs, replies, strict=True):
-                if isinstance(status, BaseException):
-                    continue
-                if status is None:
+                if status is None:  # the task's record expired
                     for reader in self.readers.get(ref, ()):
                         reader.gone = True
-                        reader.wake()
-            # Anything a lost notice would have said is read now.
+            # Anything a lost notice would have said is read now; every reader wakes.
             self._dirty.update(refs)
             self._kick.set()
+            for readers in list(self.readers.values()):
+                for reader in readers:
+                    reader.wake()
+
+    async def _check_link(self, heard: int) -> None:
+        """A Pub/Sub link that answered nothing, not even the last tick's PING, is
+        half-open: close it (the listener connects anew)."""
+        link = self._link
+        if link is None:
+            return
+        try:
+            if heard == self._heard:
+                await link.disconnect()
+            else:
+                await link.send_command("PING")
+        except (RedisError, OSError) as exc:
+            log.warning("event_hub_ping_failed", error=str(exc))
 
 
 def _streams(reply: Any) -> list[tuple[str, list[Any]]]:

@@ -15,9 +15,10 @@ key                                    type     lifetime
                                                 ``RESULT_TTL_S`` after a final state
 ``ik:<tenant>/<key>``                  string   as its task: the id of the tenant's task
                                                 admitted with that idempotency key
-``ev:<id>``                            stream   as its task, once somebody followed it (a
-                                                task nobody follows has none); capped at
-                                                ~EVENTS_MAXLEN entries
+``ev:<id>``                            stream   once somebody followed the task (a task
+                                                nobody follows has none) until
+                                                EVENTS_KEPT_S after it ended (its record
+                                                stays longer); ~EVENTS_MAXLEN entries
 ``fl:<id>``                            set      FOLLOW_TTL_S, renewed while readers stay:
                                                 the replicas whose readers follow the task
 ``seq``                                string   forever: the admission order counter
@@ -95,6 +96,10 @@ from dataclasses import dataclass
 # A stream per task holds its status, progress and token events; past this many entries
 # the oldest are trimmed (approximately, which is cheap) so a long stream stays bounded.
 EVENTS_MAXLEN = 2000
+# A finished task's events stay this long (or RESULT_TTL_S if shorter), for a reader
+# resuming a stream cut near its end; a reader who comes later gets the record, which
+# holds the whole answer.
+EVENTS_KEPT_S = 600
 
 # A replica's hub stays named as a task's follower this long without renewing (it
 # renews every SSE ping while its readers stay): a hub that died stops costing the

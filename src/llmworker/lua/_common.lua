@@ -2,6 +2,7 @@
 -- key below is built from it, so all of them share one hash tag (see keys.py).
 local P = KEYS[1]
 local EVENTS_MAXLEN = 2000
+local EVENTS_KEPT_S = 600
 
 -- Redis server time, so that every replica's leases use one clock.
 local function now_ms()
@@ -161,7 +162,9 @@ local function finalize(id, status, ttl_s, now, fields)
   count_final(id, status, now)
   redis.call('ZREM', P .. 'running', id)
   redis.call('EXPIRE', tk, ttl_s)
-  redis.call('EXPIRE', P .. 'ev:' .. id, ttl_s)
+  -- A late reader needs the record, not the events: they stay for a reader resuming
+  -- a stream cut near the end, not as long as the record.
+  redis.call('EXPIRE', P .. 'ev:' .. id, math.min(ttl_s, EVENTS_KEPT_S))
   if t[1] and t[1] ~= '' then redis.call('EXPIRE', P .. 'ik:' .. t[1], ttl_s) end
 end
 

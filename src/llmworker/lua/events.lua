@@ -13,8 +13,8 @@ for i = 3, #ARGV - 1, 2 do
   redis.call('XADD', ev, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', ARGV[i], 'data', ARGV[i + 1])
   written = written + 1
 end
--- A stream created after its task ended lives as long as the record.
+-- A stream written after its task ended lives as long as finalize would have let it.
 local ttl = redis.call('PTTL', task_key(id))
-if ttl > 0 then redis.call('PEXPIRE', ev, ttl) end
+if ttl > 0 then redis.call('PEXPIRE', ev, math.min(ttl, EVENTS_KEPT_S * 1000)) end
 for _, hub in ipairs(readers) do redis.call('PUBLISH', P .. 'hub:' .. hub, id) end
 return written
