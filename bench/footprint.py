@@ -33,6 +33,8 @@ class CommandCounter:
         self.host, self.port = host, port
         self.commands = 0
         self.server: asyncio.Server | None = None
+        self.piping: set[asyncio.Task[Any]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
@@ -41,6 +43,11 @@ class CommandCounter:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        # The connections still open end here, before their loop does (closed, not
+        # cancelled: asyncio logs a cancelled connection handler as an error).
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*self.piping, return_exceptions=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
@@ -55,7 +62,15 @@ class CommandCounter:
                     await dst.drain()
             dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        task = asyncio.current_task()
+        if task is not None:
+            self.piping.add(task)
+        self.writers += [writer, up_writer]
+        try:
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        finally:
+            if task is not None:
+                self.piping.discard(task)
 
 
 class _Commands:
@@ -158,7 +173,7 @@ async def _follow(worker: Any, ids: list[str]) -> asyncio.Future[Any]:
         reader, status = await worker.hub.follow(task_id, "0-0")
         try:
             while status not in FINAL_STATES:
-                for _id, entry in await reader.next(30):
+                for _id, entry in await reader.next():
                     if entry["type"] == "status":
                         status = orjson.loads(entry["data"])["status"]
         finally:
