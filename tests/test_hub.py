@@ -197,3 +197,44 @@ async def test_a_reader_leaving_stops_the_task_writing_for_it(make_settings):
 
         # The replica's name leaves the task's followers with its last reader.
         await wait_until(unnamed, 5)
+
+
+async def test_an_answer_nobody_follows_costs_a_few_commands_whatever_its_length(
+    make_settings, start_worker, redis_url
+):
+    from bench.footprint import CommandCounter
+
+    url = urlparse(redis_url)
+    counter = CommandCounter(url.hostname or "127.0.0.1", url.port or 6379)
+    port = await counter.start()
+    direct = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        # The replicas talk to Redis through the counter; the test looks on directly.
+        settings = make_settings(
+            REDIS_URL=f"redis://127.0.0.1:{port}{url.path}",
+            FAKE_LATENCY_MS=0,
+            FAKE_TOKENS=400,
+            MAX_FAKE_FREE=50,
+        )
+        admitter = await start_worker(settings, dispatch=False)
+        ids = [
+            (await admitter.admitter.submit(TaskSpec(kind="chat", input=CHAT["input"])))[0]
+            for _ in range(50)
+        ]
+        before = counter.commands
+        await start_worker(settings)
+
+        async def finished() -> bool:
+            statuses = [await direct.hget(admitter.keys.task(i), "status") for i in ids]  # type: ignore[misc]
+            return all(status == "succeeded" for status in statuses)
+
+        await wait_until(finished)
+        per_task = (counter.commands - before) / len(ids)
+        results = [await direct.hget(admitter.keys.task(i), "result") for i in ids]  # type: ignore[misc]
+    finally:
+        await direct.aclose()
+        await counter.stop()
+    assert all(len(orjson.loads(r)["content"]) > 1000 for r in results)
+    # A finish each, a share of the batched claims and the replica's heartbeats; no
+    # events (a streamed one would cost 80 here).
+    assert per_task <= 5, per_task
