@@ -128,7 +128,8 @@ class EventWriter:
                 data = {"text": "".join(data), "n": n}
             pairs += [etype, orjson.dumps(data)]
         self._kept = []
-        self._written(self._write(pairs))
+        if pairs or not self._started:
+            self._written(self._write(pairs))
 
     def flush(self) -> None:
         """Queue the buffered tokens as one event (also at the end of a run)."""

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llmworker.connection import connect
 from llmworker.keys import FOLLOW_TTL_S, Keys
@@ -84,8 +85,11 @@ class Reader:
 
 
 class EventHub:
-    def __init__(self, redis_url: str, scripts: Scripts, keys: Keys, name: str) -> None:
+    def __init__(
+        self, redis_url: str, scripts: Scripts, keys: Keys, name: str, timeout_s: float = 10.0
+    ) -> None:
         self.redis_url = redis_url
+        self.timeout_s = timeout_s
         self.scripts = scripts
         self.keys = keys
         self.name = name
@@ -106,7 +110,14 @@ class EventHub:
         """Follow task ``ref``'s events after entry id ``after``. Also returns the task's
         status as it was when the hub named itself (None: no such task any more)."""
         self._start()
-        await self._subscribed.wait()
+        if not self._subscribed.is_set():
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._subscribed.wait()
+            except TimeoutError:
+                raise RedisTimeoutError(
+                    f"Redis did not confirm the event hub's subscription within {self.timeout_s:g} s"
+                ) from None
         reader = Reader(ref, after)
         self.readers.setdefault(ref, set()).add(reader)
         try:

@@ -80,7 +80,11 @@ class Worker:
         )
         self.notifier = Notifier(settings, self.queue, self.metrics)
         self.hub = EventHub(
-            settings.redis_url or "", self.queue.scripts, self.keys, self.replica_id
+            settings.redis_url or "",
+            self.queue.scripts,
+            self.keys,
+            self.replica_id,
+            settings.redis_timeout_s,
         )
         self.adapter = Adapter(settings, self.queue)
         # Holds being recorded (a provider said a limit is used up).
