@@ -238,3 +238,32 @@ async def test_an_answer_nobody_follows_costs_a_few_commands_whatever_its_length
     # A finish each, a share of the batched claims and the replica's heartbeats; no
     # events (a streamed one would cost 80 here).
     assert per_task <= 5, per_task
+
+
+async def test_a_quiet_stream_gets_keep_alives_and_the_hub_renews_its_name(
+    make_settings, monkeypatch
+):
+    from llmworker import hub
+
+    monkeypatch.setattr(hub, "TICK_S", 0.2)
+    async with serve_api(make_settings(), dispatch=False) as (client, worker):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        followers = worker.keys.followers(task["id"])
+        pings = 0
+        async with client.stream("GET", f"/v1/tasks/{task['id']}/events") as r:
+            async for line in r.aiter_lines():
+                if line.startswith(": ping"):
+                    pings += 1
+                    if pings == 1:
+                        # Shorten the name's life: the next tick must renew it.
+                        await worker.redis.pexpire(followers, 300)
+                    if pings == 6:
+                        ttl = await worker.redis.pttl(followers)
+                        break
+        heard = worker.hub._heard
+        subscriptions = worker.hub.subscriptions
+    # Six keep-alives of a task still queued; the name was renewed; the Pub/Sub link
+    # answered the ticks' PINGs and was never made again.
+    assert pings == 6
+    assert ttl > 1000
+    assert heard >= 4 and subscriptions == 1

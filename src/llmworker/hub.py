@@ -103,6 +103,8 @@ class EventHub:
         # The Pub/Sub link, and how many replies it gave (its health, tick by tick).
         self._link: AbstractConnection | None = None
         self._heard = 0
+        # Subscriptions confirmed: more than one means the link was lost and made again.
+        self.subscriptions = 0
 
     # -- for readers ----------------------------------------------------------------
 
@@ -136,7 +138,8 @@ class EventHub:
         if not readers:
             del self.readers[reader.ref]
             # The writer need not tell this hub any more (else the name lapses).
-            self.scripts.command("SREM", self.keys.followers(reader.ref), self.name)
+            gone = self.scripts.command("SREM", self.keys.followers(reader.ref), self.name)
+            gone.add_done_callback(_ignored)
 
     def caught_up(self, reader: Reader) -> None:
         """The reader sent what it was handed: read on if it had stopped being fed."""
@@ -179,13 +182,16 @@ class EventHub:
                 await conn.connect()
                 await conn.send_command("SUBSCRIBE", self.channel)
                 while True:
-                    kind, _channel, data = await conn.read_response()
+                    # ["message", channel, id], ["subscribe", channel, n], ["pong", ""]
+                    reply = await conn.read_response()
                     self._heard += 1
+                    kind = reply[0]
                     if kind == "message":
-                        self._dirty.add(data)
+                        self._dirty.add(reply[2])
                         self._kick.set()
                     elif kind == "subscribe":
                         # Confirmed: whatever is published from now on reaches us.
+                        self.subscriptions += 1
                         self._subscribed.set()
                         delay = 0.1
                         self._dirty.update(self.readers)
@@ -214,9 +220,13 @@ class EventHub:
                 self._dirty.difference_update(refs)
                 try:
                     await self._read(refs)
-                except (RedisError, OSError) as exc:
-                    # Read again later; readers meanwhile see pings.
-                    log.warning("event_hub_read_failed", error=str(exc))
+                except Exception as exc:
+                    # Read again shortly (Redis away, or a fault here: the readers of
+                    # every other task must not wait for ever behind it).
+                    if isinstance(exc, RedisError | OSError):
+                        log.warning("event_hub_read_failed", error=str(exc))
+                    else:
+                        log.exception("event_hub_read_failed")
                     self._dirty.update(refs)
                     await asyncio.sleep(0.5)
 
@@ -293,6 +303,12 @@ class EventHub:
 def _streams(reply: Any) -> list[tuple[str, list[Any]]]:
     """XREAD's reply (RESP2): a list of [key, entries], or nothing new."""
     return [(key, entries) for key, entries in reply or ()]
+
+
+def _ignored(future: asyncio.Future[Any]) -> None:
+    """A clean-up that may fail (Redis away): the name lapses by itself then."""
+    if not future.cancelled():
+        future.exception()
 
 
 def fields_of(flat: list[str]) -> dict[str, str]:
