@@ -87,7 +87,7 @@ export interface paths {
         };
         /**
          * The task's events, live
-         * @description Server-Sent Events: `status` (StatusEvent), `progress` (the handler's JSON), `tokens` and `reasoning` (TextEvent), and last `record` (TaskRecord), each with an `id:` to resume from (`Last-Event-ID`, or `?after=`). A comment line (`: ping`) every 15 s keeps proxies from closing the stream.
+         * @description Server-Sent Events: `status` (StatusEvent), `progress` (the handler's JSON), `tokens` and `reasoning` (TextEvent), and last `record` (TaskRecord), each with an `id:` to resume from (`Last-Event-ID`, or `?after=`). The first event is the task's status when the reader came; a reader who comes mid-answer gets the text so far in one `tokens` event, then the rest. A comment line (`: ping`) every 15 s keeps proxies from closing the stream.
          */
         get: operations["taskEvents"];
         put?: never;
@@ -1712,7 +1712,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Server-Sent Events: `status` (StatusEvent), `progress` (the handler's JSON), `tokens` and `reasoning` (TextEvent), and last `record` (TaskRecord), each with an `id:` to resume from (`Last-Event-ID`, or `?after=`). A comment line (`: ping`) every 15 s keeps proxies from closing the stream. */
+            /** @description Server-Sent Events: `status` (StatusEvent), `progress` (the handler's JSON), `tokens` and `reasoning` (TextEvent), and last `record` (TaskRecord), each with an `id:` to resume from (`Last-Event-ID`, or `?after=`). The first event is the task's status when the reader came; a reader who comes mid-answer gets the text so far in one `tokens` event, then the rest. A comment line (`: ping`) every 15 s keeps proxies from closing the stream. */
             200: {
                 headers: {
                     [name: string]: unknown;

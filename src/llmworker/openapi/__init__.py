@@ -332,8 +332,10 @@ def _paths(settings: Settings) -> dict[str, Any]:
     events_doc = (
         "Server-Sent Events: `status` (StatusEvent), `progress` (the handler's JSON), "
         "`tokens` and `reasoning` (TextEvent), and last `record` (TaskRecord), each with "
-        "an `id:` to resume from (`Last-Event-ID`, or `?after=`). A comment line "
-        "(`: ping`) every 15 s keeps proxies from closing the stream."
+        "an `id:` to resume from (`Last-Event-ID`, or `?after=`). The first event is the "
+        "task's status when the reader came; a reader who comes mid-answer gets the text "
+        "so far in one `tokens` event, then the rest. A comment line (`: ping`) every 15 s "
+        "keeps proxies from closing the stream."
     )
     open_: dict[str, Any] = {"security": []}
     return {
