@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run dev test lint typecheck bench chaos fake-llm clean
+.PHONY: install run dev test lint typecheck bench bench-peers chaos fake-llm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,11 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+# W1 saturation of llmworker beside saq, dramatiq, taskiq, arq and celery, in one run
+# (bench/peers.py; the peers live in .venv-peers, from bench/requirements-peers.txt).
+bench-peers: $(STAMP)
+	$(BIN)/python -m bench.peers
+
 # Fault injection (bench/chaos.py): kill -9, Redis restarts, provider errors, SIGTERM,
 # malformed requests; exits 1 if an invariant fails. tests/test_chaos.py runs it --quick.
 chaos: $(STAMP)
@@ -55,4 +60,4 @@ fake-llm: $(STAMP)
 	$(BIN)/llmworker fake-llm
 
 clean:
-	rm -rf $(VENV) .llmworker .pytest_cache .mypy_cache .ruff_cache $(TS)/node_modules $(TS)/dist
+	rm -rf $(VENV) .venv-peers .llmworker .pytest_cache .mypy_cache .ruff_cache $(TS)/node_modules $(TS)/dist

@@ -27,10 +27,10 @@ from llmworker.scripts import Scripts
 
 log = structlog.get_logger("llmworker.events")
 
-# Tokens go out in batches: after this many, or once this long has passed since the last
-# batch, whichever comes first (a reader sees text flow without one entry per token).
+# Tokens go out in batches: after this many, or TOKEN_FLUSH_MS (settings, 20 ms) after
+# the batch's first token, whichever comes first (a reader sees text flow without one
+# entry per token; a longer wait costs the replica less per token, and readers latency).
 TOKEN_BATCH = 5
-TOKEN_FLUSH_S = 0.020
 
 TEXT_KINDS = ("tokens", "reasoning")
 
@@ -58,8 +58,10 @@ class EventWriter:
         started: bool = False,
         attempts: int = 0,
         run: int = 0,
+        flush_s: float = 0.020,
     ) -> None:
         self.scripts = scripts
+        self.flush_s = flush_s
         self.task_id = task_id
         self.live = live or always
         self._always = "1" if always else "0"
@@ -90,7 +92,7 @@ class EventWriter:
         self._kept.append([etype, data, 0])
 
     def token(self, text: str) -> None:
-        """Buffer a token; queue the batch when it is full, or TOKEN_FLUSH_S after its first
+        """Buffer a token; queue the batch when it is full, or ``flush_s`` after its first
         token (a model that pauses mid-answer still shows what it has said)."""
         self._buffer("tokens", text)
 
@@ -115,7 +117,7 @@ class EventWriter:
         if len(self._tokens) >= TOKEN_BATCH:
             self.flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(TOKEN_FLUSH_S, self.flush)
+            self._timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
 
     def follow(self) -> None:
         """Somebody follows the task now: write what the run kept, then stream live."""

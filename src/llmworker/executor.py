@@ -122,6 +122,7 @@ class Executor:
             started=followed or not always,
             attempts=int(fields.get("attempts") or 0),
             run=int(fields.get("runs") or 0),
+            flush_s=self.settings.token_flush_ms / 1000,
         )
         run.events = events
         timeout_s = float(claimed.fields.get("timeout_s") or self.settings.task_timeout_s)

@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     # A run's token and progress events: written while somebody follows the task
     # ("followed"; a reader who comes later gets the text so far at once), or always.
     token_events: Literal["followed", "always"] = "followed"
+    # A batch of tokens goes out 5 tokens or this long after its first token.
+    token_flush_ms: float = Field(20.0, ge=1, le=1000)
     shutdown_grace_s: float = Field(30.0, ge=0)
     task_timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(1_048_576, ge=256)
