@@ -63,8 +63,9 @@ def streams(bench: Bench) -> None:
     connections: list[int] = []
     redis_port = urlparse(bench.redis_url).port or 6379
     # The same with TOKEN_FLUSH_MS=100: five tokens an event at this pace.
-    slow_port = free_port()
-    slow_env = {**env, "TOKEN_FLUSH_MS": "100"}
+    # Its own prefix: the two replicas must not share (and split) the rounds' tasks.
+    slow_port, slow_prefix = free_port(), f"bench-{uuid.uuid4().hex[:8]}"
+    slow_env = {**env, "REDIS_PREFIX": slow_prefix, "TOKEN_FLUSH_MS": "100"}
     try:
         with (
             bench.process("fake-llm-stamped", fake_args, {}),
@@ -92,6 +93,7 @@ def streams(bench: Bench) -> None:
                 latencies["slow"] += lat
     finally:
         cleanup(bench, prefix)
+        cleanup(bench, slow_prefix)
     bare = min(results["bare"])
     for name, label in (
         ("bare", "a bare aiohttp client reading the provider's streams"),
