@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from llmworker.record import TaskSpec
 
-from .conftest import serve_api, wait_until
+from .conftest import serve_api, tasks_with, wait_until
 
 CHAT = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]}}
 
@@ -267,3 +267,70 @@ async def test_a_quiet_stream_gets_keep_alives_and_the_hub_renews_its_name(
     assert pings == 6
     assert ttl > 1000
     assert heard >= 4 and subscriptions == 1
+
+
+async def test_a_follow_notice_the_runner_missed_is_heard_at_its_next_renewal(
+    make_settings, start_worker, redis_url
+):
+    settings = make_settings(FAKE_LATENCY_MS=3000, FAKE_TOKENS=40)
+    runner = await start_worker(settings)
+    db = urlparse(redis_url).path.strip("/") or "0"
+    async with serve_api(settings, dispatch=False) as (client, _api_only):
+        task = (await client.post("/v1/tasks", json=CHAT)).json()
+        await wait_until(lambda: task["id"] in runner.dispatcher.runs)
+        await asyncio.sleep(0.3)
+        admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            # The runner's dispatcher link (wake, cancel, follow): the only one with three
+            # channels. A reader follows while it reconnects.
+            links = [c for c in await admin.client_list() if c["db"] == db and c["sub"] == "3"]
+            assert len(links) == 1
+            await admin.client_kill_filter(_id=links[0]["id"])
+        finally:
+            await admin.aclose()
+        events = await read_events(client, task["id"])
+    record = events[-1][2]
+    assert text_of(events) == record["result"]["content"]
+
+
+async def test_a_reader_who_follows_as_the_run_starts_gets_its_whole_text(make_settings):
+    # Readers follow as their tasks are claimed; whichever comes first, the claim's reply
+    # or the follow notice, each reader gets the whole answer.
+    settings = make_settings(FAKE_LATENCY_MS=400, FAKE_TOKENS=20, MAX_FAKE_FREE=60)
+    async with serve_api(settings) as (client, _worker):
+        ids = [(await client.post("/v1/tasks", json=CHAT)).json()["id"] for _ in range(60)]
+        done = await asyncio.gather(*(read_events(client, i) for i in ids))
+    for events in done:
+        assert text_of(events) == events[-1][2]["result"]["content"]
+        assert [k for _, k, d in events if k == "status" and d["status"] == "running"] == ["status"]
+
+
+async def test_a_run_streaming_always_writes_one_running_status_and_its_stream_expires(
+    make_settings,
+):
+    async def slow_start(ctx: Any, input: Any) -> str:
+        await asyncio.sleep(0.5)
+        for word in ("a", "b", "c"):
+            ctx.events.token(word)
+        await asyncio.sleep(10)  # cancelled here, its batch not yet written
+        return "abc"
+
+    settings = make_settings(
+        TOKEN_EVENTS="always", TOKEN_FLUSH_MS=300, MAX_FAKE_FREE=5, MAX_USER_FREE=5
+    )
+    tasks = tasks_with(("slow", slow_start))
+    async with serve_api(settings, tasks=tasks) as (client, worker):
+        followed = (await client.post("/v1/tasks", json={"kind": "slow"})).json()
+        reading = asyncio.create_task(read_events(client, followed["id"]))
+        unfollowed = (await client.post("/v1/tasks", json={"kind": "slow"})).json()
+        await asyncio.sleep(0.7)
+        for task in (followed, unfollowed):
+            assert (await client.delete(f"/v1/tasks/{task['id']}")).status_code == 200
+        events = await reading
+        await wait_until(lambda: not worker.dispatcher.runs, 5)
+        await asyncio.sleep(0.4)  # the last batch goes out after the cancel
+        ttls = [await worker.redis.ttl(worker.keys.events(t["id"])) for t in (followed, unfollowed)]
+    statuses = [d["status"] for _, k, d in events if k == "status"]
+    assert statuses == ["running", "cancelled"]
+    # Written after its task ended, a stream lives as long as any finished task's events.
+    assert all(0 < ttl <= 600 for ttl in ttls), ttls

@@ -49,7 +49,7 @@ async def test_leases_do_not_lapse_for_time_in_which_nobody_reached_redis(
     # Another replica cannot take the slot either...
     assert await claim(worker, 1, lease_ms=lease_ms, replica="other") == []
     # ...and the holder, back, still holds its lease and renews it.
-    assert await worker.queue.renew("holder", lease_ms, {task_id: token}) == []
+    assert (await worker.queue.renew("holder", lease_ms, {task_id: token})).lost == []
     assert await worker.queue.finish(task_id, token, "succeeded", result="1", ttl_s=60)
     fields = await worker.queue.get(task_id) or {}
     assert (fields["status"], fields["attempts"]) == ("succeeded", "1")

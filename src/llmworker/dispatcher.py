@@ -43,6 +43,10 @@ HOLD_MARGIN_S = 0.01
 # A failing loop retries after 0.1 s, doubling up to 2 s.
 RETRY_AFTER_ERROR_S = 0.1
 RETRY_MAX_S = 2.0
+# A follow notice for a task not running here is kept this long (its claim's reply may
+# still be on its way), and at most this many are kept.
+EARLY_FOLLOW_S = 5.0
+EARLY_FOLLOWS_KEPT = 1000
 # On stop, outcomes still waiting for Redis get at least this long to be stored.
 SETTLE_MIN_S = 5.0
 
@@ -83,6 +87,11 @@ class Dispatcher:
         # stops the loops that keep them alive (renew, listen, reap).
         self._draining = asyncio.Event()
         self._closing = asyncio.Event()
+        # Set to renew at once (and so hear what the Pub/Sub link missed), or to stop.
+        self._renew_now = asyncio.Event()
+        # Follow notices for tasks not running here (yet): a claim's reply may come after
+        # the notice of a reader who followed the task just as it started. By id: when.
+        self._early_follows: dict[str, float] = {}
         self._cut = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._claim_loop: asyncio.Task[None] | None = None
@@ -199,6 +208,7 @@ class Dispatcher:
         # a late outcome as long as no other run of the task has started.
         await self.executor.settle(max(grace_s, SETTLE_MIN_S))
         self._closing.set()
+        self._renew_now.set()
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -274,6 +284,7 @@ class Dispatcher:
         # lapsed): that run holds no slot any more and must stop.
         self._stop_run(claimed.id, "lease_lost")
         run = Run(claimed.id, claimed.token)
+        run.followed = self._early_follows.pop(claimed.id, None) is not None
         self.runs[claimed.id] = run
         run.job = asyncio.create_task(self.executor.run(claimed, run), name=f"task-{claimed.id}")
         run.job.add_done_callback(lambda _job: self._ended(run))
@@ -298,7 +309,16 @@ class Dispatcher:
     def _followed(self, task_id: str) -> None:
         """A reader follows a task: if it runs here, its run streams from now on."""
         run = self.runs.get(task_id)
-        if run is not None and run.events is not None:
+        if run is None:
+            now = time.monotonic()
+            if len(self._early_follows) >= EARLY_FOLLOWS_KEPT:
+                self._early_follows = {
+                    k: t for k, t in self._early_follows.items() if now - t < EARLY_FOLLOW_S
+                }
+            self._early_follows[task_id] = now
+        elif run.events is None:
+            run.followed = True  # its writer, about to be made, starts live
+        else:
             run.events.follow()
 
     async def _listen(self) -> None:
@@ -310,8 +330,10 @@ class Dispatcher:
         try:
             cancel_channel, follow_channel = self.keys.cancel_channel, self.keys.follow_channel
             await pubsub.subscribe(self.keys.wake_channel, cancel_channel, follow_channel)
-            # Anything published while we were not subscribed is unknown: look again.
+            # Anything published while we were not subscribed is unknown: look again (a
+            # renewal tells which runs were cancelled or followed meanwhile).
             self._wake.set()
+            self._renew_now.set()
             while not self._closing.is_set():
                 message = await pubsub.get_message(timeout=None)
                 if message is None:
@@ -331,12 +353,18 @@ class Dispatcher:
     async def _renew_forever(self) -> None:
         every_s = self.settings.lease_ttl_s / 3
         while not self._closing.is_set():
-            runs = {r.task_id: r.token for r in self.runs.values() if r.stop_reason is None}
-            lost = await self.queue.renew(self.replica_id, self.lease_ms, runs)
-            for task_id in lost:
+            self._renew_now.clear()
+            live = [r for r in self.runs.values() if r.stop_reason is None]
+            runs = {r.task_id: r.token for r in live}
+            quiet = {r.task_id for r in live if r.events is not None and not r.events.live}
+            renewed = await self.queue.renew(self.replica_id, self.lease_ms, runs, quiet)
+            for task_id in renewed.lost:
                 # Only the run that was renewed: a newer run of the task may have started.
                 self._stop_run(task_id, "lease_lost", runs[task_id])
-            await self._sleep(every_s)
+            for task_id in renewed.followed:
+                # Its follow notice was missed (the link was down): it streams now.
+                self._followed(task_id)
+            await self._sleep(every_s, self._renew_now)
 
     async def _reap_forever(self) -> None:
         every_s = self.settings.lease_ttl_s / 3

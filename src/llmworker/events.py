@@ -77,11 +77,13 @@ class EventWriter:
         self._kept: list[list[Any]] = []
 
     def _write(self, pairs: list[Any]) -> asyncio.Future[Any]:
+        running = b""
         if not self._started:
-            # The first event of this run a reader sees says which run it is.
+            # The first event of this run a reader sees says which run it is (events.lua
+            # writes it unless a reader's follow.lua did).
             self._started = True
-            pairs = ["status", self._running, *pairs]
-        return self.scripts.call("events", self.task_id, self._always, *pairs)
+            running = self._running
+        return self.scripts.call("events", self.task_id, self._always, running, *pairs)
 
     async def emit(self, etype: str, data: dict[str, Any]) -> None:
         if self.live:

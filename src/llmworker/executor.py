@@ -66,6 +66,8 @@ class Run:
     stop_reason: StopReason | None = None
     # Its events, for a reader who starts following while it runs.
     events: EventWriter | None = None
+    # A reader followed the task before its events' writer was made.
+    followed: bool = False
 
 
 class Executor:
@@ -111,12 +113,13 @@ class Executor:
         if fields.get("runs") == "1" and fields.get("created_at") and fields.get("started_at"):
             queued_ms = int(fields["started_at"]) - int(fields["created_at"])
             self.metrics.started(tier, model, max(0, queued_ms) / 1000)
+        # claim.lua wrote this run's status for a reader; or a reader came since.
         followed = fields.get("followed") == "1"
         always = self.settings.token_events == "always"
         events = EventWriter(
             self.queue.scripts,
             claimed.id,
-            live=followed,
+            live=followed or run.followed,
             always=always,
             # Somebody who follows later gets the status from follow.lua.
             started=followed or not always,

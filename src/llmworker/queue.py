@@ -8,7 +8,7 @@ only marshals arguments; the semantics live in the scripts' headers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,6 +69,15 @@ def claim_wait_s(reply: list[Any]) -> float | None:
     requests or tokens) may take them; None when none did."""
     wait = int(reply[0])
     return None if wait < 0 else wait / 1000
+
+
+@dataclass(frozen=True)
+class Renewed:
+    """A renewal's news: the runs whose lease was lost (or whose task was cancelled), and
+    the quiet runs somebody follows now."""
+
+    lost: list[str]
+    followed: list[str]
 
 
 @dataclass(frozen=True)
@@ -314,12 +323,16 @@ class Queue:
         reply = await self._run("cancel", task_id, ttl_s, self.calendar.books_arg())
         return reply if reply else None
 
-    async def renew(self, replica: str, lease_ms: int, runs: dict[str, str]) -> list[str]:
-        """Renew the leases of ``runs`` (task id -> run token); the ids whose lease was lost."""
+    async def renew(
+        self, replica: str, lease_ms: int, runs: dict[str, str], quiet: Collection[str] = ()
+    ) -> Renewed:
+        """Renew the leases of ``runs`` (task id -> run token). ``quiet``: those of them
+        keeping their events (nobody followed them, as far as they know)."""
         flat: list[str] = []
         for task_id, token in runs.items():
-            flat += [task_id, token]
-        return list(await self._run("renew", replica, lease_ms, *flat))
+            flat += [task_id, token, "1" if task_id in quiet else "0"]
+        lost, followed = await self._run("renew", replica, lease_ms, *flat)
+        return Renewed(list(lost), list(followed))
 
     async def mark(self, task_id: str, field: str, value: str) -> bool:
         """Set ``field`` on a task's record, if the record still exists."""
