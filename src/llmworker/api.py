@@ -46,10 +46,11 @@ from llmworker.httpapp import (
     request_error,
     require_json,
 )
-from llmworker.hub import MAX_PENDING, Entry, fields_of
+from llmworker.hub import MAX_PENDING, Entry
 from llmworker.observe import tracing
 from llmworker.observe.metrics import CONTENT_TYPE
 from llmworker.record import ID_RE, TaskSpec, invalid_field, record_view
+from llmworker.scripts import fields_of
 from llmworker.settings import Settings, load_settings
 from llmworker.states import FINAL_STATES
 from llmworker.worker import Worker

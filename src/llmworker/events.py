@@ -43,10 +43,9 @@ class EventWriter:
     without waiting for it.
 
     ``live``: the run's events go to Redis as they come (somebody follows the task, or
-    TOKEN_EVENTS=always); otherwise they are kept until somebody does. ``started``: the
-    run's ``running`` status is in the stream, or will be before this writes anything
-    (claim.lua wrote it, or follow.lua writes it for a reader who comes later); else
-    the first write says it."""
+    TOKEN_EVENTS=always); otherwise they are kept until somebody does. The first write
+    carries the run's ``running`` status, which events.lua adds only to a stream not
+    made yet (one that exists has it: claim.lua or a reader's follow.lua wrote it)."""
 
     def __init__(
         self,
@@ -55,7 +54,6 @@ class EventWriter:
         *,
         live: bool = False,
         always: bool = False,
-        started: bool = False,
         attempts: int = 0,
         run: int = 0,
         flush_s: float = 0.020,
@@ -65,7 +63,7 @@ class EventWriter:
         self.task_id = task_id
         self.live = live or always
         self._always = "1" if always else "0"
-        self._started = started
+        self._first = True
         self._running = orjson.dumps({"status": "running", "attempts": attempts, "run": run})
         self._tokens: list[str] = []
         # What the buffered text is: the answer ("tokens") or the reasoning.
@@ -78,10 +76,9 @@ class EventWriter:
 
     def _write(self, pairs: list[Any]) -> asyncio.Future[Any]:
         running = b""
-        if not self._started:
-            # The first event of this run a reader sees says which run it is (events.lua
-            # writes it unless a reader's follow.lua did).
-            self._started = True
+        if self._first:
+            # The first event of this run a reader sees says which run it is.
+            self._first = False
             running = self._running
         return self.scripts.call("events", self.task_id, self._always, running, *pairs)
 
@@ -132,7 +129,7 @@ class EventWriter:
                 data = {"text": "".join(data), "n": n}
             pairs += [etype, orjson.dumps(data)]
         self._kept = []
-        if pairs or not self._started:
+        if pairs:
             self._written(self._write(pairs))
 
     def flush(self) -> None:

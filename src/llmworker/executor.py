@@ -115,14 +115,11 @@ class Executor:
             self.metrics.started(tier, model, max(0, queued_ms) / 1000)
         # claim.lua wrote this run's status for a reader; or a reader came since.
         followed = fields.get("followed") == "1"
-        always = self.settings.token_events == "always"
         events = EventWriter(
             self.queue.scripts,
             claimed.id,
             live=followed or run.followed,
-            always=always,
-            # Somebody who follows later gets the status from follow.lua.
-            started=followed or not always,
+            always=self.settings.token_events == "always",
             attempts=int(fields.get("attempts") or 0),
             run=int(fields.get("runs") or 0),
             flush_s=self.settings.token_flush_ms / 1000,

@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llmworker.connection import connect
 from llmworker.keys import FOLLOW_TTL_S, Keys
-from llmworker.scripts import Scripts
+from llmworker.scripts import Scripts, fields_of
 
 log = structlog.get_logger("llmworker.hub")
 
@@ -245,11 +245,14 @@ class EventHub:
         reply = await self.scripts.command(
             "XREAD", "COUNT", ENTRIES_PER_STREAM, "STREAMS", *keys, *cursors
         )
-        for key, entries in _streams(reply):
+        # XREAD's reply: [key, entries] per stream with news, or nothing.
+        for key, raw in reply or ():
             ref = key[len(self.keys.events("")) :]
-            if len(entries) >= ENTRIES_PER_STREAM:
+            if len(raw) >= ENTRIES_PER_STREAM:
                 self._dirty.add(ref)  # more is there
                 self._kick.set()
+            # Read once, whoever of the task's readers gets which part of it.
+            entries = [(_id(i), (i, fields_of(f))) for i, f in raw]
             for reader in self.readers.get(ref, ()):
                 if len(reader.pending) >= MAX_PENDING:
                     continue
@@ -257,7 +260,7 @@ class EventHub:
                     # It came while this read was out, from further back: the read its
                     # arrival marked serves it (entries from here on would skip a gap).
                     continue
-                fresh = [(i, fields_of(f)) for i, f in entries if _id(i) > reader.after]
+                fresh = [entry for at, entry in entries if at > reader.after]
                 if fresh:
                     reader.pending += fresh
                     reader.after = _id(fresh[-1][0])
@@ -300,16 +303,7 @@ class EventHub:
             log.warning("event_hub_ping_failed", error=str(exc))
 
 
-def _streams(reply: Any) -> list[tuple[str, list[Any]]]:
-    """XREAD's reply (RESP2): a list of [key, entries], or nothing new."""
-    return [(key, entries) for key, entries in reply or ()]
-
-
 def _ignored(future: asyncio.Future[Any]) -> None:
     """A clean-up that may fail (Redis away): the name lapses by itself then."""
     if not future.cancelled():
         future.exception()
-
-
-def fields_of(flat: list[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))

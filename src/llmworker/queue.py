@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from llmworker.guards import GuardPlan
 from llmworker.keys import Keys
 from llmworker.quotas import Calendar
-from llmworker.scripts import Scripts
+from llmworker.scripts import Scripts, fields_of
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Claimed:
 
 def claimed_tasks(reply: list[Any]) -> list[Claimed]:
     """The tasks of a claim's reply (see :func:`claim_wait_s` for its first element)."""
-    return [Claimed(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in reply[1:]]
+    return [Claimed(fields_of(flat)) for flat in reply[1:]]
 
 
 def claim_wait_s(reply: list[Any]) -> float | None:
@@ -219,7 +219,7 @@ class Queue:
         """Due callbacks (their task records) for one attempt each; ms until the next one
         is due (-1: the outbox is empty); how many left because their record expired."""
         reply = await self._run("callback_claim", n, visibility_ms)
-        records = [dict(zip(r[::2], r[1::2], strict=True)) for r in reply[2:]]
+        records = [fields_of(r) for r in reply[2:]]
         return records, int(reply[0]), int(reply[1])
 
     async def callback_end(
@@ -345,8 +345,7 @@ class Queue:
 
     async def get(self, task_id: str) -> dict[str, str] | None:
         # Through the batch: a thousand readers looking at once share its connection.
-        flat = await self.scripts.command("HGETALL", self.keys.task(task_id))
-        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        fields = fields_of(await self.scripts.command("HGETALL", self.keys.task(task_id)))
         return fields if "id" in fields else None
 
     async def depths(self) -> dict[str, int]:

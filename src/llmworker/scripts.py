@@ -308,6 +308,12 @@ class Scripts:
             self._room.release()
 
 
+def fields_of(flat: list[str]) -> dict[str, str]:
+    """A hash (HGETALL, a script's record) or a stream entry as replies give it: a flat
+    list of fields and values."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _packed(command: tuple[Any, ...]) -> bytes:
     packed: bytes = hiredis.pack_command(command)
     return packed

@@ -57,12 +57,24 @@ local function lane_key(tier, route) return P .. 'lane:' .. tier .. ':' .. route
 -- gets the record, and a running task's text so far from its writer (events.py). Each
 -- following replica's hub is told which task has news on its own channel. Returns
 -- whether the event was written.
+-- Who may read a task's events: the hubs that follow it, and whether its stream exists.
+local function audience(id)
+  return redis.call('SMEMBERS', P .. 'fl:' .. id), redis.call('EXISTS', P .. 'ev:' .. id) == 1
+end
+
+local function add_event(id, etype, data)
+  redis.call('XADD', P .. 'ev:' .. id, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', etype, 'data', data)
+end
+
+local function tell_hubs(hubs, id)
+  for _, hub in ipairs(hubs) do redis.call('PUBLISH', P .. 'hub:' .. hub, id) end
+end
+
 local function emit(id, etype, data)
-  local ev = P .. 'ev:' .. id
-  local readers = redis.call('SMEMBERS', P .. 'fl:' .. id)
-  if #readers == 0 and redis.call('EXISTS', ev) == 0 then return false end
-  redis.call('XADD', ev, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', etype, 'data', data)
-  for _, hub in ipairs(readers) do redis.call('PUBLISH', P .. 'hub:' .. hub, id) end
+  local hubs, exists = audience(id)
+  if #hubs == 0 and not exists then return false end
+  add_event(id, etype, data)
+  tell_hubs(hubs, id)
   return true
 end
 

@@ -6,18 +6,16 @@
 -- Returns the number of events written.
 local id = ARGV[1]
 local always = ARGV[2] == '1'
-local ev = P .. 'ev:' .. id
-local readers = redis.call('SMEMBERS', P .. 'fl:' .. id)
-local exists = redis.call('EXISTS', ev) == 1
-if #readers == 0 and not always and not exists then return 0 end
+local hubs, exists = audience(id)
+if #hubs == 0 and not always and not exists then return 0 end
 local written = 0
 if ARGV[3] ~= '' and not exists then
-  -- A reader who came first has had the status from follow.lua: only once.
-  redis.call('XADD', ev, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'status', 'data', ARGV[3])
+  -- A stream that exists has the run's status: claim.lua or a reader's follow.lua.
+  add_event(id, 'status', ARGV[3])
   written = 1
 end
 for i = 4, #ARGV - 1, 2 do
-  redis.call('XADD', ev, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+  add_event(id, ARGV[i], ARGV[i + 1])
   written = written + 1
 end
 if not exists then
@@ -26,11 +24,12 @@ if not exists then
   local tk = task_key(id)
   local ttl = redis.call('PTTL', tk)
   local status = redis.call('HGET', tk, 'status')
+  local ev = P .. 'ev:' .. id
   if ttl > 0 then
     redis.call('PEXPIRE', ev, math.min(ttl, EVENTS_KEPT_S * 1000))
   elseif status ~= 'queued' and status ~= 'running' then
     redis.call('EXPIRE', ev, EVENTS_KEPT_S)
   end
 end
-for _, hub in ipairs(readers) do redis.call('PUBLISH', P .. 'hub:' .. hub, id) end
+tell_hubs(hubs, id)
 return written
