@@ -22,6 +22,7 @@ import pytest
 import redis
 import uvicorn
 
+from llmworker.client import _Stream
 from llmworker.embedded import redis_server_binary
 from llmworker.fakellm import FakeConfig, FakeLLM
 from llmworker.handlers import Registry
@@ -203,6 +204,21 @@ async def http() -> AsyncIterator[Callable[[str], httpx.AsyncClient]]:
     yield make
     for client in clients:
         await client.aclose()
+
+
+async def read_events(
+    client: httpx.AsyncClient, task_id: str, after: str | None = None
+) -> list[tuple[str, str, Any]]:
+    """Every event of one SSE response, parsed as llmworker's client parses them (no
+    resuming): (id, type, data); the record's id is ""."""
+    parser = _Stream(after, 0)
+    events: list[tuple[str, str, Any]] = []
+    async with client.stream("GET", f"/v1/tasks/{task_id}/events", headers=parser.headers) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if (event := parser.feed(line)) is not None:
+                events.append((event.id or "", event.type, event.data))
+    return events
 
 
 async def wait_until(

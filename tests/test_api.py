@@ -12,7 +12,7 @@ import pytest
 
 from llmworker.worker import Worker
 
-from .conftest import CALLBACK_SECRET, tasks_with, wait_until
+from .conftest import CALLBACK_SECRET, read_events, tasks_with, wait_until
 from .conftest import serve_api as api
 
 KEY_1, KEY_2 = "key-one-0123456789abcdef", "key-two-0123456789abcdef"
@@ -274,17 +274,7 @@ async def _read_events(
     client: httpx.AsyncClient, task_id: str, last_id: str | None = None
 ) -> list[tuple[str, str]]:
     """(id, event type) of each event until the stream ends with the record."""
-    headers = {"Last-Event-ID": last_id} if last_id else {}
-    seen: list[tuple[str, str]] = []
-    entry_id = ""
-    async with client.stream("GET", f"/v1/tasks/{task_id}/events", headers=headers) as r:
-        async for line in r.aiter_lines():
-            if line.startswith("id: "):
-                entry_id = line[4:]
-            elif line.startswith("event: "):
-                seen.append((entry_id if line[7:] != "record" else "", line[7:]))
-                entry_id = ""
-    return seen
+    return [(i, kind) for i, kind, _ in await read_events(client, task_id, last_id)]
 
 
 async def test_events_resume_after_last_event_id(make_settings):

@@ -15,31 +15,9 @@ import redis.asyncio as aioredis
 
 from llmworker.record import TaskSpec
 
-from .conftest import serve_api, tasks_with, wait_until
+from .conftest import read_events, serve_api, tasks_with, wait_until
 
 CHAT = {"kind": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]}}
-
-
-async def read_events(
-    client: httpx.AsyncClient, task_id: str, after: str | None = None
-) -> list[tuple[str, str, Any]]:
-    """Every SSE event of one stream: (id, event, data)."""
-    headers = {"Last-Event-ID": after} if after else {}
-    events: list[tuple[str, str, Any]] = []
-    fields: dict[str, str] = {}
-    async with client.stream("GET", f"/v1/tasks/{task_id}/events", headers=headers) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if not line:
-                if "data" in fields:
-                    events.append(
-                        (fields.get("id", ""), fields["event"], orjson.loads(fields["data"]))
-                    )
-                fields = {}
-            elif not line.startswith(":"):
-                name, _, value = line.partition(": ")
-                fields[name] = value
-    return events
 
 
 def text_of(events: list[tuple[str, str, Any]]) -> str:
