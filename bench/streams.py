@@ -29,7 +29,16 @@ import httpx
 import orjson
 import psutil
 
-from bench.common import Bench, cleanup, free_port, percentile, submit_all, wait_http, worker_env
+from bench.common import (
+    Bench,
+    cleanup,
+    cpu_s,
+    free_port,
+    percentile,
+    submit_all,
+    wait_http,
+    worker_env,
+)
 
 STREAMS = 200
 TOKENS = 400
@@ -136,7 +145,7 @@ async def _round(
     """One round: STREAMS tasks, ``readers`` SSE readers each. The replica's CPU per
     1,000 tokens, each piece's latency (ms), its Redis connections mid-answer."""
     body = {"kind": "chat", "model": "m1", "input": {"messages": MESSAGES, "stream": True}}
-    before = _cpu_s(proc)
+    before = cpu_s(proc)
     ids = await submit_all(url, [body] * STREAMS, 32)
     latencies: list[float] = []
     connector = aiohttp.TCPConnector(limit=0)
@@ -147,10 +156,10 @@ async def _round(
             for _ in range(readers)
         ]
         await asyncio.sleep(ANSWER_S / 2)
-        conns = _redis_connections(proc, redis_port)
+        conns = redis_connections(proc, redis_port)
         texts = await asyncio.gather(*reading)
     await _finished(url, ids)
-    cpu = _cpu_s(proc) - before
+    cpu = cpu_s(proc) - before
     if readers and not all(t.count("@") == TOKENS for t in texts):
         short = sum(t.count("@") != TOKENS for t in texts)
         raise RuntimeError(f"{short} readers did not get the whole answer")
@@ -190,12 +199,8 @@ async def _finished(url: str, ids: list[str]) -> None:
                 await asyncio.sleep(0.1)
 
 
-def _cpu_s(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
-def _redis_connections(proc: psutil.Process, port: int) -> int:
+def redis_connections(proc: psutil.Process, port: int) -> int:
+    """The TCP connections a process holds to the Redis on ``port``."""
     return sum(
         1
         for c in proc.net_connections(kind="tcp")

@@ -12,6 +12,7 @@ import httpx
 import orjson
 import psutil
 import redis.asyncio as aioredis
+from bench.streams import redis_connections
 
 from llmworker.record import TaskSpec
 
@@ -24,16 +25,6 @@ def text_of(events: list[tuple[str, str, Any]]) -> str:
     return "".join(data["text"] for _, kind, data in events if kind == "tokens")
 
 
-def redis_connections(redis_url: str) -> int:
-    """TCP connections this process holds to the test's Redis."""
-    port = urlparse(redis_url).port or 6379
-    return sum(
-        1
-        for c in psutil.Process().net_connections(kind="tcp")
-        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
-    )
-
-
 async def test_hundreds_of_readers_share_a_constant_number_of_redis_connections(
     make_settings, redis_url
 ):
@@ -42,17 +33,18 @@ async def test_hundreds_of_readers_share_a_constant_number_of_redis_connections(
     )
     async with serve_api(settings) as (client, _worker):
         ids = [(await client.post("/v1/tasks", json=CHAT)).json()["id"] for _ in range(40)]
+        redis_port = urlparse(redis_url).port or 6379
         # One reader first: the hub and the batch have their connections from here on.
         first = asyncio.create_task(read_events(client, ids[0]))
         await asyncio.sleep(0.3)
-        before = redis_connections(redis_url)
+        before = redis_connections(psutil.Process(), redis_port)
         limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
         async with httpx.AsyncClient(
             base_url=str(client.base_url), limits=limits, timeout=30
         ) as many:
             readers = [asyncio.create_task(read_events(many, ids[i % 40])) for i in range(320)]
             await asyncio.sleep(0.8)  # all following, tokens flowing
-            during = redis_connections(redis_url)
+            during = redis_connections(psutil.Process(), redis_port)
             done = await asyncio.gather(*readers)
         await first
         records = {tid: (await client.get(f"/v1/tasks/{tid}")).json() for tid in ids}
